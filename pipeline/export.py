@@ -1,0 +1,347 @@
+"""The export stage: every engine of the cut, built by a registered backend, validated against
+its eager module, cached by content, and committed so that a reader never sees a half-export.
+
+Layout of <engines_dir>/<model>/<backend>/:
+  manifest.json                 written last, atomically
+  <engine>-<key>.<suffix>       engine files, named by their cache key
+  <engine>-<key>.json           the engine's record (hashes, validation): the cache entry
+  .lock                         held for the whole export: two exports into one directory queue
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from exporters import BackendUnavailable, Exporter, get_exporter
+from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, meta_model
+from pipeline.config import ExportConfig
+from pipeline.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
+                              probe_sizes, random_inputs, tensor_dtype)
+from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, fsync_dir, sha256_file,
+                               write_atomic)
+
+log = logging.getLogger(__name__)
+
+# sources whose change alters what an engine computes: part of every cache key
+CODE_ROOTS = ("model", "pipeline/engines.py")
+STEPS = ("build", "load", "validate")
+
+
+class ExportError(Exception):
+    """A problem with the request or the environment, reported as one line."""
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest
+    directory: Path
+    built: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Path, console: Console | None = None) -> ExportResult:
+    start = time.perf_counter()
+    console = console or Console(stderr=True)
+    exporter = check_request(model_cfg, cfg)
+    out_dir = Path(engines_dir).expanduser() / model_cfg.name / exporter.name
+    check_writable(out_dir)
+
+    model = meta_model(model_cfg)  # structure only: planning needs no weights
+    limits = Limits(cfg.max_batch, cfg.max_seq, cfg.max_context)
+    specs = engine_specs(model, limits, static=cfg.static)
+    dims = model_dims(model, limits)
+    n_params = count_parameters(model)
+    console.print(f"[bold]{model_cfg.name}[/]: {n_params:,} parameters ({n_params / 1e9:.2f} B); "
+                  f"{len(specs)} engines, backend {exporter.name}, {cfg.dtype} on {cfg.device}")
+    weights = weights_identity(model_cfg, cfg)
+    code = code_hash(exporter)
+    keys = {s.name: engine_key(s, dims, weights, exporter, code) for s in specs}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with directory_lock(out_dir, console):
+        records = {s.name: r for s in specs if (r := cached_record(out_dir, s.name, keys[s.name]))}
+        todo = [s for s in specs if s.name not in records]
+        if todo:
+            materialize_model(model, cfg)
+        build_missing(todo, records, keys, dims, exporter, cfg, out_dir, console)
+        manifest = Manifest(
+            model={"name": model_cfg.name, "config": asdict(model_cfg), "parameters": n_params, "weights": weights,
+                   "weights_hash": hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()},
+            backend={"name": exporter.name, "settings": exporter.settings(), "versions": exporter.versions()},
+            dtype=cfg.dtype,
+            dims={n: {"min": d.min, "max": d.max, "multiple": d.multiple} for n, d in dims.items()},
+            engines={s.name: records[s.name] for s in specs},
+            paths=[PathRecord(**asdict(p)) for p in path_specs(model_cfg.text.exit_layers, static=cfg.static)],
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest.save(out_dir)
+        remove_unreferenced(out_dir, manifest, exporter)
+    result = ExportResult(manifest, out_dir, [s.name for s in todo], [s.name for s in specs if s not in todo], time.perf_counter() - start)
+    print_summary(result, console)
+    return result
+
+
+# --- checks before anything is written --------------------------------------------------------
+
+
+def check_request(model_cfg: ModelConfig, cfg: ExportConfig) -> Exporter:
+    if cfg.dtype not in EXPORT_DTYPES:
+        raise ExportError(f"export.dtype={cfg.dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    try:
+        model_cfg.text.check()
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"export.device={cfg.device} but torch sees no CUDA GPU; use export.device=cpu")
+    if cfg.max_batch < 1 or cfg.max_seq < 1 or cfg.max_context < 1:
+        raise ExportError("export.max_batch, export.max_seq and export.max_context must be positive")
+    try:
+        return get_exporter(cfg)
+    except KeyError as e:
+        raise ExportError(e.args[0]) from None
+    except BackendUnavailable as e:
+        raise ExportError(str(e)) from None
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse an unwritable target before the slow work, creating nothing."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"cannot write engines to {directory}: {existing} is not a directory")
+    try:  # a real write: permission bits do not bind root, read-only mounts do
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".dyngraph-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"cannot write engines to {directory}: {existing} is not writable ({e.strerror})") from None
+
+
+def materialize_model(model: AutoGLM, cfg: ExportConfig) -> None:
+    from model.checkpoint import CheckpointError
+
+    try:
+        materialize(model, cfg.device, EXPORT_DTYPES[cfg.dtype])
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+
+
+# --- cache keys -----------------------------------------------------------------------------
+
+
+def weights_identity(model_cfg: ModelConfig, cfg: ExportConfig) -> dict:
+    """What determines the weights: the seed and the generator's device for random ones (CPU and
+    CUDA generators draw different numbers), the checkpoint's content hash for loaded ones."""
+    identity = {"seed": model_cfg.seed, "init_device": torch.device(cfg.device).type, "checkpoint": None}
+    if model_cfg.checkpoint:
+        from model.checkpoint import CheckpointError, checkpoint_fingerprint
+
+        try:
+            identity["checkpoint"] = checkpoint_fingerprint(model_cfg.checkpoint)
+        except (CheckpointError, OSError) as e:
+            raise ExportError(f"model.checkpoint={model_cfg.checkpoint}: {e}") from None
+    return identity
+
+
+def code_hash(exporter: Exporter) -> str:
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(f for r in CODE_ROOTS for f in ([root / r] if r.endswith(".py") else (root / r).rglob("*.py")))
+    files.append(root / "exporters" / f"{exporter.name}.py")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def engine_key(spec: EngineSpec, dims: dict[str, Dim], weights: dict, exporter: Exporter, code: str) -> str:
+    """Everything that changes the engine's bytes, and nothing else: touching one option
+    rebuilds only the engines that depend on it."""
+    used = {entry for t in spec.inputs + spec.outputs for entry in t.shape if isinstance(entry, str)}
+    used_dims = {d.name: asdict(d) for d in dims.values() if any(d.name in u for u in used)}
+    # loaded weights matter only to engines that hold decoder tensors; encoders stay random
+    holds_checkpoint = weights["checkpoint"] and spec.graph not in ("vision", "audio", "cross_kv", "cross_attn")
+    payload = {
+        "engine": spec.name, "graph": spec.graph, "config": spec.config, "dims": used_dims,
+        "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
+        "weights": {**weights, "checkpoint": weights["checkpoint"] if holds_checkpoint else None},
+        "backend": exporter.name, "settings": exporter.settings(), "versions": exporter.versions(), "code": code,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_record(out_dir: Path, name: str, key: str) -> EngineRecord | None:
+    sidecar = out_dir / f"{name}-{key}.json"
+    if not sidecar.exists():
+        return None
+    try:
+        raw = json.loads(sidecar.read_text())
+        record = EngineRecord(**{**raw, "files": [FileRecord(**f) for f in raw["files"]]})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    # a size check catches truncation; the runtime verifies sha256 before it trusts a file
+    if all((out_dir / f.name).is_file() and (out_dir / f.name).stat().st_size == f.bytes for f in record.files):
+        return record
+    return None
+
+
+# --- build, validate, commit ------------------------------------------------------------------
+
+
+def build_missing(todo: list[EngineSpec], records: dict[str, EngineRecord], keys: dict[str, str], dims: dict[str, Dim],
+                  exporter: Exporter, cfg: ExportConfig, out_dir: Path, console: Console) -> None:
+    groups: dict[str, list[EngineSpec]] = {}
+    for spec in todo:
+        groups.setdefault(spec.graph, []).append(spec)
+    staging = out_dir / f".tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stage]}"),
+                        TimeElapsedColumn(), console=console, disable=not cfg.progress or not todo)
+    try:
+        with progress:
+            tasks = {s.name: progress.add_task(s.name, total=len(STEPS), stage="queued") for s in todo}
+            for group in groups.values():
+                start = time.perf_counter()
+                for s in group:
+                    progress.update(tasks[s.name], stage="tracing" if s is group[0] else "waiting for trace")
+                stems = [staging / f"{s.name}-{keys[s.name]}" for s in group]
+                exporter.build(group, dims, stems)
+                per_engine = (time.perf_counter() - start) / len(group)
+                for spec, stem in zip(group, stems):
+                    progress.update(tasks[spec.name], advance=1, stage="loading")
+                    record = validate_and_commit(spec, stem, keys[spec.name], dims, exporter, cfg, out_dir,
+                                                 lambda stage, t=tasks[spec.name]: progress.update(t, advance=1, stage=stage))
+                    record.build_seconds = round(per_engine + record.build_seconds, 2)
+                    write_atomic(out_dir / f"{spec.name}-{keys[spec.name]}.json", json.dumps(asdict(record), indent=1).encode())
+                    records[spec.name] = record
+                    progress.update(tasks[spec.name], stage="done")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, Dim], exporter: Exporter, cfg: ExportConfig,
+                        out_dir: Path, advance) -> EngineRecord:
+    start = time.perf_counter()
+    files = [stem.parent / n for n in exporter.engine_files(stem.name) if (stem.parent / n).exists()]
+    dtype = EXPORT_DTYPES[cfg.dtype]
+    device = cfg.device if cfg.device != "cuda" else "cuda:0"
+    session = exporter.load(files[0], spec.inputs, spec.outputs, device)
+    advance("validating")
+    tolerance = cfg.tolerance[cfg.dtype]
+    checks, worst_abs, worst_rel = [], 0.0, 0.0
+    generator = torch.Generator().manual_seed(int(key, 16) % (2**31))  # fresh inputs per build, reproducible per key
+    for sizes in probe_sizes(dims):
+        inputs = random_inputs(spec, sizes, dtype, device, generator)
+        with torch.inference_mode():
+            expected = spec.module(*inputs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run({t.name: x for t, x in zip(spec.inputs, inputs)})
+        errors = {}
+        for t, ref in zip(spec.outputs, expected):
+            out = got[t.name]
+            if out.shape != ref.shape:
+                raise ExportError(f"engine {spec.name}: output {t.name} has shape {tuple(out.shape)}, eager gives {tuple(ref.shape)}")
+            diff = (out.float() - ref.float()).abs()
+            abs_err = float(diff.max()) if diff.numel() else 0.0
+            if not torch.isfinite(out.float()).all():
+                abs_err = float("inf")
+            scale = float(ref.float().abs().max()) if ref.numel() else 0.0
+            rel_err = abs_err / max(scale, 1e-6)
+            errors[t.name] = {"max_abs": abs_err, "max_rel": rel_err}
+            worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+            if not rel_err <= tolerance:
+                raise ExportError(f"engine {spec.name} failed validation: output {t.name} at {used_sizes(spec, sizes)} has "
+                                  f"max relative error {rel_err:.3g} (max abs {abs_err:.3g}) > tolerance {tolerance:g} for {cfg.dtype}")
+        checks.append({"sizes": used_sizes(spec, sizes), "errors": errors})
+    del session
+    advance("committing")
+    records = []
+    for f in files:  # content-addressed names: renaming over an identical file is harmless
+        records.append(FileRecord(f.name, sha256_file(f), f.stat().st_size))
+        os.replace(f, out_dir / f.name)
+    fsync_dir(out_dir)
+    return EngineRecord(
+        name=spec.name, graph=spec.graph, key=key, files=records,
+        inputs=[io_record(t, dtype) for t in spec.inputs], outputs=[io_record(t, dtype) for t in spec.outputs],
+        parameters=count_parameters(spec.module), layers=list(spec.layers) if spec.layers else None, static=spec.static,
+        validation=checks, max_abs_error=worst_abs, max_rel_error=worst_rel, build_seconds=time.perf_counter() - start,
+    )
+
+
+def used_sizes(spec: EngineSpec, sizes: dict[str, int]) -> dict[str, int]:
+    used = " ".join(str(e) for t in spec.inputs for e in t.shape if isinstance(e, str))
+    return {n: v for n, v in sizes.items() if n in used}
+
+
+def io_record(t, dtype: torch.dtype) -> dict:
+    return {"name": t.name, "shape": list(t.shape), "dtype": str(tensor_dtype(t, dtype)).removeprefix("torch.")}
+
+
+def remove_unreferenced(out_dir: Path, manifest: Manifest, exporter: Exporter) -> None:
+    """Engines of earlier exports that this manifest no longer names, and staging left by killed ones."""
+    keep = {f.name for e in manifest.engines.values() for f in e.files}
+    keep |= {f"{e.name}-{e.key}.json" for e in manifest.engines.values()}
+    for pattern in (*exporter.artifacts, "*-*.json"):
+        for f in out_dir.glob(pattern):
+            if f.name not in keep and f.name != MANIFEST_NAME:
+                f.unlink(missing_ok=True)
+    for d in out_dir.glob(".tmp-*"):
+        shutil.rmtree(d, ignore_errors=True)
+    for f in out_dir.glob(f".{MANIFEST_NAME}.*"):
+        f.unlink(missing_ok=True)
+
+
+@contextmanager
+def directory_lock(directory: Path, console: Console):
+    with open(directory / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"waiting for another export into {directory} to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def print_summary(result: ExportResult, console: Console) -> None:
+    table = Table(title=f"engines in {result.directory}", title_justify="left")
+    for col in ("engine", "size", "params", "build s", "max rel err", ""):
+        table.add_column(col, justify="left" if col in ("engine", "") else "right")
+    total = 0
+    for e in result.manifest.engines.values():
+        total += e.bytes
+        status = "built" if e.name in result.built else "cached"
+        table.add_row(e.name, human_bytes(e.bytes), f"{e.parameters / 1e6:.1f}M", f"{e.build_seconds:.1f}", f"{e.max_rel_error:.2e}", status)
+    console.print(table)
+    worst = max(result.manifest.engines.values(), key=lambda e: e.max_rel_error)
+    console.print(f"{len(result.built)} built, {len(result.cached)} cached, {human_bytes(total)} in all, "
+                  f"largest validation error {worst.max_rel_error:.2e} ({worst.name}); {result.seconds:.1f} s")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
