@@ -15,7 +15,7 @@ from torch import nn
 
 from .glm import ModelArgs, Transformer
 from .multimodal.audio import AudioArgs, AudioEncoder
-from .multimodal.cross_attention import GatedCrossAttention
+from .multimodal.cross_attention import GatedCrossAttention, MediaProjection
 from .multimodal.vision import VisionArgs, VisionEncoder
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class AutoGLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text = Transformer(cfg.text)
+        self.cross_kv = nn.ModuleList(MediaProjection(cfg.text) for _ in cfg.text.exit_layers)
         self.cross_attn = nn.ModuleList(GatedCrossAttention(cfg.text) for _ in cfg.text.exit_layers)
         self.vision = VisionEncoder(cfg.vision, cfg.text.dim)
         self.audio = AudioEncoder(cfg.audio, cfg.text.dim)
@@ -64,8 +65,7 @@ class AutoGLM(nn.Module):
         kv_mask = torch.zeros(b, 0, dtype=torch.bool, device=h.device)
         for k in range(self.text.segments_for(exit_layer)):
             if media is not None:
-                xattn = self.cross_attn[k]
-                h = xattn(h, xattn.media_kv(media), media_mask)
+                h = self.cross_attn[k](h, self.cross_kv[k](media), media_mask)
             segment = self.text.segments[k]
             h, _ = segment(h, position_ids, kv_mask, segment.empty_kv(b, h.device, h.dtype))
         return self.text.lm_head(segment.exit_norm(h))

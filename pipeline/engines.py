@@ -141,15 +141,6 @@ class SegmentEngine(nn.Module):
         return h, self.segment.exit_norm(h[:, -1]), kv_out
 
 
-class CrossKVEngine(nn.Module):
-    def __init__(self, xattn):
-        super().__init__()
-        self.xattn = xattn
-
-    def forward(self, media):
-        return self.xattn.media_kv(media)
-
-
 class CrossAttnEngine(nn.Module):
     def __init__(self, xattn):
         super().__init__()
@@ -173,11 +164,11 @@ class StaticEncodeEngine(nn.Module):
 
     def __init__(self, model: AutoGLM):
         super().__init__()
-        self.vision, self.audio, self.cross_attn = model.vision, model.audio, model.cross_attn
+        self.vision, self.audio, self.cross_kv = model.vision, model.audio, model.cross_kv
 
     def forward(self, pixel_values, mel):
         media = torch.cat([self.vision(pixel_values), self.audio(mel)], dim=1)  # [B, M, D]
-        return torch.stack([x.media_kv(media) for x in self.cross_attn])  # [n_seg, 2, B, Hkv, M, hd]
+        return torch.stack([proj(media) for proj in self.cross_kv])  # [n_seg, 2, B, Hkv, M, hd]
 
 
 class StaticDecodeEngine(nn.Module):
@@ -250,7 +241,7 @@ def engine_specs(model: AutoGLM, limits: Limits, static: bool = True) -> list[En
         kv = TensorSpec("kv", (L, 2, "batch", Hkv, "past", hd), "float")
         kv_out = TensorSpec("kv_out", (L, 2, "batch", Hkv, "past+seq", hd), "float")
         specs += [
-            EngineSpec(f"cross_kv.{k}", "cross_kv", CrossKVEngine(model.cross_attn[k]), [media], [cross_kv], text_cfg, (first, first)),
+            EngineSpec(f"cross_kv.{k}", "cross_kv", model.cross_kv[k], [media], [cross_kv], text_cfg, (first, first)),
             EngineSpec(f"cross_attn.{k}", "cross_attn", CrossAttnEngine(model.cross_attn[k]),
                        [hidden, cross_kv, media_mask], [hidden_out], text_cfg, (first, first)),
             # segments of equal depth share a graph; an uneven cut gets one trace per depth

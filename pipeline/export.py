@@ -38,8 +38,9 @@ from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest
 
 log = logging.getLogger(__name__)
 
-# sources whose change alters what an engine computes: part of every cache key
-CODE_ROOTS = ("model", "pipeline/engines.py")
+# sources whose change alters what an engine computes: part of every cache key (the checkpoint
+# loader and tokenizer are not: loaded weights are keyed by the checkpoint's content hash)
+CODE_FILES = ("model/glm.py", "model/autoglm.py", "model/multimodal/*.py", "pipeline/engines.py")
 STEPS = ("build", "load", "validate")
 
 
@@ -74,12 +75,16 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
     code = code_hash(exporter)
     keys = {s.name: engine_key(s, dims, weights, exporter, code) for s in specs}
 
+    todo = [s for s in specs if not cached_record(out_dir, s.name, keys[s.name])]
+    if todo:  # bad weights fail here, before anything is written
+        ensure_weights(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     with directory_lock(out_dir, console):
+        # look again under the lock: an export we waited for may have built them meanwhile
         records = {s.name: r for s in specs if (r := cached_record(out_dir, s.name, keys[s.name]))}
         todo = [s for s in specs if s.name not in records]
         if todo:
-            materialize_model(model, cfg)
+            ensure_weights(model, cfg)
         build_missing(todo, records, keys, dims, exporter, cfg, out_dir, console)
         manifest = Manifest(
             model={"name": model_cfg.name, "config": asdict(model_cfg), "parameters": n_params, "weights": weights,
@@ -136,9 +141,12 @@ def check_writable(directory: Path) -> None:
         raise ExportError(f"cannot write engines to {directory}: {existing} is not writable ({e.strerror})") from None
 
 
-def materialize_model(model: AutoGLM, cfg: ExportConfig) -> None:
+def ensure_weights(model: AutoGLM, cfg: ExportConfig) -> None:
+    """Give the planning model its real weights, once."""
     from model.checkpoint import CheckpointError
 
+    if not next(model.parameters()).is_meta:
+        return
     try:
         materialize(model, cfg.device, EXPORT_DTYPES[cfg.dtype])
     except CheckpointError as e:
@@ -164,8 +172,7 @@ def weights_identity(model_cfg: ModelConfig, cfg: ExportConfig) -> dict:
 
 def code_hash(exporter: Exporter) -> str:
     root = Path(__file__).resolve().parent.parent
-    files = sorted(f for r in CODE_ROOTS for f in ([root / r] if r.endswith(".py") else (root / r).rglob("*.py")))
-    files.append(root / "exporters" / f"{exporter.name}.py")
+    files = sorted(f for pattern in (*CODE_FILES, f"exporters/{exporter.name}.py") for f in root.glob(pattern))
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(root).as_posix().encode())

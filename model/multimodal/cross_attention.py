@@ -1,7 +1,8 @@
 """Flamingo-style gated cross-attention from text tokens to media tokens.
 
 One block stands in front of each decoder segment. The media keys and values are projected once
-per request (`media_kv`) and reused by every decode step; the tanh gates scale what the block adds
+per request (`MediaProjection`, a module of its own so that it can be its own engine) and reused
+by every decode step; the tanh gates scale what the block adds
 to the residual stream. A row with no valid media token adds nothing, which is what lets the
 static graph feed placeholder media without changing a text-only answer.
 """
@@ -14,26 +15,34 @@ from torch import nn
 from ..glm import MLP, ModelArgs, RMSNorm, expand_kv
 
 
+class MediaProjection(nn.Module):
+    """Media tokens -> the keys and values one cross-attention block attends to."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_kv_heads, self.head_dim = args.n_kv_heads, args.head_dim
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+
+    def forward(self, media):
+        # media [B, M, D] -> [2, B, Hkv, M, hd]
+        b, m, _ = media.shape
+        k = self.k_proj(media).view(b, m, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(media).view(b, m, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return torch.stack([k, v])
+
+
 class GatedCrossAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.attn_gate = nn.Parameter(torch.full((1,), args.cross_gate_init))
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args.dim, args.cross_ffn_dim)
         self.ffn_gate = nn.Parameter(torch.full((1,), args.cross_gate_init))
-
-    def media_kv(self, media):
-        # media [B, M, D] -> [2, B, Hkv, M, hd]
-        b, m, _ = media.shape
-        k = self.k_proj(media).view(b, m, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(media).view(b, m, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return torch.stack([k, v])
 
     def forward(self, h, media_kv, media_mask):
         # h [B, S, D], media_kv [2, B, Hkv, M, hd], media_mask [B, M]

@@ -1,0 +1,235 @@
+"""`python -m pipeline export` on the tiny model: engines, validation, path chaining, cache,
+crash safety, concurrency and bad input, all through the real exporter."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.autoglm import meta_model
+from pipeline.engines import Limits, engine_specs, path_specs
+from pipeline.manifest import Manifest, sha256_file
+from runtime.chain import PathRunner
+from runtime.engines import EngineSet
+
+from .conftest import ROOT, run_cli
+
+EXITS = [6, 12, 18, 24]
+TOLERANCE = 1e-4  # fp32
+
+
+def assert_consistent(directory: Path) -> Manifest:
+    """The manifest loads and every file it names is complete."""
+    manifest = Manifest.load(directory)
+    for engine in manifest.engines.values():
+        for f in engine.files:
+            assert sha256_file(directory / f.name) == f.sha256, f"{f.name} does not match the manifest"
+    return manifest
+
+
+def copy_export(src: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the shared export for tests that change it: (engines_dir, model dir)."""
+    root = tmp_path / "engines"
+    shutil.copytree(src, root / "tiny" / "onnx", ignore=shutil.ignore_patterns(".lock"))
+    return root, root / "tiny" / "onnx"
+
+
+# --- the export itself ------------------------------------------------------------------------
+
+
+def test_every_path_and_engine_is_validated(tiny_export):
+    manifest = assert_consistent(tiny_export.directory)
+    dynamic = [p for p in manifest.paths if not p.static]
+    assert len(dynamic) == 16
+    assert {(p.exit_layer, tuple(p.modalities)) for p in dynamic} == {
+        (e, m) for e in EXITS for m in [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]}
+    assert manifest.static_path is not None and manifest.static_path.step == ["static.decode"]
+    for path in manifest.paths:
+        for name in path.encode + path.step:
+            assert name in manifest.engines
+    for engine in manifest.engines.values():
+        assert len(engine.validation) >= 2, engine.name
+        shapes = {json.dumps(v["sizes"], sort_keys=True) for v in engine.validation}
+        assert len(shapes) == len(engine.validation), f"{engine.name} validated twice at one shape"
+        assert engine.max_rel_error <= TOLERANCE, engine.name
+    assert manifest.model["parameters"] > 1_000_000
+    assert manifest.backend["versions"]["onnxruntime"]
+
+
+def test_text_only_paths_run_no_media_engine(tiny_export):
+    for path in tiny_export.manifest.paths:
+        if path.modalities == ["text"]:
+            assert not path.encode
+            assert not any(n.startswith(("cross_", "vision", "audio")) for n in path.step)
+
+
+def test_no_weight_is_stored_in_two_dynamic_engines(tiny_config):
+    specs = [s for s in engine_specs(meta_model(tiny_config), Limits()) if not s.static]
+    owner: dict[int, str] = {}
+    for spec in specs:
+        for p in spec.module.parameters():
+            assert id(p) not in owner, f"a weight is in both {owner[id(p)]} and {spec.name}"
+            owner[id(p)] = spec.name
+    model = meta_model(tiny_config)
+    assert len(owner) == len(list(model.parameters()))
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_engines_dir):
+    return EngineSet(tiny_engines_dir)
+
+
+def media_inputs(modalities, generator):
+    pixels = torch.randn(1, 3, 224, 224, generator=generator) if "image" in modalities else None
+    mel = torch.randn(1, 80, 24, generator=generator) if "audio" in modalities else None
+    return pixels, mel
+
+
+@pytest.mark.parametrize("path_name", [p.name for p in path_specs(EXITS)])
+def test_chained_engines_match_the_eager_model(path_name, engines, tiny_model):
+    path = next(p for p in engines.manifest.paths if p.name == path_name)
+    generator = torch.Generator().manual_seed(len(path_name))
+    prompt = torch.randint(0, tiny_model.cfg.text.vocab_size, (1, 7), generator=generator)
+    # the static path carries every encoder; check it with an image, padding audio the way it does
+    modalities = ("text", "image") if path.static else tuple(path.modalities)
+    pixels, mel = media_inputs(modalities, generator)
+
+    runner = PathRunner(engines, path)
+    state = runner.empty_state(1, runner.encode(pixels, mel))
+    first = runner.step(state, prompt)
+    with torch.inference_mode():
+        media, media_mask = tiny_model.encode_media(pixels, mel)
+        expected = tiny_model(prompt, path.exit_layer, media, media_mask)[:, -1]
+    torch.testing.assert_close(first, expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+    # one decode step through the cache the prefill left
+    token = first.argmax(-1, keepdim=True)
+    second = runner.step(state, token)
+    with torch.inference_mode():
+        expected = tiny_model(torch.cat([prompt, token], 1), path.exit_layer, media, media_mask)[:, -1]
+    torch.testing.assert_close(second, expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_static_text_only_equals_full_depth_dynamic(engines):
+    """Placeholder media are masked, so the static graph answers as the text-only full path does."""
+    prompt = torch.tensor([[5, 17, 99, 3]])
+    static = PathRunner(engines, engines.manifest.static_path)
+    dynamic = PathRunner(engines, engines.manifest.path(24, ["text"]))
+    a = static.step(static.empty_state(1, static.encode(None, None)), prompt)
+    b = dynamic.step(dynamic.empty_state(1), prompt)
+    torch.testing.assert_close(a, b, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+# --- cache, crash safety, concurrency ---------------------------------------------------------
+
+
+def test_second_export_rebuilds_nothing(tiny_export, engines_root):
+    result = run_cli("pipeline", "export", f"engines_dir={engines_root}", "export.progress=false")
+    assert result.returncode == 0, result.stderr
+    assert "0 built, 18 cached" in result.stderr
+
+
+def test_one_change_rebuilds_only_what_it_touches(tiny_export, tmp_path):
+    root, directory = copy_export(tiny_export.directory, tmp_path)
+    before = Manifest.load(directory)
+    result = run_cli("pipeline", "export", f"engines_dir={root}", "export.progress=false", "model.vision.n_layers=1")
+    assert result.returncode == 0, result.stderr
+    after = assert_consistent(directory)
+    changed = {n for n in after.engines if after.engines[n].key != before.engines[n].key}
+    assert changed == {"vision", "static.encode"}
+    assert "2 built, 16 cached" in result.stderr
+
+
+def start_export(root: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "export", f"engines_dir={root}", "export.progress=false", *overrides],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_killed_export_leaves_a_consistent_directory(tiny_export, tmp_path):
+    root, directory = copy_export(tiny_export.directory, tmp_path)
+    before = Manifest.load(directory)
+    change = "model.vision.n_layers=3"
+    # killed while an engine file is half-way in staging
+    proc = start_export(root, change)
+    wait_for(lambda: any(directory.glob(".tmp-*/*.onnx")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert assert_consistent(directory).engines["vision"].key == before.engines["vision"].key
+
+    # killed after the vision engine was committed, before the static encoder and the manifest
+    proc = start_export(root, change)
+    wait_for(lambda: any(f.name.startswith("vision-") and f.suffix == ".json" and f.name != f"vision-{before.engines['vision'].key}.json"
+                         for f in directory.iterdir()))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert assert_consistent(directory).to_json() == before.to_json()
+
+    # the next export finishes the job, reusing the committed vision engine, and sweeps the staging
+    result = run_cli("pipeline", "export", f"engines_dir={root}", "export.progress=false", change)
+    assert result.returncode == 0, result.stderr
+    assert "1 built, 17 cached" in result.stderr
+    assert_consistent(directory)
+    assert not list(directory.glob(".tmp-*"))
+
+
+def test_concurrent_exports_queue_instead_of_colliding(tiny_export, tmp_path):
+    root, directory = copy_export(tiny_export.directory, tmp_path)
+    procs = [start_export(root, "model.vision.n_layers=3") for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    stderr = [err for _, err in outputs]
+    assert sum("waiting for another export" in err for err in stderr) == 1
+    assert sum("2 built" in err for err in stderr) == 1 and sum("0 built" in err for err in stderr) == 1
+    assert_consistent(directory)
+
+
+# --- bad input: one line, non-zero exit, nothing written ---------------------------------------
+
+
+def write_bad_checkpoint(directory: Path) -> None:
+    """A GLM checkpoint whose config matches tiny but with one tensor of the wrong shape."""
+    directory.mkdir()
+    config = {"model_type": "glm", "hidden_size": 128, "num_hidden_layers": 24, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "intermediate_size": 256,
+              "attention_bias": True, "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+              "hidden_act": "silu", "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({"model.embed_tokens.weight": torch.zeros(512, 64)}, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["export.backend=nope"], "unknown export backend 'nope'"),
+    (["export.dtype=fp8"], "export.dtype='fp8'"),
+    (["model.text.exit_layers=[5,11,18,23]"], "exit_layers=[5, 11, 18, 23]"),
+    (["model.checkpoint=/nonexistent/glm"], "/nonexistent/glm"),
+    (["model.checkpoint={ckpt}"], "model.embed_tokens.weight"),
+    (["engines_dir={file}/engines"], "is not a directory"),
+])
+def test_bad_input_fails_cleanly(overrides, message, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    write_bad_checkpoint(tmp_path / "ckpt")
+    target = tmp_path / "engines"
+    args = [o.format(ckpt=tmp_path / "ckpt", file=tmp_path / "a-file") for o in overrides]
+    if not any(a.startswith("engines_dir=") for a in args):
+        args.append(f"engines_dir={target}")
+    result = run_cli("pipeline", "export", *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+    assert not target.exists(), "a failed export wrote files"
