@@ -28,6 +28,10 @@ class BackendUnavailable(RuntimeError):
     """The backend's library is not installed or cannot run here; the message says what to do."""
 
 
+class EngineIncompatible(RuntimeError):
+    """Engines built with a library or GPU that this machine cannot run them with."""
+
+
 class EngineSession(Protocol):
     device: torch.device
 
@@ -42,8 +46,12 @@ class Exporter(Protocol):
     def versions(self) -> dict[str, str]:
         """Library versions: recorded in the manifest and part of every cache key."""
 
-    def runtime_versions(self) -> dict[str, str]:
-        """The libraries that run the engines: a runtime with other versions refuses them."""
+    def check_runtime(self, backend: dict, directory: Path) -> None:
+        """Raise EngineIncompatible, with what was recorded and what is found here, when engines
+        built as the manifest's `backend` record says cannot run on this machine."""
+
+    def check_export(self) -> None:
+        """Optional: raise BackendUnavailable when this export cannot be built here."""
 
     def settings(self) -> dict:
         """Settings that change the engines built: part of every cache key."""
@@ -51,11 +59,28 @@ class Exporter(Protocol):
     def engine_files(self, stem: str) -> list[str]:
         """The file names one engine is written as (the first is the one to load)."""
 
-    def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path]) -> None:
-        """Write each spec's engine at stems[i] (+ suffixes); the specs share one graph."""
+    def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path], engines_dir: Path) -> None:
+        """Write each spec's engine at stems[i] (+ suffixes, in a staging directory); the specs
+        share one graph. `engines_dir` is where they will live (for caches kept beside them)."""
 
-    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str) -> EngineSession:
-        """An engine file, ready to run on `device` ("cpu", "cuda:0", ...)."""
+    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
+             built_with: dict | None = None) -> EngineSession:
+        """An engine file, ready to run on `device` ("cpu", "cuda:0", ...); `built_with` is the
+        manifest's backend record."""
+
+
+_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def device_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one stream engines run on for a CUDA device, shared by every backend's sessions.
+
+    Not torch's default stream: its handle is 0, which ONNX Runtime reads as "no user stream"
+    and replaces by a stream of its own (onnxruntime PR #19229).
+    """
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
 
 
 def get_exporter(cfg: ExportConfig) -> Exporter:
@@ -63,8 +88,3 @@ def get_exporter(cfg: ExportConfig) -> Exporter:
         raise KeyError(f"unknown export backend {cfg.backend!r}; known: {', '.join(BACKENDS)}")
     module_name, cls_name = BACKENDS[cfg.backend].split(":")
     return getattr(importlib.import_module(module_name), cls_name)(cfg)
-
-
-def load_session(backend: str, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-                 cfg: ExportConfig | None = None) -> EngineSession:
-    return get_exporter(cfg or ExportConfig(backend=backend)).load(path, inputs, outputs, device)

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import onnxscript
 import torch
+from torch.onnx._internal.exporter._core import TorchTensor
 
+from exporters import EngineIncompatible, device_stream
 from pipeline.config import ExportConfig
 from pipeline.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
 
@@ -37,8 +40,11 @@ class OnnxExporter:
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": ort.__version__}
 
-    def runtime_versions(self) -> dict[str, str]:
-        return {"onnxruntime": ort.__version__}
+    def check_runtime(self, backend: dict, directory: Path) -> None:
+        recorded = backend["versions"].get("onnxruntime")
+        if recorded != ort.__version__:
+            raise EngineIncompatible(f"engines in {directory} were validated with onnxruntime {recorded}, "
+                                     f"found {ort.__version__} here: export again on this machine")
 
     def settings(self) -> dict:
         return {"dtype": self.cfg.dtype, "opset": self.cfg.opset, "device": torch.device(self.cfg.device).type}
@@ -46,7 +52,7 @@ class OnnxExporter:
     def engine_files(self, stem: str) -> list[str]:
         return [f"{stem}.onnx", f"{stem}.onnx.data"]
 
-    def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path]) -> None:
+    def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path], engines_dir: Path | None = None) -> None:
         first = specs[0]
         generator = torch.Generator().manual_seed(0)
         sample = random_inputs(first, trace_sizes(dims), self.dtype, self.cfg.device, generator)
@@ -57,12 +63,13 @@ class OnnxExporter:
                 dynamic_shapes=tuple(torch_dynamic_shapes(t, dims) for t in first.inputs),
                 opset_version=self.cfg.opset,
             )
-        # no constant folding here: it would bake transposed weights into unnamed constants that
-        # apply_weights cannot replace; ONNX Runtime and TensorRT fold them when they load
+        # no general constant folding (it bakes weights into unnamed numpy constants); only the
+        # weight transposes, done by torch on the export device
+        transposed = pretranspose_weights(program, first.module.state_dict())
         onnxscript.optimizer.remove_unused_nodes(program.model)
         for spec, stem in zip(specs, stems):
             if spec is not first:
-                apply_weights(program, spec.module.state_dict())
+                apply_weights(program, spec.module.state_dict(), transposed)
             weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
             path = Path(f"{stem}.onnx")
             program.save(path, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
@@ -70,16 +77,47 @@ class OnnxExporter:
                 if f.exists():
                     fsync(f)
 
-    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str) -> "OrtSession":
+    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
+             built_with: dict | None = None) -> "OrtSession":
         return OrtSession(path, inputs, outputs, device)
 
 
-def apply_weights(program, state_dict: dict[str, torch.Tensor]) -> None:
+def pretranspose_weights(program, state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """Replace every Transpose(weight) feeding a MatMul by a stored transposed weight.
+
+    The exporter writes nn.Linear as MatMul(x, Transpose(W)); left alone, ONNX Runtime would
+    fold those transposes on the CPU at every session load, copying all the weights once more.
+    Returns the names of the weights now stored transposed (as "<name>.T").
+    """
+    graph = program.model.graph
+    transposed = set()
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if source is None or source.name not in state_dict or not source.is_initializer():
+            continue
+        perm = node.attributes.get("perm")
+        if perm is None or list(perm.as_ints()) != [1, 0]:
+            continue
+        weight_t = ir.Value(name=f"{source.name}.T", type=source.type,
+                            const_value=TorchTensor(state_dict[source.name].t().contiguous(), f"{source.name}.T"))
+        graph.register_initializer(weight_t)
+        node.outputs[0].replace_all_uses_with(weight_t)
+        graph.remove(node, safe=True)
+        if not source.uses():
+            graph.initializers.pop(source.name)
+        transposed.add(source.name)
+    return transposed
+
+
+def apply_weights(program, state_dict: dict[str, torch.Tensor], transposed: set[str]) -> None:
     """Swap in another engine's weights; a graph initializer left unmatched would silently keep
     the traced engine's values, so it is an error."""
     initializers = program.model.graph.initializers
-    missing = [n for n in initializers if n in state_dict.keys() ^ initializers.keys() and not n.startswith(("val_", "_"))]
-    program.apply_weights({n: t for n, t in state_dict.items() if n in initializers})
+    weights = {n: t for n, t in state_dict.items() if n in initializers}
+    weights |= {f"{n}.T": state_dict[n].t().contiguous() for n in transposed}
+    missing = [n for n in initializers if n not in weights and initializers[n].name in state_dict]
+    for name, tensor in weights.items():
+        initializers[name].const_value = TorchTensor(tensor, name)
     if missing:
         raise RuntimeError(f"graph initializers without a weight to apply: {missing[:5]}")
 
@@ -113,21 +151,26 @@ class OrtSession:
     """An ONNX Runtime session that reads and writes torch tensors in place through I/O binding.
 
     Outputs are allocated by torch on the engine's device at the shapes the manifest declares, so
-    a path's engines hand tensors to each other without a copy through host memory. On CUDA,
-    ONNX Runtime runs on torch's current stream of that device: one stream per device, ordered
-    with whatever torch does around the call.
+    a path's engines hand tensors to each other without a copy through host memory. On CUDA the
+    session runs on the device's engine stream (`device_stream`), ordered after whatever torch
+    queued before the call and before whatever it queues after, with no host synchronisation.
     """
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu"):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.inputs, self.outputs = inputs, outputs
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.run_options = ort.RunOptions()
+        self.stream = None
         if self.device.type == "cuda":
-            index = self.device.index or 0
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)})]
+            self.stream = device_stream(self.device)
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)})]
+            # ordering comes from the shared stream: no host sync at the end of every run
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         else:
             options.intra_op_num_threads = int(os.environ.get("DYNGRAPH_CPU_THREADS", "0"))
             providers = ["CPUExecutionProvider"]
@@ -146,5 +189,11 @@ class OrtSession:
             out = torch.empty(concrete_shape(spec, sizes), dtype=self.output_dtypes[spec.name], device=self.device)
             binding.bind_output(spec.name, kind, index, NUMPY_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
             results[spec.name] = out
-        self.session.run_with_iobinding(binding)
+        if self.stream is None:
+            self.session.run_with_iobinding(binding, self.run_options)
+            return results
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # inputs written by the caller's stream are ready
+        self.session.run_with_iobinding(binding, self.run_options)
+        caller.wait_stream(self.stream)  # outputs are ready for whatever the caller queues next
         return results

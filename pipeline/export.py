@@ -113,17 +113,19 @@ def check_request(model_cfg: ModelConfig, cfg: ExportConfig) -> Exporter:
         model_cfg.text.check()
     except ValueError as e:
         raise ExportError(str(e)) from None
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExportError(f"export.device={cfg.device} but torch sees no CUDA GPU; use export.device=cpu")
     if cfg.max_batch < 1 or cfg.max_seq < 1 or cfg.max_context < 1:
         raise ExportError("export.max_batch, export.max_seq and export.max_context must be positive")
     try:
-        return get_exporter(cfg)
+        exporter = get_exporter(cfg)
+        if check := getattr(exporter, "check_export", None):
+            check()
     except KeyError as e:
         raise ExportError(e.args[0]) from None
     except BackendUnavailable as e:
         raise ExportError(str(e)) from None
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"export.device={cfg.device} but torch sees no CUDA GPU; use export.device=cpu")
+    return exporter
 
 
 def check_writable(directory: Path) -> None:
@@ -231,7 +233,7 @@ def build_missing(todo: list[EngineSpec], records: dict[str, EngineRecord], keys
                 for s in group:
                     progress.update(tasks[s.name], stage="tracing" if s is group[0] else "waiting for trace")
                 stems = [staging / f"{s.name}-{keys[s.name]}" for s in group]
-                exporter.build(group, dims, stems)
+                exporter.build(group, dims, stems, out_dir)
                 per_engine = (time.perf_counter() - start) / len(group)
                 for spec, stem in zip(group, stems):
                     progress.update(tasks[spec.name], advance=1, stage="loading")
