@@ -10,7 +10,9 @@ by swapping in their weights.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,8 @@ from torch.onnx._internal.exporter._core import TorchTensor
 from exporters import EngineIncompatible, device_stream
 from pipeline.config import ExportConfig
 from pipeline.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
+
+log = logging.getLogger(__name__)
 
 # ONNX protobufs cannot exceed 2 GB: larger engines keep their weights in a .data file beside
 EXTERNAL_DATA_BYTES = 2 << 30
@@ -54,6 +58,7 @@ class OnnxExporter:
 
     def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path], engines_dir: Path | None = None) -> None:
         first = specs[0]
+        start = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         sample = random_inputs(first, trace_sizes(dims), self.dtype, self.cfg.device, generator)
         with torch.inference_mode(False), torch.no_grad():
@@ -67,6 +72,8 @@ class OnnxExporter:
         # weight transposes, done by torch on the export device
         transposed = pretranspose_weights(program, first.module.state_dict())
         onnxscript.optimizer.remove_unused_nodes(program.model)
+        traced = time.perf_counter()
+        log.info("%s: traced in %.1f s", first.graph, traced - start)
         for spec, stem in zip(specs, stems):
             if spec is not first:
                 apply_weights(program, spec.module.state_dict(), transposed)
@@ -76,6 +83,8 @@ class OnnxExporter:
             for f in (path, Path(f"{path}.data")):
                 if f.exists():
                     fsync(f)
+        log.info("%s: wrote %d engine(s), %.2f GB, in %.1f s", first.graph, len(specs),
+                 sum(f.stat().st_size for st in stems for f in st.parent.glob(f"{st.name}.onnx*")) / 1e9, time.perf_counter() - traced)
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
              built_with: dict | None = None) -> "OrtSession":

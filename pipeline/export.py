@@ -254,6 +254,7 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
     dtype = EXPORT_DTYPES[cfg.dtype]
     device = cfg.device if cfg.device != "cuda" else "cuda:0"
     session = exporter.load(files[0], spec.inputs, spec.outputs, device)
+    loaded = time.perf_counter()
     advance("validating")
     tolerance = cfg.tolerance[cfg.dtype]
     checks, worst_abs, worst_rel = [], 0.0, 0.0
@@ -282,6 +283,7 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
                                   f"max relative error {rel_err:.3g} (max abs {abs_err:.3g}) > tolerance {tolerance:g} for {cfg.dtype}")
         checks.append({"sizes": used_sizes(spec, sizes), "errors": errors})
     del session
+    log.info("%s: loaded in %.1f s, validated in %.1f s", spec.name, loaded - start, time.perf_counter() - loaded)
     advance("committing")
     records = []
     for f in files:  # content-addressed names: renaming over an identical file is harmless
