@@ -28,6 +28,8 @@ from pipeline.config import ExportConfig
 from pipeline.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
 
 log = logging.getLogger(__name__)
+# errors only: at warning level ONNX Runtime 1.31 reports a missing plugin EP for every CUDA session
+ort.set_default_logger_severity(3)
 
 # ONNX protobufs cannot exceed 2 GB: larger engines keep their weights in a .data file beside
 EXTERNAL_DATA_BYTES = 2 << 30
