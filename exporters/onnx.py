@@ -26,6 +26,7 @@ from torch.onnx._internal.exporter._core import TorchTensor
 from exporters import EngineIncompatible, device_stream
 from pipeline.config import ExportConfig
 from pipeline.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
+from pipeline.manifest import fsync
 
 log = logging.getLogger(__name__)
 # errors only: at warning level ONNX Runtime 1.31 reports a missing plugin EP for every CUDA session
@@ -143,14 +144,6 @@ def torch_dynamic_shapes(spec: TensorSpec, dims: dict[str, Dim]) -> dict[int, ob
             else:
                 axes[axis] = torch.export.Dim(d.name, min=d.min, max=d.max)
     return axes or None
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}

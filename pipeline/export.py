@@ -33,7 +33,7 @@ from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, m
 from pipeline.config import ExportConfig
 from pipeline.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
                               probe_sizes, random_inputs, tensor_dtype)
-from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, fsync_dir, sha256_file,
+from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, fsync, sha256_file,
                                write_atomic)
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
     for f in files:  # content-addressed names: renaming over an identical file is harmless
         records.append(FileRecord(f.name, sha256_file(f), f.stat().st_size))
         os.replace(f, out_dir / f.name)
-    fsync_dir(out_dir)
+    fsync(out_dir)
     return EngineRecord(
         name=spec.name, graph=spec.graph, key=key, files=records,
         inputs=[io_record(t, dtype) for t in spec.inputs], outputs=[io_record(t, dtype) for t in spec.outputs],
