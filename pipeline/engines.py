@@ -19,7 +19,7 @@ when a modality is absent) and static.decode (all 24 layers and cross-attention 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -118,16 +118,7 @@ def bind_sizes(specs: list[TensorSpec], shapes: dict[str, tuple[int, ...]]) -> d
     return sizes
 
 
-# --- engine modules: thin wrappers that give each part the engine's signature ----------------
-
-
-class EmbedEngine(nn.Module):
-    def __init__(self, embed: nn.Embedding):
-        super().__init__()
-        self.embed = embed
-
-    def forward(self, input_ids):
-        return self.embed(input_ids)
+# --- engine modules: thin wrappers where a part's own forward is not the engine's signature ----
 
 
 class SegmentEngine(nn.Module):
@@ -148,15 +139,6 @@ class CrossAttnEngine(nn.Module):
 
     def forward(self, hidden, cross_kv, media_mask):
         return self.xattn(hidden, cross_kv, media_mask)
-
-
-class HeadEngine(nn.Module):
-    def __init__(self, lm_head: nn.Linear):
-        super().__init__()
-        self.lm_head = lm_head
-
-    def forward(self, exit_hidden):
-        return self.lm_head(exit_hidden)
 
 
 class StaticEncodeEngine(nn.Module):
@@ -224,7 +206,7 @@ def engine_specs(model: AutoGLM, limits: Limits, static: bool = True) -> list[En
     frames = f"audio_frames/{cfg.audio.frame_multiple}"
 
     specs = [
-        EngineSpec("embed", "embed", EmbedEngine(model.text.embed_tokens),
+        EngineSpec("embed", "embed", model.text.embed_tokens,
                    [TensorSpec("input_ids", ("batch", "seq"), "int64", "tokens", V)], [hidden],
                    {"dim": D, "vocab_size": V}),
         EngineSpec("vision", "vision", model.vision,
@@ -248,7 +230,7 @@ def engine_specs(model: AutoGLM, limits: Limits, static: bool = True) -> list[En
             EngineSpec(f"segment.{k}", f"segment{L}", SegmentEngine(model.text.segments[k]),
                        [hidden, position_ids, kv_mask, kv], [hidden_out, exit_hidden, kv_out], text_cfg, (first, end)),
         ]
-    specs.append(EngineSpec("lm_head", "lm_head", HeadEngine(model.text.lm_head), [exit_hidden], [logits], {"dim": D, "vocab_size": V}))
+    specs.append(EngineSpec("lm_head", "lm_head", model.text.lm_head, [exit_hidden], [logits], {"dim": D, "vocab_size": V}))
 
     if static:
         n_seg, M = len(t.exit_layers), cfg.vision.n_tokens + cfg.audio.max_frames // cfg.audio.frame_multiple
