@@ -171,3 +171,49 @@ def load_glm_checkpoint(model: AutoGLM, directory: str | Path) -> set[str]:
     if skipped:
         log.warning("checkpoint %s: skipped %d tensors with no counterpart in the model: %s", root, len(skipped), ", ".join(skipped[:5]))
     return {expected[key] for key in found}
+
+
+@torch.no_grad()
+def save_glm_checkpoint(model: AutoGLM, directory: str | Path) -> Path:
+    """Write our decoder as a Hugging Face GlmForCausalLM checkpoint (config.json + model.safetensors).
+
+    The inverse of load_glm_checkpoint's name map: the segments' layers become HF's flat
+    `model.layers.{i}`, the full-depth exit's norm becomes `model.norm`. The other exits' norms, the
+    encoders and the cross-attention have no place in a GLM checkpoint and are left out, so the
+    checkpoint is the full-depth text model. Tensors keep the model's dtype; config.json carries
+    the RoPE settings both nested (transformers 5) and at the top level (4.x).
+    """
+    from safetensors.torch import save_file
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    # one host copy per tensor: safetensors writes from CPU memory
+    tensors = {key: params[name].detach().to("cpu").contiguous() for key, name in expected_keys(model).items()}
+    args = model.cfg.text
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta, "partial_rotary_factor": args.partial_rotary_factor}
+    config = {
+        "architectures": ["GlmForCausalLM"],
+        "model_type": "glm",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "attention_bias": args.attention_bias,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,  # our LM head is a parameter of its own
+        "rope_parameters": rope,
+        "rope_theta": args.rope_theta,
+        "partial_rotary_factor": args.partial_rotary_factor,
+        "pad_token_id": None,  # GlmConfig's default id may lie outside a small vocabulary
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ExportApp, register_configs
+from pipeline.config import BenchApp, ExportApp, register_configs
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -38,4 +38,74 @@ def export(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-COMMANDS = {"export": export}
+def server_overrides() -> list[str]:
+    """The overrides that make runtime.serve pick the engines this bench composed: the same model
+    and export choices, and any of their fields set on the command line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    picked = [f"model={hc.runtime.choices['model']}", f"export={hc.runtime.choices['export']}"]
+    return picked + [o for o in hc.overrides.task if o.lstrip("+~").startswith(("model.", "export."))]
+
+
+@hydra.main(config_path=CONF_DIR, config_name="bench", version_base=None)
+def bench(cfg: DictConfig) -> None:
+    from pipeline.bench import BenchError, run_bench
+
+    # one line per request from httpx, and matplotlib's font cache notice, would bury the progress bar
+    for name in ("httpx", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    app: BenchApp = OmegaConf.to_object(cfg)
+    try:
+        run_bench(app, server_overrides())
+    except BenchError as e:
+        log.error("bench failed: %s", e)
+        sys.exit(2)
+
+
+# what compare's own flags said, parsed before Hydra sees the command line: --tolerance takes
+# metric names, whose dots Hydra would read as nesting
+COMPARE_CLI: dict = {"tolerances": {}, "error": None}
+
+
+@hydra.main(config_path=CONF_DIR, config_name="bench", version_base=None)
+def compare_app(cfg: DictConfig) -> None:
+    from pipeline.compare import CompareError, run_compare
+
+    app: BenchApp = OmegaConf.to_object(cfg)
+    try:
+        if COMPARE_CLI["error"]:
+            raise CompareError(COMPARE_CLI["error"])
+        code = run_compare(app.compare, COMPARE_CLI["tolerances"])
+    except CompareError as e:
+        log.error("compare failed: %s", e)
+        sys.exit(2)
+    sys.exit(code)
+
+
+def compare() -> None:
+    """python -m pipeline compare BASE.json NEW.json [--tolerance METRIC=X ...] [overrides]"""
+    files, rest, args = [], [], sys.argv[1:]
+    while args:
+        arg = args.pop(0)
+        if arg == "--tolerance" or arg.startswith("--tolerance="):
+            value = arg.partition("=")[2] if arg.startswith("--tolerance=") else (args.pop(0) if args else "")
+            name, _, tolerance = value.partition("=")
+            try:
+                COMPARE_CLI["tolerances"][name] = float(tolerance)
+            except ValueError:
+                COMPARE_CLI["error"] = f"--tolerance takes METRIC=FRACTION (a metric name or glob), got {value!r}"
+        elif "=" not in arg and not arg.startswith("-"):
+            files.append(arg)
+        else:
+            rest.append(arg)
+    if files and len(files) != 2:
+        COMPARE_CLI["error"] = f"give two reports: python -m pipeline compare BASE.json NEW.json (got {len(files)} paths)"
+    # the paths become overrides, quoted so that Hydra takes any character in them literally
+    escaped = (f.replace("\\", "\\\\").replace("'", "\\'") for f in files)
+    sys.argv[1:] = [f"compare.{key}='{path}'" for key, path in zip(("base", "new"), escaped)] + rest
+    sys.argv.append("hydra.help.app_name='python -m pipeline compare'")  # it shares conf/bench.yaml with bench
+    compare_app()
+
+
+COMMANDS = {"export": export, "bench": bench, "compare": compare}

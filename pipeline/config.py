@@ -78,6 +78,7 @@ class TransformersBaseline:
     enabled: bool = True
     max_requests: int = 8  # the first N text requests of the workload, one at a time
     attn_implementation: str = "sdpa"  # transformers' default for GLM; "eager" for its pure-python attention
+    workdir: str | None = None  # where the temporary GLM checkpoint goes (phone-9b: 17 GB); default the system temp dir
 
 
 @dataclass

@@ -1,14 +1,25 @@
-"""The engines of one export, checked against its manifest and loaded on their devices on demand."""
+"""The engines of one export, checked against its manifest and loaded on their devices on demand.
+
+Sessions are keyed by engine name, or "name@device" for a replica on another device than the
+placement's (the shared LM head beside a deep exit). With a memory budget, loading an engine
+first evicts the least recently used ones of its device until its weights fit; each load and
+eviction is logged, since on a GPU host they are what a slow request's latency is made of.
+"""
 from __future__ import annotations
 
+import copy
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from exporters import EngineSession, get_exporter
+from exporters import EngineIncompatible, EngineSession, device_stream, get_exporter
 from pipeline.config import ExportConfig
+from pipeline.engines import TensorSpec, bind_sizes, concrete_shape
 from pipeline.manifest import EngineRecord, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -19,39 +30,100 @@ class EngineMismatch(RuntimeError):
 
 
 class EngineSet:
-    """Sessions by engine name. `placement` maps an engine record to a device string."""
+    """Sessions by engine name. `placement` maps an engine record to a device string.
 
-    def __init__(self, directory: str | Path, placement: Callable[[EngineRecord], str] = lambda e: "cpu", verify: bool = True):
+    `budget_bytes` bounds the engine bytes resident per device (LRU eviction); `on_load(name,
+    device, bytes)` hears of every load; `cuda_graphs` captures ONNX Runtime CUDA graphs for the
+    engines whose decode shapes are fixed (see CudaGraphSession). `reference` swaps the files for
+    the eager torch modules they were exported from (engine name -> module, see
+    pipeline.engines.engine_specs): the reference backend, with nothing to verify.
+    """
+
+    def __init__(self, directory: str | Path, placement: Callable[[EngineRecord], str] = lambda e: "cpu", verify: bool = True,
+                 budget_bytes: dict[str, int] | None = None, on_load: Callable[[str, str, int], None] | None = None,
+                 cuda_graphs: bool = False, reference: dict[str, nn.Module] | None = None):
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
         self.placement = placement
-        self.verify = verify
+        self.reference = reference
+        self.verify = verify and reference is None
+        self.budget_bytes = budget_bytes or {}
+        self.on_load = on_load
+        self.cuda_graphs = cuda_graphs
         self.exporter = get_exporter(ExportConfig(backend=self.manifest.backend["name"], dtype=self.manifest.dtype))
-        self.sessions: dict[str, EngineSession] = {}
-        if verify:
+        self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
+        self.verified: set[str] = set()  # engines whose files were hashed: an evicted one reloads without rehashing
+        self.lock = threading.Lock()  # the engine thread loads and evicts while HTTP handlers read `loaded`
+        if self.verify:
             self.check_versions()
 
     def check_versions(self) -> None:
-        recorded = self.manifest.backend["versions"]
-        for lib, found in self.exporter.runtime_versions().items():
-            if recorded.get(lib) != found:
-                raise EngineMismatch(f"engines in {self.directory} were built with {lib} {recorded.get(lib)}, found {found} here: export again")
+        try:  # each backend knows what it can run: exact versions, or later ones for portable engines
+            self.exporter.check_runtime(self.manifest.backend, self.directory)
+        except EngineIncompatible as e:
+            raise EngineMismatch(str(e)) from None
 
     def device(self, name: str) -> torch.device:
         return torch.device(self.placement(self.manifest.engines[name]))
 
-    def session(self, name: str) -> EngineSession:
-        if name not in self.sessions:
-            record = self.manifest.engines[name]
-            if self.verify:
-                self.check_files(record)
-            device = self.placement(record)
-            self.sessions[name] = self.exporter.load(self.directory / record.path, record.input_specs(), record.output_specs(), device)
-            log.debug("loaded %s on %s", name, device)
-        return self.sessions[name]
+    def session(self, name: str, device: str | torch.device | None = None) -> EngineSession:
+        record = self.manifest.engines[name]
+        home = self.placement(record)
+        device = home if device is None else str(torch.device(device))
+        key = name if device == home else f"{name}@{device}"
+        with self.lock:
+            if key in self.sessions:
+                self.sessions.move_to_end(key)
+                return self.sessions[key]
+        if self.verify and name not in self.verified:
+            self.check_files(record)
+            self.verified.add(name)
+        self.make_room(device, record.bytes, key)
+        session = self.load(record, device)
+        with self.lock:
+            self.sessions[key] = session
+        if self.on_load:
+            self.on_load(name, device, record.bytes)
+        log.log(logging.INFO if self.budget_bytes else logging.DEBUG, "loaded %s on %s (%s)", name, device, mib(record.bytes))
+        return session
+
+    def load(self, record: EngineRecord, device: str) -> EngineSession:
+        inputs, outputs = record.input_specs(), record.output_specs()
+        if self.reference is not None:
+            return EagerSession(self.reference[record.name], [t.name for t in inputs], [t.name for t in outputs], device)
+        if self.cuda_graphs and torch.device(device).type == "cuda" and CudaGraphSession.applies(inputs):
+            return CudaGraphSession(self.directory / record.path, inputs, outputs, device)
+        return self.exporter.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend)
+
+    def make_room(self, device: str, needed: int, key: str) -> None:
+        budget = self.budget_bytes.get(device)
+        if not budget:
+            return
+        if needed > budget:
+            raise MemoryError(f"engine {key} needs {mib(needed)}, more than the whole budget of {mib(budget)} on {device}")
+        while self.resident_bytes(device) + needed > budget:
+            with self.lock:
+                victim = next(k for k in self.sessions if self.key_device(k) == device)
+                del self.sessions[victim]
+            log.info("evicted %s from %s to make room for %s (budget %s)", victim, device, key, mib(budget))
+
+    def key_device(self, key: str) -> str:
+        name, _, device = key.partition("@")
+        return device or self.placement(self.manifest.engines[name])
+
+    def resident_bytes(self, device: str) -> int:
+        with self.lock:
+            keys = list(self.sessions)
+        return sum(self.manifest.engines[k.partition("@")[0]].bytes for k in keys if self.key_device(k) == device)
+
+    def loaded(self) -> list[str]:
+        with self.lock:
+            return list(self.sessions)
 
     def unload(self, name: str) -> None:
-        self.sessions.pop(name, None)
+        with self.lock:
+            for key in [k for k in self.sessions if k.partition("@")[0] == name]:
+                del self.sessions[key]
 
     def check_files(self, record: EngineRecord) -> None:
         for f in record.files:
@@ -62,7 +134,105 @@ class EngineSet:
             if found != f.sha256:
                 raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found[:16]}…, manifest expects {f.sha256[:16]}…")
 
-    def run(self, name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        session = self.session(name)
+    def run(self, name: str, feeds: dict[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        session = self.session(name, device)
         # tensors cross devices here, device to device (two-GPU placement), never through the host
         return session.run({k: v.to(session.device, non_blocking=True) for k, v in feeds.items()})
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class EagerSession:
+    """An engine's eager torch module behind the session interface: the reference the engine files are checked against."""
+
+    def __init__(self, module: nn.Module, inputs: list[str], outputs: list[str], device: str):
+        self.device = torch.device(device)
+        here = next(module.parameters()).device
+        # engines share modules (the static graph holds every layer): a module wanted on a second device gets its own copy
+        self.module = module if here == self.device else copy.deepcopy(module).to(self.device)
+        self.inputs, self.outputs = inputs, outputs
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            out = self.module(*(feeds[name] for name in self.inputs))
+        return dict(zip(self.outputs, out if isinstance(out, tuple) else (out,)))
+
+
+class CudaGraphSession:
+    """An engine on the CUDA provider with ONNX Runtime's CUDA graphs, for the engines whose only
+    varying axes are batch and seq (embed, lm_head): at seq == 1, the decode step, each batch size
+    gets a graph captured on buffers that stay bound and is replayed from then on; other shapes
+    (prefill) run uncaptured through the same session. The segments cannot take part: their
+    cache grows by one entry per step, so no two steps share a shape."""
+
+    GRAPHABLE_AXES = {"batch", "seq"}
+
+    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str):
+        import onnxruntime as ort
+
+        from exporters.onnx import ONNX_DTYPES
+
+        self.ort = ort
+        self.device = torch.device(device)
+        self.inputs, self.outputs = inputs, outputs
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # the same engine stream as the plain sessions of this device (OrtSession), so the two kinds interleave in order
+        self.stream = device_stream(self.device)
+        provider = ("CUDAExecutionProvider", {"device_id": self.device.index or 0, "user_compute_stream": str(self.stream.cuda_stream),
+                                              "enable_cuda_graph": "1"})
+        self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        self.output_dtypes = {o.name: ONNX_DTYPES[o.type] for o in self.session.get_outputs()}
+        self.graphs: dict[tuple, tuple] = {}  # input shapes -> (binding, run options, input buffers, outputs)
+        self.uncaptured = self.run_options("-1")
+
+    def run_options(self, graph_id: str):
+        options = self.ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", graph_id)
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")  # ordered by the stream instead
+        return options
+
+    @classmethod
+    def applies(cls, inputs: list[TensorSpec]) -> bool:
+        return all(isinstance(d, int) or d in cls.GRAPHABLE_AXES for t in inputs for d in t.shape)
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {name: t.contiguous() for name, t in feeds.items()}
+        decode = all(size == 1 for t in self.inputs for d, size in zip(t.shape, feeds[t.name].shape) if d == "seq")
+        caller = torch.cuda.current_stream(self.device)
+        if not decode:
+            binding, outs = self.bind(feeds)
+            self.stream.wait_stream(caller)
+            self.session.run_with_iobinding(binding, self.uncaptured)
+            caller.wait_stream(self.stream)
+            return outs
+        key = tuple(tuple(t.shape) for t in feeds.values())
+        if key not in self.graphs:
+            buffers = {name: torch.empty_like(t) for name, t in feeds.items()}
+            binding, outs = self.bind(buffers)
+            self.graphs[key] = (binding, self.run_options(str(len(self.graphs) + 1)), buffers, outs)  # ids from 1: 0 is the default
+        binding, options, buffers, outs = self.graphs[key]
+        for name, t in feeds.items():
+            buffers[name].copy_(t)
+        self.stream.wait_stream(caller)
+        self.session.run_with_iobinding(binding, options)
+        caller.wait_stream(self.stream)
+        # the next replay overwrites the bound outputs: hand out copies
+        return {name: out.clone() for name, out in outs.items()}
+
+    def bind(self, feeds: dict[str, torch.Tensor]):
+        from exporters.onnx import NUMPY_TYPES
+
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        for name, t in feeds.items():
+            binding.bind_input(name, "cuda", index, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        sizes = bind_sizes(self.inputs, {n: tuple(t.shape) for n, t in feeds.items()})
+        outs = {}
+        for spec in self.outputs:
+            out = torch.empty(concrete_shape(spec, sizes), dtype=self.output_dtypes[spec.name], device=self.device)
+            binding.bind_output(spec.name, "cuda", index, NUMPY_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
+            outs[spec.name] = out
+        return binding, outs

@@ -1,0 +1,98 @@
+"""Typed schemas of `python -m runtime.serve`, registered in Hydra's ConfigStore.
+
+conf/serve.yaml composes them: the model and export groups say which engines to serve
+(<engines_dir>/<model.name>/<export.backend>/), the runtime group where and how to run them,
+`server` how to expose them. Only runtime/serve.py touches Hydra; everything else takes these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from model.autoglm import ModelConfig
+from pipeline.config import ExportConfig
+from pipeline.config import register_configs as register_export_configs
+
+
+@dataclass
+class PlacementConfig:
+    name: str = "cpu"
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    # devices[i] holds the decoder layers from first_layers[i] up to first_layers[i + 1]; the
+    # embedding, the encoders, the static engines and the shared LM head live on devices[0], and
+    # the LM head also runs beside any exit that another device holds
+    first_layers: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "heuristic"  # heuristic | confidence
+    force_exit: int | None = None  # every request exits here, whatever the policy says (comparisons, tests)
+    # heuristic: score = length + question + media terms, clipped to [0, 1]; a request exits at the
+    # i-th exit for the first i with score < thresholds[i], and at full depth when there is none
+    thresholds: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    length_tokens: int = 512  # prompt tokens that earn the whole length weight
+    length_weight: float = 0.4
+    question_weight: float = 0.3  # reasoning cues ("why", "explain", "step by step") earn all, a plain question half
+    image_weight: float = 0.3
+    audio_weight: float = 0.2
+    # confidence: prefill one segment at a time, stopping at the first exit whose top-1 probability reaches this
+    confidence: float = 0.9
+
+
+@dataclass
+class OffloadConfig:
+    # off: every engine the mode can use is loaded at start. on: only the text path's first segment,
+    # the embedding and the head are; the rest load when a request needs them, evicting the least
+    # recently used engines of that device to stay under the budget
+    enabled: bool = False
+    gpu_memory_budget_gb: float = 0.0  # engine weights per device (on the cpu placement: host memory); 0 = no limit
+
+
+@dataclass
+class RuntimeConfig:
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    mode: str = "dynamic"  # dynamic | static (also forced by ENABLE_DYNAMIC_GRAPH=False)
+    backend: str = "engines"  # engines: the export's files, verified; eager: the torch modules they were exported from (the reference)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    max_batch_size: int = 8  # requests generating at once (one KV slot each); a decode step batches those on one path
+    max_queue: int = 64  # requests waiting for a slot; one more is refused with 429
+    max_context: int | None = None  # prompt + completion tokens; default and upper bound: the export's context
+    cuda_graphs: bool = False  # ONNX Runtime CUDA graphs for engines whose decode shapes are fixed
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    verify: bool = True  # sha256 of every engine file against the manifest before it is loaded
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_id: str = "autoglm-phone-9b"  # the name /v1/models lists and requests must use
+    api_key: str | None = None  # Bearer key for /v1 and /stats; DYNGRAPH_API_KEY in the environment also sets it
+    max_body_bytes: int = 32 << 20
+    max_image_pixels: int = 16_000_000  # width * height, read from the header before anything is decoded
+    max_images: int = 1  # image parts per request
+    allowed_image_hosts: list[str] = field(default_factory=list)  # remote image URLs are fetched only from these
+    image_fetch_timeout_s: float = 10.0
+    max_audio_seconds: float | None = None  # default and upper bound: what the audio encoder was exported for
+    drain_timeout_s: float = 120.0  # after SIGTERM, how long in-flight requests may take before the server stops anyway
+    retry_after_s: int = 1  # the Retry-After of a 429
+    access_log: bool = False
+
+
+@dataclass
+class ServeApp:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engines_dir: str = "engines"
+    tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one
+
+
+def register_configs() -> None:
+    register_export_configs()
+    cs = ConfigStore.instance()
+    cs.store(group="runtime", name="runtime_schema", node=RuntimeConfig)
+    cs.store(name="serve_app_schema", node=ServeApp)

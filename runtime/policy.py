@@ -1,0 +1,72 @@
+"""How deep a request goes: the exit layer of its path.
+
+`heuristic` decides before any engine runs, from an input-complexity score: prompt length,
+question form and media. `confidence` decides during prefill: the prompt goes through one segment
+at a time and stops at the first exit whose head is sure enough of the next token. Either way
+the depth chosen at prefill holds for the whole request, so its cache covers the same layers at
+every step.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from runtime.config import PolicyConfig
+
+POLICIES = ("heuristic", "confidence")
+# asking for an explanation or a comparison needs more depth than asking for a fact
+REASONING_CUES = re.compile(r"\b(why|how|explain|compare|prove|analy[sz]e|reason|plan)\b|step by step|为什么|如何|怎么|解释|分析|比较|步骤")
+QUESTION_MARKS = ("?", "？")
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    prompt_tokens: int
+    text: str  # the last user message's text
+    modalities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    exit_layer: int | None  # None: the confidence policy decides during prefill
+    reason: str
+
+
+class DepthPolicy:
+    def __init__(self, cfg: PolicyConfig, exit_layers: list[int]):
+        self.cfg, self.exit_layers = cfg, list(exit_layers)
+        if cfg.name not in POLICIES:
+            raise PolicyError(f"runtime.policy.name={cfg.name!r} is not one of {', '.join(POLICIES)}")
+        if cfg.force_exit is not None and cfg.force_exit not in self.exit_layers:
+            raise PolicyError(f"runtime.policy.force_exit={cfg.force_exit} is not one of the exported exits {self.exit_layers}")
+        if len(cfg.thresholds) != len(self.exit_layers) - 1 or list(cfg.thresholds) != sorted(cfg.thresholds):
+            raise PolicyError(f"runtime.policy.thresholds={list(cfg.thresholds)} must be {len(self.exit_layers) - 1} "
+                              f"non-decreasing scores, one per exit before the last of {self.exit_layers}")
+        if cfg.length_tokens < 1:
+            raise PolicyError("runtime.policy.length_tokens must be positive")
+        if not 0.0 <= cfg.confidence <= 1.0:
+            raise PolicyError(f"runtime.policy.confidence={cfg.confidence} is not a probability")
+
+    def decide(self, x: PolicyInput) -> Decision:
+        if self.cfg.force_exit is not None:
+            return Decision(self.cfg.force_exit, "forced by runtime.policy.force_exit")
+        if self.cfg.name == "confidence":
+            return Decision(None, f"confidence >= {self.cfg.confidence}")
+        score = self.score(x)
+        exit_layer = next((e for e, t in zip(self.exit_layers, self.cfg.thresholds) if score < t), self.exit_layers[-1])
+        return Decision(exit_layer, f"heuristic score {score:.2f}")
+
+    def score(self, x: PolicyInput) -> float:
+        c = self.cfg
+        text = x.text.lower()
+        question = 1.0 if REASONING_CUES.search(text) else 0.5 if any(q in text for q in QUESTION_MARKS) else 0.0
+        score = (c.length_weight * min(1.0, x.prompt_tokens / c.length_tokens) + c.question_weight * question
+                 + c.image_weight * ("image" in x.modalities) + c.audio_weight * ("audio" in x.modalities))
+        return min(1.0, score)
+
+    def confident(self, top1: float) -> bool:
+        return top1 >= self.cfg.confidence

@@ -1,0 +1,78 @@
+"""python -m runtime.serve [overrides]: serve an export through the OpenAI chat completions API.
+
+    python -m runtime.serve model=tiny runtime=cpu server.port=8000
+
+The only module that knows Hydra: it composes conf/serve.yaml, applies the environment
+(ENABLE_DYNAMIC_GRAPH=False forces static mode, DYNGRAPH_API_KEY sets the key) and hands typed
+configs to the runtime. A problem it can name (no export, engines that fail verification, a
+placement the machine cannot hold) ends it with one line and exit status 2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from exporters import BackendUnavailable
+from runtime.config import ServeApp, register_configs
+from runtime.engines import EngineMismatch
+from runtime.generation import EngineConfigError
+from runtime.placement import PlacementError
+from runtime.policy import PolicyError
+from runtime.server import run_server
+from runtime.serving import ServeError, build_service
+
+log = logging.getLogger("dyngraph")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+register_configs()
+
+
+def dynamic_graph_env() -> bool | None:
+    """ENABLE_DYNAMIC_GRAPH as a boolean, None when unset."""
+    value = os.environ.get("ENABLE_DYNAMIC_GRAPH")
+    if value is None:
+        return None
+    if value.strip().lower() not in TRUE + FALSE:
+        raise ValueError(f"ENABLE_DYNAMIC_GRAPH={value!r}: use True or False")
+    return value.strip().lower() in TRUE
+
+
+def export_command(app: ServeApp) -> str:
+    """The export that would write the engines this serve looks for: same model, backend and engines_dir."""
+    wanted = ("model", "export", "engines_dir")
+    overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] in wanted]
+    if not any(o.startswith("model=") for o in overrides):
+        overrides.insert(0, f"model={app.model.name}")
+    return " ".join(["python -m pipeline export", *map(shlex.quote, overrides)])
+
+
+@hydra.main(config_path=CONF_DIR, config_name="serve", version_base=None)
+def main(cfg: DictConfig) -> None:
+    app: ServeApp = OmegaConf.to_object(cfg)
+    # torch only glues engine calls together here (cache copies, sampling); its intra-op threads
+    # would contend with ONNX Runtime's for the same cores and make a 50 us copy take milliseconds
+    torch.set_num_threads(1)
+    try:
+        if dynamic_graph_env() is False:
+            app.runtime.mode = "static"
+        app.server.api_key = app.server.api_key or os.environ.get("DYNGRAPH_API_KEY") or None
+        service = build_service(app, export_command(app))
+    except (ServeError, EngineMismatch, PlacementError, PolicyError, EngineConfigError, BackendUnavailable, ValueError, MemoryError) as e:
+        log.error("cannot serve: %s", e)
+        sys.exit(2)
+    backend = "eager reference modules" if app.runtime.backend == "eager" else f"{app.export.backend} engines"
+    log.info("serving %s (%s, %s mode, placement %s) as %r on http://%s:%d", app.model.name, backend, service.engine.mode,
+             app.runtime.placement.name, app.server.model_id, app.server.host, app.server.port)
+    run_server(service)
+
+
+if __name__ == "__main__":
+    main()

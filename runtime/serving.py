@@ -1,0 +1,471 @@
+"""Chat completions: from an OpenAI request to a generation request, and from engine events back
+to an OpenAI response or stream. The HTTP layer (server.py) only moves bytes.
+
+Every mistake a client can make ends here as an `APIError`: one message, the parameter it is
+about, and the status OpenAI's API would give.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from model.autoglm import build_model
+from model.multimodal.audio import AudioArgs
+from model.tokenizer import ChatTokenizer
+from pipeline.engines import EXPORT_DTYPES, Limits, engine_specs
+from pipeline.manifest import Manifest, ManifestError
+from runtime.config import ServeApp
+from runtime.engines import EngineSet
+from runtime.generation import (Delta, Event, Failed, Finished, GenerationEngine, GenerationRequest, QueueFull,
+                                RequestHandle, Started)
+from runtime.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
+from runtime.metrics import Metrics, device_memory, reset_peaks
+from runtime.placement import Placement
+from runtime.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
+                              CompletionTokensDetails, DeltaMessage, DyngraphInfo, ErrorBody, ErrorResponse, ModelCard,
+                              ModelList, ResponseMessage, Usage)
+from runtime.sampling import SamplingParams
+
+log = logging.getLogger("dyngraph.serving")
+
+BACKENDS = ("engines", "eager")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
+DISCONNECT_POLL_S = 0.25
+UNION_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited or generated; nobody is left to answer."""
+
+
+@dataclass
+class Reply:
+    headers: dict[str, str]
+    body: dict | None = None  # a whole JSON response
+    chunks: AsyncIterator[str] | None = None  # or the data lines of an SSE stream
+    close: Callable[[], None] = lambda: None  # the stream's clean-up, run by the HTTP layer however the stream ends
+
+
+@dataclass
+class Run:
+    """One admitted request, from its path decision on."""
+
+    id: str
+    request: ChatCompletionRequest
+    generation: GenerationRequest
+    handle: RequestHandle
+    started: Started
+    arrival: float
+    reasoning: bool  # return the thinking block as reasoning_content
+    first_token: bool = False
+    answered: bool = False  # its outcome is in the metrics
+
+
+class ChatService:
+    def __init__(self, cfg: ServeApp, engines: EngineSet, engine: GenerationEngine, tokenizer: ChatTokenizer, metrics: Metrics):
+        self.cfg, self.server = cfg, cfg.server
+        self.engines, self.engine, self.tokenizer, self.metrics = engines, engine, tokenizer, metrics
+        model = engines.manifest.model["config"]
+        self.image_size = model["vision"]["image_size"]
+        self.image_tokens = (model["vision"]["image_size"] // model["vision"]["patch_size"]) ** 2
+        self.audio = AudioArgs(**model["audio"])
+        exported_seconds = self.audio.max_frames * self.audio.hop_length / self.audio.sample_rate
+        self.limits = MediaLimits(
+            max_image_pixels=self.server.max_image_pixels,
+            max_audio_seconds=min(self.server.max_audio_seconds or exported_seconds, exported_seconds),
+            max_fetch_bytes=self.server.max_body_bytes,
+            allowed_image_hosts=frozenset(h.lower() for h in self.server.allowed_image_hosts),
+            fetch_timeout_s=self.server.image_fetch_timeout_s,
+        )
+        self.created = int(time.time())
+        self.draining = False
+        self.in_flight = 0
+        metrics.watch_memory(self.memory)
+
+    # --- small endpoints ------------------------------------------------------------------------------
+
+    def models(self) -> dict:
+        return ModelList(data=[ModelCard(id=self.server.model_id, created=self.created)]).model_dump()
+
+    def memory(self) -> dict:
+        return device_memory(self.engine.placement.devices, self.engine.kv_bytes, self.engine.kv_peak)
+
+    def stats(self) -> dict:
+        return {"engines_loaded": self.engines.loaded(), "devices": self.memory(),
+                "requests_per_path": dict(self.engine.path_counts), "mode": self.engine.mode}
+
+    def reset_stats(self) -> dict:
+        reset_peaks(self.engine.placement.devices)
+        self.engine.reset_peaks()
+        return self.stats()
+
+    # --- chat completions ---------------------------------------------------------------------------------
+
+    async def chat(self, body: bytes, disconnected: Callable[[], Awaitable[bool]]) -> Reply:
+        arrival = time.perf_counter()
+        if self.draining:
+            raise self.observe(APIError(503, "the server is shutting down; retry on another replica", "server_error",
+                                        code="shutting_down", headers={"Retry-After": str(self.server.retry_after_s)}), arrival)
+        self.in_flight += 1
+        try:
+            request = await asyncio.to_thread(self.parse, body)  # a 30 MB body of base64 would stall every stream for a while
+            generation = await self.prepare(request)
+            run = await self.start(request, generation, disconnected, arrival)
+        except APIError as e:
+            self.in_flight -= 1
+            raise self.observe(e, arrival)
+        except BaseException as e:
+            self.in_flight -= 1
+            if isinstance(e, ClientGone):
+                self.metrics.requests.labels("499").inc()
+            raise
+        headers = {"x-dyngraph-path": run.started.path.name}
+        if request.stream:
+            return Reply(headers, chunks=self.stream(run), close=lambda: self.close(run))
+        try:
+            return Reply(headers, body=await self.collect(run, disconnected))
+        finally:
+            self.close(run)
+
+    def parse(self, body: bytes) -> ChatCompletionRequest:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+        try:
+            return ChatCompletionRequest.model_validate(data)
+        except ValidationError as e:
+            param, message = validation_error(e)
+            raise APIError(400, f"{param}: {message}" if param else message, param=param or None) from None
+
+    async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
+        """Validate everything, decode the media; the result can only fail inside the engine."""
+        if req.model != self.server.model_id:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.server.model_id}`",
+                           param="model", code="model_not_found")
+        self.check_unsupported(req)
+        thinking = bool(req.enable_thinking or (req.chat_template_kwargs or {}).get("enable_thinking"))
+        if thinking and self.engine.think_end is None:
+            raise APIError(400, "enable_thinking needs a tokenizer with </think>; this one has none", param="enable_thinking")
+        messages, images, audio = self.split_messages(req.messages)
+        prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
+        context = self.engine.context_len
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, context - len(prompt))
+        if len(prompt) + max_tokens > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in the completion). "
+                                "Please reduce the length of the messages or completion.",
+                           param="max_tokens" if len(prompt) < context else "messages", code="context_length_exceeded")
+        pixel_values, mel = await self.decode_media(images, audio)
+        modalities = ("text",) + (("image",) if images else ()) + (("audio",) if audio else ())
+        if self.engine.mode == "dynamic":
+            media_tokens = len(images) * self.image_tokens + (mel.shape[-1] // self.audio.frame_multiple if mel is not None else 0)
+            if media_tokens > self.engine.max_media_tokens:
+                raise APIError(400, f"the request's media make {media_tokens} media tokens, over the {self.engine.max_media_tokens} "
+                                    "the engines were exported for: send fewer images or shorter audio", param="messages")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+        return GenerationRequest(
+            prompt_ids=prompt, max_tokens=max_tokens, modalities=modalities, pixel_values=pixel_values, mel=mel,
+            sampling=SamplingParams(1.0 if req.temperature is None else req.temperature, 1.0 if req.top_p is None else req.top_p, top_k, req.seed),
+            stop=tuple(stop), ignore_eos=bool(req.ignore_eos), thinking=thinking, max_reasoning_steps=req.max_reasoning_steps if thinking else None,
+            policy_text=next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""),
+        )
+
+    @staticmethod
+    def check_unsupported(req: ChatCompletionRequest) -> None:
+        """Parameters that would change the answer and that the runtime does not implement: refused, not ignored."""
+        if (req.n or 1) != 1:
+            raise APIError(400, f"n={req.n}: only n=1 is supported", param="n")
+        if req.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not supported by this server (send 0 or leave it out)", param=name)
+
+    def split_messages(self, messages: list[ChatMessage]) -> tuple[list[dict[str, str]], list[tuple[str, str]], list[tuple[str, str, str]]]:
+        """Chat template messages, and the media parts with the parameter path each came from.
+
+        Media reach the decoder through cross-attention, not as tokens, so they leave no trace in the prompt."""
+        out, images, audio = [], [], []
+        for i, m in enumerate(messages):
+            texts = []
+            parts = [m.content] if isinstance(m.content, str) else m.content or []
+            for j, part in enumerate(parts):
+                where = f"messages.{i}.content.{j}"
+                if isinstance(part, str):
+                    texts.append(part)
+                elif part.type == "text":
+                    texts.append(part.text)
+                elif m.role != "user":
+                    raise APIError(400, f"{where}: {part.type} parts are accepted in user messages only", param=where)
+                elif part.type == "image_url":
+                    url = part.image_url if isinstance(part.image_url, str) else part.image_url.url  # older clients send the bare URL
+                    images.append((url, f"{where}.image_url" + ("" if isinstance(part.image_url, str) else ".url")))
+                else:
+                    audio.append((part.input_audio.data, part.input_audio.format, f"{where}.input_audio"))
+            out.append({"role": ROLES[m.role], "content": "\n".join(texts)})
+        max_images = 1 if self.engine.mode == "static" else self.server.max_images
+        if len(images) > max_images:
+            why = "the static graph has room for one image" if self.engine.mode == "static" else "server.max_images"
+            raise APIError(400, f"the request has {len(images)} images; at most {max_images} ({why})", param="messages")
+        if len(audio) > 1:
+            raise APIError(400, f"the request has {len(audio)} audio parts; at most 1", param="messages")
+        return out, images, audio
+
+    async def decode_media(self, images: list[tuple[str, str]], audio: list[tuple[str, str, str]]):
+        try:
+            pixel_values = None
+            if images:
+                raw = [await image_bytes(url, self.limits, param) for url, param in images]
+                pixel_values = torch.stack(await asyncio.gather(*(
+                    asyncio.to_thread(decode_image, data, self.limits, self.image_size, param) for data, (_, param) in zip(raw, images))))
+            mel = None
+            if audio:
+                data, fmt, param = audio[0]
+                mel = await asyncio.to_thread(self.decode_wav, data, fmt, param)
+        except MediaError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_media") from None
+        return pixel_values, mel
+
+    def decode_wav(self, data: str, fmt: str, param: str) -> torch.Tensor:
+        return decode_audio(decode_base64(data, f"{param}.data"), fmt, self.limits, self.audio, param)
+
+    async def start(self, request: ChatCompletionRequest, generation: GenerationRequest,
+                    disconnected: Callable[[], Awaitable[bool]], arrival: float) -> Run:
+        """Queue the request and wait for its path decision (the response headers carry it)."""
+        run_id = f"chatcmpl-{uuid.uuid4().hex}"
+        generation.request_id = run_id
+        try:
+            handle = self.engine.submit(generation, asyncio.get_running_loop())
+        except QueueFull:
+            raise APIError(429, f"the server is at capacity ({self.engine.cfg.max_batch_size} generating, "
+                                f"{self.engine.queue_depth} queued); retry shortly", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(self.server.retry_after_s)}) from None
+        event = await self.next_event(handle, disconnected)
+        if isinstance(event, Failed):
+            raise APIError(event.status, event.message, "server_error")
+        assert isinstance(event, Started), event
+        return Run(run_id, request, generation, handle, event, arrival,
+                   reasoning=bool(request.return_reasoning) and generation.thinking)
+
+    async def next_event(self, handle: RequestHandle, disconnected: Callable[[], Awaitable[bool]]) -> Event:
+        """The handle's next event, cancelling the request if the client leaves while it waits."""
+        pending = asyncio.ensure_future(handle.next())
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return pending.result()
+            if await disconnected():
+                pending.cancel()
+                self.engine.cancel(handle)
+                raise ClientGone
+
+    async def collect(self, run: Run, disconnected: Callable[[], Awaitable[bool]]) -> dict:
+        content, reasoning = [], []
+        while True:
+            event = await self.next_event(run.handle, disconnected)
+            self.note_first_token(run)
+            if isinstance(event, Delta):
+                content.append(event.content)
+                reasoning.append(event.reasoning)
+            elif isinstance(event, Failed):
+                run.answered = True
+                raise self.observe(APIError(event.status, event.message, "server_error"), run.arrival)
+            else:
+                break
+        message = ResponseMessage(content="".join(content), reasoning_content="".join(reasoning) if run.reasoning else None)
+        body = ChatCompletion(id=run.id, created=int(time.time()), model=self.server.model_id, usage=self.usage(event),
+                              choices=[Choice(message=message, finish_reason=event.reason)], dyngraph=self.info(run))
+        self.done(run, event)
+        return body.model_dump(exclude_none=True)
+
+    async def stream(self, run: Run) -> AsyncIterator[str]:
+        """SSE data lines; the HTTP layer cancels the generation when the client goes away."""
+        include_usage = bool(run.request.stream_options and run.request.stream_options.include_usage)
+
+        def chunk(delta: DeltaMessage | None = None, finish: str | None = None, usage: Usage | None = None, last: bool = False) -> str:
+            choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish)]
+            c = ChatCompletionChunk(id=run.id, created=int(time.time()), model=self.server.model_id, choices=choices,
+                                    usage=usage, dyngraph=self.info(run) if last else None)
+            data = c.model_dump()
+            for choice in data["choices"]:
+                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            if not last:
+                del data["dyngraph"]
+            if not include_usage:
+                del data["usage"]
+            return json.dumps(data, ensure_ascii=False)
+
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        while True:
+            event = await run.handle.next()
+            self.note_first_token(run)
+            if isinstance(event, Delta):
+                delta = DeltaMessage(content=event.content or None, reasoning_content=(event.reasoning or None) if run.reasoning else None)
+                if delta.content or delta.reasoning_content:
+                    yield chunk(delta)
+            elif isinstance(event, Failed):
+                # the status line is long gone: report in the stream, as OpenAI does
+                yield json.dumps(APIError(event.status, event.message, "server_error").body())
+                run.answered = True
+                self.observe(APIError(event.status, event.message), run.arrival)
+                break
+            else:
+                self.done(run, event)  # before the last sends: a client that leaves now still got a whole answer
+                yield chunk(DeltaMessage(), finish=event.reason, last=not include_usage)
+                if include_usage:
+                    yield chunk(usage=self.usage(event), last=True)
+                break
+        yield "[DONE]"
+
+    def close(self, run: Run) -> None:
+        """However the response ended: a generation nobody reads any more stops (a finished one is
+        unaffected), and the request leaves the books."""
+        self.engine.cancel(run.handle)
+        self.in_flight -= 1
+        if not run.answered:  # the client left first
+            run.answered = True
+            self.metrics.requests.labels("499").inc()
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------
+
+    def note_first_token(self, run: Run) -> None:
+        if not run.first_token:
+            run.first_token = True
+            self.metrics.ttft.observe(time.perf_counter() - run.arrival)
+
+    def done(self, run: Run, event: Finished) -> None:
+        run.answered = True
+        self.metrics.tokens.labels("prompt").inc(event.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(event.completion_tokens)
+        self.metrics.requests.labels("200").inc()
+        self.metrics.latency.observe(time.perf_counter() - run.arrival)
+
+    def observe(self, error: APIError, arrival: float) -> APIError:
+        self.metrics.requests.labels(str(error.status)).inc()
+        self.metrics.latency.observe(time.perf_counter() - arrival)
+        return error
+
+    @staticmethod
+    def usage(event: Finished) -> Usage:
+        return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                     total_tokens=event.prompt_tokens + event.completion_tokens,
+                     completion_tokens_details=CompletionTokensDetails(reasoning_tokens=event.reasoning_tokens))
+
+    def info(self, run: Run) -> DyngraphInfo:
+        s = run.started
+        return DyngraphInfo(path=s.path.name, exit_layer=s.path.exit_layer, modalities=list(run.generation.modalities),
+                            engines=s.engines, devices=s.devices, mode=s.mode)
+
+
+def validation_error(e: ValidationError) -> tuple[str, str]:
+    """pydantic's most specific error as (parameter path, message). A union reports one error per
+    member, labelled by the member's type (`str`, `list[tagged-union[...]]`); the deepest is the
+    one about what the client meant, and the labels are no part of the parameter's name."""
+    err = max(e.errors(), key=lambda x: len(x["loc"]))
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in UNION_LABELS))]
+    # a tagged union names the tag before the member's own fields (image_url.image_url.url): keep one
+    loc = [p for i, p in enumerate(loc) if i + 1 == len(loc) or p != loc[i + 1]]
+    return ".".join(loc), err["msg"]
+
+
+# --- assembly ---------------------------------------------------------------------------------------------
+
+
+class ServeError(RuntimeError):
+    """Serving cannot start; the message says what to do."""
+
+
+def engines_directory(cfg: ServeApp) -> Path:
+    return Path(cfg.engines_dir).expanduser() / cfg.model.name / cfg.export.backend
+
+
+def check_model_config(cfg: ServeApp, manifest: Manifest, directory: Path) -> None:
+    """The composed model must be the exported one: the tokenizer, the media preprocessing and the
+    paths are all read from it."""
+    exported, asked = flatten(manifest.model["config"]), flatten(asdict(cfg.model))
+    differ = [k for k in asked if exported.get(k) != asked[k]]
+    if differ:
+        k = differ[0]
+        raise ServeError(f"the engines in {directory} were exported with model.{k}={exported.get(k)}, this config has "
+                         f"model.{k}={asked[k]} ({len(differ)} setting(s) differ): serve with the export's settings or export again")
+    if manifest.dtype != cfg.export.dtype:
+        raise ServeError(f"the engines in {directory} are {manifest.dtype}, this config asks for export.dtype={cfg.export.dtype}")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def load_tokenizer(cfg: ServeApp) -> ChatTokenizer:
+    source = cfg.tokenizer or cfg.model.checkpoint
+    return ChatTokenizer.from_dir(source) if source else ChatTokenizer.builtin()
+
+
+def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.Module] | None:
+    """With runtime.backend=eager: the model's engine modules, with the export's weights (same
+    seed on the same generator device, or the same checkpoint)."""
+    if cfg.runtime.backend not in BACKENDS:
+        raise ServeError(f"runtime.backend={cfg.runtime.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.runtime.backend != "eager":
+        return None
+    model = build_model(cfg.model, manifest.model["weights"]["init_device"], EXPORT_DTYPES[manifest.dtype])
+    dims = manifest.dims
+    limits = Limits(dims["batch"]["max"], dims["seq"]["max"], dims["past"]["max"])
+    return {spec.name: spec.module for spec in engine_specs(model, limits, static=manifest.static_path is not None)}
+
+
+def build_service(cfg: ServeApp, export_command: str) -> ChatService:
+    """Everything behind the endpoint, loaded and verified; raises ServeError with a one-line reason."""
+    directory = engines_directory(cfg)
+    try:
+        manifest = Manifest.load(directory)
+    except ManifestError as e:
+        if not (directory / "manifest.json").exists():
+            raise ServeError(f"no engines at {directory}: export them first with `{export_command}`") from None
+        raise ServeError(str(e)) from None
+    check_model_config(cfg, manifest, directory)
+    placement = Placement(cfg.runtime.placement, manifest)
+    metrics = Metrics(cfg.runtime.max_batch_size)
+    offload = cfg.runtime.offload
+    budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if offload.enabled and offload.gpu_memory_budget_gb > 0 else None
+    engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget, cuda_graphs=cfg.runtime.cuda_graphs,
+                        on_load=lambda name, device, n: metrics.engine_loads.labels(name, device).inc(),
+                        reference=reference_modules(cfg, manifest))
+    tokenizer = load_tokenizer(cfg)
+    engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
+    engine.warm_up()
+    return ChatService(cfg, engines, engine, tokenizer, metrics)

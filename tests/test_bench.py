@@ -1,0 +1,465 @@
+"""`python -m pipeline bench` and `python -m pipeline compare`: the workload generator, the NVML
+code paths (against a stand-in NVML library), the report, the comparison, and a small CPU
+benchmark of the tiny model through the real server, compared with the committed CI baseline.
+Speed is never asserted: only what a run must contain and what does not depend on the machine."""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import wave
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pipeline.bench import ModeResult, RequestResult, RunResult, open_nvml, slug
+from pipeline.compare import CompareError, load_report, run_compare, tolerance_for
+from pipeline.config import BenchApp, CompareConfig, RequestGroup, register_configs
+from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
+from pipeline.report import build_report, stats, write_report
+from pipeline.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
+
+from .conftest import CONF_DIR, ROOT, run_cli
+
+BASELINE = ROOT / "bench_results" / "ci-baseline.json"
+CI_KINDS = "compare.kinds=[exits,work,memory,errors]"  # what does not depend on the machine's speed
+
+
+def compose_bench(overrides: list[str] | None = None) -> BenchApp:
+    """The bench app config exactly as `python -m pipeline bench OVERRIDES` would see it."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="bench", overrides=overrides or [])
+    return OmegaConf.to_object(cfg)
+
+
+# --- workload -------------------------------------------------------------------------------
+
+
+def test_workload_is_deterministic():
+    cfg = compose_bench().bench
+    a, b = build_workload(cfg), build_workload(cfg)
+    assert [(r.group, r.prompt, r.image_png, r.audio_wav) for r in a] == [(r.group, r.prompt, r.image_png, r.audio_wav) for r in b]
+    assert fingerprint(a) == fingerprint(b)
+    assert len(a) == sum(g.count for g in cfg.groups.values())
+    assert {r.group: r.modalities for r in a} == {"short": ("text",), "long": ("text",), "image": ("text", "image"),
+                                                   "audio": ("text", "audio")}
+    assert sorted(r.index for r in a) == list(range(len(a)))
+    assert [r.group for r in a[:8]] != sorted(r.group for r in a[:8])  # interleaved, not group after group
+    other = compose_bench(["bench.seed=1"]).bench
+    assert fingerprint(build_workload(other)) != fingerprint(a)  # the media derive from the seed
+
+
+def test_workload_media_decode():
+    requests = build_workload(compose_bench().bench)
+    image = next(r for r in requests if r.image_png)
+    assert Image.open(io.BytesIO(image.image_png)).size == (448, 448)
+    for r in (r for r in requests if r.audio_wav):
+        with wave.open(io.BytesIO(r.audio_wav)) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, SAMPLE_RATE)
+            assert w.getnframes() / SAMPLE_RATE in (2.0, 4.0, 6.0)
+            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+            assert 0 < np.abs(pcm).max() < 32767  # a real signal, not clipped
+    parts = [p["type"] for p in image.body("m", 0.0, 0)["messages"][0]["content"]]
+    assert parts == ["image_url", "text"]
+    body = next(r for r in requests if r.audio_wav).body("autoglm-phone-9b", 0.0, 0)
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert body["messages"][0]["content"][0]["input_audio"]["format"] == "wav"
+    text = next(r for r in requests if r.text_only).body("m", 0.0, 0)
+    assert isinstance(text["messages"][0]["content"], str)
+
+
+def test_workload_refuses_bad_groups():
+    cfg = compose_bench().bench
+    cfg.groups = {"odd": RequestGroup(modalities=["image"])}
+    with pytest.raises(WorkloadError, match=r"bench.groups.odd.modalities=\['image'\] must hold 'text'"):
+        build_workload(cfg)
+
+
+def test_stats_and_slug():
+    s = stats([float(x) for x in range(1, 101)])
+    assert (s["n"], s["mean"], s["p50"], s["min"], s["max"]) == (100, 50.5, 50.5, 1.0, 100.0)
+    assert s["p90"] == pytest.approx(90.1) and s["p99"] == pytest.approx(99.01)
+    assert stats([None, None]) is None
+    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon"
+
+
+# --- NVML, against a stand-in library -------------------------------------------------------
+
+
+class FakeNvml:
+    """Just enough of nvidia-ml-py: four GPUs, energy counters that advance on every read."""
+
+    def __init__(self, energy_supported=True, processes=True, fail_init=False):
+        self.energy_supported, self.processes, self.fail_init = energy_supported, processes, fail_init
+        self.energy = {i: 1_000_000 * (i + 1) for i in range(4)}
+        self.used = {i: (i + 1) << 30 for i in range(4)}
+        self.server_pid = 4242
+        self.calls: list[str] = []
+
+    def nvmlInit(self):
+        self.calls.append("init")
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        self.calls.append("shutdown")
+
+    def nvmlDeviceGetCount(self):
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return int(uuid.removeprefix("GPU-"))
+
+    def nvmlDeviceGetIndex(self, h):
+        return h
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetUUID(self, h):
+        return f"GPU-{h}"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(used=self.used[h], total=80 << 30)
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.1"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if not self.energy_supported:
+            raise RuntimeError("Not Supported")
+        self.energy[h] += 2500  # 2.5 J between two reads
+        return self.energy[h]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        if not self.processes:
+            return []  # what a container's PID namespace looks like
+        return [SimpleNamespace(pid=1, usedGpuMemory=1 << 20), SimpleNamespace(pid=self.server_pid, usedGpuMemory=(h + 1) << 29)]
+
+
+def test_nvml_maps_visible_devices():
+    fake = FakeNvml()
+    nvml = Nvml.open({"CUDA_VISIBLE_DEVICES": "2,3"}, pynvml=fake)
+    assert [(g.label, g.nvml_index, g.name) for g in nvml.gpus] == [("cuda:0", 2, "NVIDIA H100 80GB HBM3"), ("cuda:1", 3, "NVIDIA H100 80GB HBM3")]
+    assert nvml.memory_used(["cuda:0"]) == {"cuda:0": 3 << 30}
+    assert nvml.process_memory(["cuda:0", "cuda:1"], fake.server_pid) == {"cuda:0": 3 << 29, "cuda:1": 4 << 29}
+    assert [g.nvml_index for g in Nvml.open({"CUDA_VISIBLE_DEVICES": "GPU-1"}, pynvml=fake).gpus] == [1]
+    assert len(Nvml.open({}, pynvml=fake).gpus) == 4
+    with pytest.raises(NvmlUnavailable, match="MIG"):
+        Nvml.open({"CUDA_VISIBLE_DEVICES": "MIG-0c6e1d4f"}, pynvml=fake)
+    with pytest.raises(NvmlUnavailable, match="did not initialise"):
+        Nvml.open({}, pynvml=FakeNvml(fail_init=True))
+
+
+def test_energy_from_counters():
+    nvml = Nvml.open({}, pynvml=FakeNvml())
+    labels = ["cuda:0", "cuda:1"]
+    reading = energy_between(nvml.energy_mj(labels), nvml.energy_mj(labels))
+    assert reading.per_device_j == {"cuda:0": 2.5, "cuda:1": 2.5} and reading.joules == 5.0 and reading.reason is None
+    old = Nvml.open({}, pynvml=FakeNvml(energy_supported=False))  # pre-Volta: no counter
+    reading = energy_between(old.energy_mj(labels), old.energy_mj(labels))
+    assert reading.joules is None and "no total-energy counter on cuda:0, cuda:1" in reading.reason
+
+
+def test_sampler_peaks_and_hidden_process():
+    fake = FakeNvml(processes=False)
+    nvml = Nvml.open({}, pynvml=fake)
+    peaks = Sampler(fake.server_pid, 0.01, nvml, ["cuda:0"]).start().stop()
+    assert peaks.samples >= 2 and peaks.device_used == {"cuda:0": 1 << 30}
+    assert peaks.process_used == {"cuda:0": None}  # not listed: the report falls back to the device's figure
+    import os
+
+    own = Sampler(os.getpid(), 0.01).start().stop()  # host memory of a live process, no GPU
+    assert own.host_rss > 0 and own.device_used == {}
+
+
+def test_cpu_placement_never_touches_nvml(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("NVML opened for a CPU placement")
+
+    monkeypatch.setattr(Nvml, "open", refuse)
+    assert open_nvml(compose_bench(["server.runtime=cpu"])) is None
+
+
+# --- the report, from a made-up run ---------------------------------------------------------
+
+DYNAMIC_PATHS = {"short": "exit6-text", "long": "exit18-text", "image": "exit12-text+image", "audio": "exit6-text+audio"}
+
+
+def fake_modes(app: BenchApp, manifest, requests, gpu: bool, slow: float = 1.0) -> dict[str, ModeResult]:
+    """What two servers might have measured: dynamic at half the static time, memory and energy,
+    its times stretched by `slow`."""
+    labels = ["cuda:0"] if gpu else []
+    modes = {}
+    for mode in ("static", "dynamic"):
+        size = 1.0 if mode == "static" else 0.5  # memory and energy
+        scale = size * (1.0 if mode == "static" else slow)  # times
+        runs = []
+        for c in app.bench.concurrency:
+            results = []
+            for r in requests:
+                path = "static" if mode == "static" else DYNAMIC_PATHS[r.group]
+                record = manifest_path(manifest, path)
+                ttft = scale * (0.05 + 0.01 * r.index) * c
+                results.append(RequestResult(r.index, r.group, list(r.modalities), True, status=200, path=path, exit_layer=record.exit_layer,
+                                             devices={e: labels[0] if gpu else "cpu" for e in record.step}, engines=record.encode + record.step,
+                                             prompt_tokens=20 + r.index, completion_tokens=8, ttft_s=ttft, latency_s=ttft + 7 * 0.02 * scale,
+                                             tpot_s=0.02 * scale, start_s=0.1 * r.index))
+            memory = MemoryPeaks(host_rss=int(600e6 * size), device_used={"cuda:0": int(20e9 * size) + (1 << 30)} if gpu else {},
+                                 process_used={"cuda:0": int(20e9 * size)} if gpu else {}, samples=10)
+            energy = EnergyReading({"cuda:0": 300.0 * size}, 300.0 * size) if gpu else EnergyReading({}, None, "the server runs on the CPU: no GPU energy counter")
+            device = "cuda:0" if gpu else "cpu"
+            stats_ = {"mode": mode, "engines_loaded": ["static.encode", "static.decode"] if mode == "static" else ["embed", "segment.0", "lm_head"],
+                      "devices": {device: {"torch_allocated_bytes": 0, "torch_peak_allocated_bytes": int(4e9 * size), "nvml_used_bytes": None}}}
+            runs.append(RunResult(c, None, 2.0 * scale * c, results, memory, energy, stats_))
+        paths = {}
+        for run in runs:
+            for r in run.requests:
+                paths.setdefault(r.path, {"exit_layer": r.exit_layer, "engines": r.engines, "devices": r.devices})
+        modes[mode] = ModeResult(mode, ["python", "-m", "runtime.serve", f"runtime.mode={mode}"], 3.0, labels,
+                                 {"cuda:0": 1 << 30} if gpu else {}, paths, runs, f"server-{mode}.log")
+    return modes
+
+
+def manifest_path(manifest, name):
+    return next(p for p in manifest.paths if p.name == name)
+
+
+def fake_environment(gpu: bool, name: str) -> dict:
+    device = {"kind": "cuda" if gpu else "cpu", "name": name, "slug": slug(name), "driver": "580.1" if gpu else None, "placement": "one_gpu" if gpu else "cpu",
+              "gpus": [{"label": "cuda:0", "nvml_index": 0, "name": name, "uuid": "GPU-0", "memory_total": 80 << 30}] if gpu else []}
+    return {"device": device, "cpu": {"model": "Test CPU", "cores": 2}, "python": "3.11", "platform": "linux", "libraries": {"torch": torch.__version__},
+            "git": {"commit": None, "dirty": None}}
+
+
+def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3", slow: float = 1.0) -> dict:
+    app = compose_bench(["bench=ci"])
+    requests = build_workload(app.bench)
+    text = [r for r in requests if r.text_only][:2]
+    yardsticks = {
+        "bandwidth": {("cuda:0" if gpu else "cpu"): {"device": "cuda:0", "bytes_per_s": 2.0e12 if gpu else 1.0e10, "copy_bytes": 1 << 30, "iters": 20, "method": "test"}},
+        "transformers": {"implementation": "transformers (test)", "attn_implementation": "sdpa", "device": "cuda:0", "dtype": "fp32",
+                         "requests": [{"index": r.index, "group": r.group, "prompt_tokens": 20 + r.index, "new_tokens": 8, "ttft_s": 0.1, "tpot_s": 0.06}
+                                      for r in text], "tpot_s": 0.06},
+    }
+    modes = fake_modes(app, manifest, requests, gpu, slow)
+    return build_report(app, manifest, requests, fingerprint(requests), modes, fake_environment(gpu, name), yardsticks, "test-report")
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tiny_engines_dir):
+    from pipeline.manifest import Manifest
+
+    return Manifest.load(tiny_engines_dir)
+
+
+def test_step_weight_bytes(tiny_manifest):
+    from pipeline.baseline import step_weight_bytes
+
+    m, per = tiny_manifest, 4  # fp32
+    table, row = m.engines["embed"].parameters, m.model["config"]["text"]["dim"]
+    shallow = step_weight_bytes(m, manifest_path(m, "exit6-text"))
+    assert shallow == (row + m.engines["segment.0"].parameters + m.engines["lm_head"].parameters) * per
+    static = step_weight_bytes(m, manifest_path(m, "static"))
+    assert static == (m.engines["static.decode"].parameters - table + row) * per
+    # the static step holds exactly the deepest multimodal path's step engines
+    assert static == step_weight_bytes(m, manifest_path(m, "exit24-text+image+audio"))
+
+
+def test_report_renders(tiny_manifest, tmp_path):
+    report = fake_report(tiny_manifest)
+    files = write_report(report, tmp_path)
+    assert sorted(f.name for f in files) == ["energy.png", "exits.png", "latency.png", "memory.png", "report.json", "report.md"]
+    for png in tmp_path.glob("*.png"):
+        assert Image.open(png).size[0] > 400
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["schema_version"] == 1 and saved["kind"] == "dyngraph-bench-report"
+    m = saved["metrics"]
+    assert m["ratio.mean_latency"]["value"] == pytest.approx(0.5) and m["ratio.mean_latency"]["scope"] == "any"
+    assert m["ratio.energy_per_request"]["value"] == pytest.approx(0.5)
+    assert m["dynamic.energy_per_request_j"]["value"] == pytest.approx(150.0 / 6)  # 150 J over 6 requests per run
+    assert m["dynamic.peak_memory_bytes"]["value"] == int(10e9)  # NVML's figure for the server process
+    assert m["dynamic.exit_share.6"]["value"] == pytest.approx(4 / 6) and m["dynamic.exit_share.24"]["value"] == 0
+    assert m["ratio.transformers_over_dynamic_tpot"]["value"] == pytest.approx(0.06 / 0.01)
+    md = (tmp_path / "report.md").read_text()
+    assert "| Mean latency |" in md and "| Peak GPU memory |" in md and "| Energy per request |" in md and "| Early exit" in md
+    assert "| 0.50 | -50% |" in md  # dynamic/static of the mean latency
+    assert "![energy.png](energy.png)" in md and "transformers `generate`" in md and "## Roofline" in md
+
+
+def test_cpu_report_says_energy_is_unavailable(tiny_manifest, tmp_path):
+    report = fake_report(tiny_manifest, gpu=False, name="AMD EPYC")
+    files = write_report(report, tmp_path)
+    assert "energy.png" not in [f.name for f in files]
+    assert report["metrics"]["dynamic.energy_per_request_j"]["value"] is None
+    assert report["metrics"]["dynamic.peak_memory_bytes"]["value"] == int(300e6)  # the server's RSS
+    md = (tmp_path / "report.md").read_text()
+    assert "Energy: unavailable, the server runs on the CPU" in md and "| Peak memory (server RSS) |" in md
+
+
+# --- compare --------------------------------------------------------------------------------
+
+
+def write(report: dict, path: Path) -> str:
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def test_compare_detects_regressions_and_applies_tolerances(tiny_manifest, tmp_path):
+    base = fake_report(tiny_manifest)
+    same = write(base, tmp_path / "same.json")
+    out = io.StringIO()
+    assert run_compare(CompareConfig(base=same, new=same), stream=out) == 0
+    assert "no regression" in out.getvalue()
+
+    slower = write(fake_report(tiny_manifest, slow=1.3), tmp_path / "slower.json")  # dynamic 30% slower, static unchanged
+    out = io.StringIO()
+    cfg = compose_bench().compare
+    cfg.base, cfg.new = same, slower
+    assert run_compare(cfg, stream=out) == 1
+    text = out.getvalue()
+    assert "ratio.mean_latency" in text and "REGRESSION" in text and "regression(s) past tolerance" in text
+    # looser tolerances for the time metrics let the same change through
+    assert run_compare(cfg, {"ratio.*": 0.5, "*_s": 0.5, "*per_s": 0.5, "*energy*": 0.5, "roofline.*": 0.5}, stream=io.StringIO()) == 0
+    # and the machine-independent kinds never saw it
+    cfg.kinds = ["exits", "work", "memory", "errors"]
+    assert run_compare(cfg, stream=io.StringIO()) == 0
+
+    faster = copy.deepcopy(base)
+    faster["metrics"]["dynamic.mean_latency_s"]["value"] *= 0.5
+    out = io.StringIO()
+    assert run_compare(CompareConfig(base=same, new=write(faster, tmp_path / "faster.json")), stream=out) == 0
+    assert "better" in out.getvalue()
+
+    moved = copy.deepcopy(base)  # the policy sends more requests deep: not faster or slower, different
+    moved["metrics"]["dynamic.exit_share.6"]["value"] -= 0.2
+    out = io.StringIO()
+    assert run_compare(CompareConfig(base=same, new=write(moved, tmp_path / "moved.json"), kinds=["exits"]), stream=out) == 1
+    assert "dynamic.exit_share.6" in out.getvalue()
+
+
+def test_tolerance_patterns():
+    tolerances = {"*": 0.1, "ratio.*": 0.2, "*peak_memory*": 0.3, "ratio.mean_latency": 0.05}
+    assert tolerance_for("ratio.mean_latency", tolerances) == 0.05  # exact name
+    assert tolerance_for("ratio.peak_memory", tolerances) == 0.3  # the longest matching pattern
+    assert tolerance_for("ratio.mean_ttft", tolerances) == 0.2
+    assert tolerance_for("static.mean_latency_s", tolerances) == 0.1
+    assert tolerance_for("anything", {}) == 0.1
+
+
+def test_compare_skips_absolute_times_across_gpus(tiny_manifest, tmp_path):
+    base = write(fake_report(tiny_manifest), tmp_path / "h100.json")
+    other = fake_report(tiny_manifest, name="NVIDIA H200")
+    for m in other["metrics"].values():  # a slower GPU: every absolute time and joule doubles, ratios stay
+        if m["scope"] == "device_model" and m["value"] is not None:
+            m["value"] *= 2 if m["better"] == "lower" else 0.5
+    new = write(other, tmp_path / "h200.json")
+    out = io.StringIO()
+    assert run_compare(CompareConfig(base=base, new=new), stream=out) == 0
+    text = out.getvalue()
+    assert "base ran on NVIDIA H100 80GB HBM3 (one_gpu), new on NVIDIA H200 (one_gpu): absolute times and energy compare only between " \
+           "reports from the same GPU model" in text
+    assert "ratio.mean_latency" in text  # ratios still compared
+    other["metrics"]["ratio.mean_latency"]["value"] *= 1.5
+    assert run_compare(CompareConfig(base=base, new=write(other, tmp_path / "h200b.json")), stream=io.StringIO()) == 1
+    # a CPU report's memory is the host's: not comparable with a GPU's bytes
+    cpu = write(fake_report(tiny_manifest, gpu=False, name="AMD EPYC"), tmp_path / "cpu.json")
+    out = io.StringIO()
+    run_compare(CompareConfig(base=base, new=cpu), stream=out)
+    assert "base measured cuda memory, new cpu memory" in out.getvalue()
+
+
+def test_compare_cli_exit_codes(tiny_manifest, tmp_path):
+    base = fake_report(tiny_manifest)
+    good = write(base, tmp_path / "base.json")
+    worse = copy.deepcopy(base)
+    worse["metrics"]["ratio.peak_memory"]["value"] *= 1.5
+    bad = write(worse, tmp_path / "worse.json")
+    result = run_cli("pipeline", "compare", good, bad)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "ratio.peak_memory" in result.stdout and "REGRESSION" in result.stdout
+    result = run_cli("pipeline", "compare", good, bad, "--tolerance", "ratio.peak_memory=0.6")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "is not a JSON file"),
+    ('{"hello": 1}', "is not a dyngraph bench report"),
+    ('{"kind": "dyngraph-bench-report", "schema_version": 99, "metrics": {}}', "has report schema version 99, this dyngraph reads 1"),
+])
+def test_compare_bad_input(tmp_path, content, message):
+    path = tmp_path / "report.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(CompareError, match=message):
+        load_report(path)
+
+
+def test_compare_cli_bad_input(tmp_path):
+    result = run_cli("pipeline", "compare", str(tmp_path / "missing.json"), str(tmp_path / "other.json"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"[ERROR] compare failed: {tmp_path / 'missing.json'}: no such file"]
+
+
+# --- save_glm_checkpoint --------------------------------------------------------------------
+
+
+def test_save_glm_checkpoint_round_trip(tiny_config, tiny_model, tmp_path):
+    import dataclasses
+
+    import transformers
+
+    from model.autoglm import build_model
+    from model.checkpoint import save_glm_checkpoint
+
+    save_glm_checkpoint(tiny_model, tmp_path)
+    again = build_model(dataclasses.replace(tiny_config, checkpoint=str(tmp_path), seed=7))  # other random parts, same decoder
+    ours = dict(tiny_model.named_parameters())
+    for name in again.checkpoint_tensors:
+        torch.testing.assert_close(dict(again.named_parameters())[name], ours[name], rtol=0, atol=0)
+    hf = transformers.GlmForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, tiny_config.text.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, tiny_model(ids), atol=1e-5, rtol=1e-5)
+
+
+# --- the real thing: a CPU benchmark through the server ---------------------------------------
+
+
+def test_bench_refuses_missing_engines(tmp_path):
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={tmp_path}", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bench failed: no manifest at" in lines[0] and "export first: python -m pipeline export model=tiny" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ci_bench_against_baseline(tiny_engines_dir, tmp_path):
+    """bench=ci on the tiny model through the real server, then the real compare CLI against the
+    committed baseline on what does not depend on the machine's speed."""
+    engines_root = tiny_engines_dir.parent.parent
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={engines_root}", f"output_dir={tmp_path}", "run_name=ci", "progress=false",
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ci"
+    assert {"report.json", "report.md", "latency.png", "memory.png", "exits.png", "server-static.log", "server-dynamic.log"} <= {p.name for p in out.iterdir()}
+    assert not (out / "energy.png").exists()  # energy is unavailable on the CPU, and not invented
+    report = json.loads((out / "report.json").read_text())
+    assert report["modes"]["static"]["summary"]["exit_histogram"] == {"6": 0, "12": 0, "18": 0, "24": 12}
+    assert report["headline"]["dynamic"]["energy_per_request_j"] is None
+    assert report["transformers"]["prompt_ids_match"] == "4/4"
+    assert report["workload"]["fingerprint"] == load_report(BASELINE)["workload"]["fingerprint"]
+    compare = run_cli("pipeline", "compare", str(BASELINE), str(out / "report.json"), CI_KINDS)
+    assert compare.returncode == 0, compare.stdout + compare.stderr

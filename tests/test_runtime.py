@@ -1,0 +1,424 @@
+"""The serving runtime in-process on the tiny export: engine chains against the eager model, KV slots,
+continuous batching, policies, sampling, offloading, verification and placement."""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import shutil
+import wave
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.multimodal.audio import AudioArgs
+from model.tokenizer import ChatTokenizer
+from pipeline.engines import Limits, engine_specs
+from pipeline.manifest import Manifest
+from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, RuntimeConfig
+from runtime.engines import EngineMismatch, EngineSet
+from runtime.generation import Failed, Finished, GenerationEngine, GenerationRequest, Started, TextStream
+from runtime.media import MediaLimits, decode_audio, decode_image
+from runtime.metrics import Metrics
+from runtime.placement import Placement, PlacementError
+from runtime.policy import DepthPolicy, PolicyError, PolicyInput
+from runtime.sampling import Sampler, SamplingParams, make_generator
+
+EXITS = [6, 12, 18, 24]
+GREEDY = SamplingParams(temperature=0.0)
+LIMITS = MediaLimits(10_000_000, 10.0, 1 << 20, frozenset(), 1.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """As runtime.serve runs: torch's intra-op threads would fight ONNX Runtime's for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok() -> ChatTokenizer:
+    return ChatTokenizer.builtin()
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_engines_dir) -> EngineSet:
+    return EngineSet(tiny_engines_dir)
+
+
+@pytest.fixture(scope="module")
+def media():
+    """An image and a clip, preprocessed the way the server does it."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    pixels = decode_image(png.getvalue(), LIMITS, 224, "image")[None]
+    return pixels, decode_audio(wav_bytes(0.7), "wav", LIMITS, AudioArgs(max_seconds=10.0), "audio")
+
+
+def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return out.getvalue()
+
+
+def make_engine(engines: EngineSet, tok: ChatTokenizer, **runtime) -> GenerationEngine:
+    cfg = RuntimeConfig(**runtime)
+    return GenerationEngine(engines, Placement(cfg.placement, engines.manifest), tok, cfg, Metrics(cfg.max_batch_size))
+
+
+class Running:
+    """A started GenerationEngine and a way to drive it from synchronous tests."""
+
+    def __init__(self, engine: GenerationEngine):
+        self.engine, self.metrics = engine, engine.metrics
+        engine.start()
+
+    def run(self, *requests: GenerationRequest, cancel_when_started: bool = False) -> list[list]:
+        async def one(request):
+            handle = self.engine.submit(request, asyncio.get_running_loop())
+            events = []
+            while not events or not isinstance(events[-1], (Finished, Failed)):
+                events.append(await handle.next())
+                if cancel_when_started and isinstance(events[-1], Started):
+                    self.engine.cancel(handle)
+                    return events
+            return events
+
+        async def main():
+            return await asyncio.gather(*(one(r) for r in requests))
+
+        return asyncio.run(main())
+
+    def tokens(self, *requests: GenerationRequest) -> list[tuple[str, tuple[int, ...]]]:
+        """(path name, token ids) per request."""
+        return [(next(e for e in ev if isinstance(e, Started)).path.name, ev[-1].token_ids) for ev in self.run(*requests)]
+
+    def steps(self) -> tuple[float, float]:
+        """Decode steps so far: (all, those that ran more than one sequence)."""
+        samples = {s.labels["le"]: s.value for s in self.metrics.decode_batch.collect()[0].samples if s.name.endswith("_bucket")}
+        return samples["+Inf"], samples["+Inf"] - samples["1.0"]
+
+    def close(self):
+        self.engine.stop()
+
+
+@pytest.fixture
+def running(engines, tok):
+    started = []
+
+    def start(**runtime) -> Running:
+        started.append(Running(make_engine(engines, tok, **runtime)))
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.close()
+
+
+def request(tok, text: str, n: int = 6, modalities=("text",), pixels=None, mel=None, **kw) -> GenerationRequest:
+    prompt = tok.apply_chat_template([{"role": "user", "content": text}])
+    return GenerationRequest(prompt, n, modalities, pixels, mel, kw.pop("sampling", GREEDY), **kw)
+
+
+def eager_greedy(model, tok, prompt: list[int], exit_layer: int, n: int, pixels=None, mel=None) -> tuple[int, ...]:
+    ids, out = torch.tensor([prompt]), []
+    with torch.inference_mode():
+        media, mask = model.encode_media(pixels, mel)
+        for _ in range(n):
+            token = int(model(ids, exit_layer, media, mask)[0, -1, :tok.vocab_size].argmax())
+            out.append(token)
+            if token in tok.eos_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tuple(out)
+
+
+def forced(exit_layer: int) -> dict:
+    return {"policy": PolicyConfig(force_exit=exit_layer)}
+
+
+# --- the engine chain against the eager model ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("exit_layer", EXITS)
+def test_greedy_tokens_equal_the_eager_model_at_every_depth(exit_layer, running, tok, tiny_model, media):
+    r = running(**forced(exit_layer))
+    pixels, mel = media
+    cases = [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]
+    for modalities in cases:
+        p = pixels if "image" in modalities else None
+        m = mel if "audio" in modalities else None
+        req = request(tok, "Which app shows the weather?", 6, modalities, p, m)
+        (path, tokens), = r.tokens(req)
+        assert path == f"exit{exit_layer}-" + "+".join(modalities)
+        assert tokens == eager_greedy(tiny_model, tok, req.prompt_ids, exit_layer, 6, p, m), path
+
+
+def test_static_mode_equals_the_full_depth_model(running, tok, tiny_model, media):
+    r = running(mode="static")
+    pixels, _ = media
+    text = request(tok, "Open the settings", 6)
+    image = request(tok, "What is on the screen?", 6, ("text", "image"), pixels)
+    (path_a, a), (path_b, b) = r.tokens(text, image)
+    assert path_a == path_b == "static"
+    assert a == eager_greedy(tiny_model, tok, text.prompt_ids, 24, 6)
+    assert b == eager_greedy(tiny_model, tok, image.prompt_ids, 24, 6, pixels)
+
+
+def test_chunked_prefill_equals_one_forward(running, tok, tiny_model):
+    r = running(**forced(12))
+    r.engine.chunk = 5  # a 40-token prompt in 8 chunks, each attending to the cache of the ones before
+    req = request(tok, "a prompt long enough for several chunks", 5)
+    (_, tokens), = r.tokens(req)
+    assert tokens == eager_greedy(tiny_model, tok, req.prompt_ids, 12, 5)
+
+
+def test_the_eager_reference_backend_gives_the_same_tokens(tiny_engines_dir, tok, tiny_model, media, running):
+    reference = {s.name: s.module for s in engine_specs(tiny_model, Limits())}
+    pixels, _ = media
+    reqs = [request(tok, "Open the settings", 5), request(tok, "What is on the screen?", 5, ("text", "image"), pixels)]
+    for runtime in (forced(12), {"mode": "static"}):
+        onnx = running(**runtime).tokens(*reqs)
+        eager = Running(make_engine(EngineSet(tiny_engines_dir, reference=reference), tok, **runtime))
+        try:
+            assert eager.tokens(*reqs) == onnx
+        finally:
+            eager.close()
+
+
+# --- continuous batching ---------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_decode_steps_and_keep_their_tokens(running, tok, media):
+    r = running(**forced(24), max_batch_size=4)
+    _, mel = media
+    short_mel = mel[..., :24]  # another media length: the batch pads cross-attention keys and masks them
+    reqs = [request(tok, "hi", 12, ignore_eos=True), request(tok, "a much longer prompt than the first", 12, ignore_eos=True),
+            request(tok, "mid-size prompt", 12, ignore_eos=True),
+            request(tok, "listen", 10, ("text", "audio"), mel=mel, ignore_eos=True),
+            request(tok, "listen again", 10, ("text", "audio"), mel=short_mel, ignore_eos=True)]
+    alone = [r.tokens(q)[0] for q in reqs]
+    assert r.steps()[1] == 0
+    together = r.tokens(*reqs)
+    assert together == alone
+    assert r.steps()[1] > 0, "no decode step ran with batch > 1"
+
+
+def test_a_cancelled_request_frees_its_slot(running, tok, caplog):
+    r = running(**forced(6), max_batch_size=1)
+    with caplog.at_level(logging.INFO, logger="dyngraph.runtime"):
+        events, = r.run(request(tok, "count to a thousand", 1000, ignore_eos=True), cancel_when_started=True)
+        (_, tokens), = r.tokens(request(tok, "next", 3))  # the only slot is free again
+    assert isinstance(events[-1], Started)
+    assert len(tokens) <= 3 and r.engine.active == 0 and r.engine.kv_bytes["cpu"] == 0
+    assert "cancelled after" in caplog.text
+
+
+def test_kv_slots_are_sized_by_depth(running, tok):
+    peaks = {}
+    for exit_layer in (6, 24):
+        r = running(**forced(exit_layer))
+        r.tokens(request(tok, "same prompt", 4, ignore_eos=True))
+        peaks[exit_layer] = r.engine.kv_peak["cpu"]
+        assert r.engine.kv_bytes["cpu"] == 0  # freed with the request
+    a = tok.apply_chat_template([{"role": "user", "content": "same prompt"}])
+    per_layer = 2 * 2 * (len(a) + 4) * 32 * 4  # k and v, 2 kv heads, prompt + completion, head_dim 32, fp32
+    assert peaks == {6: 6 * per_layer, 24: 24 * per_layer}
+
+
+# --- policies ----------------------------------------------------------------------------------------------
+
+
+def test_confidence_policy_stops_at_the_first_sure_exit(running, tok, tiny_model):
+    sure = running(policy=PolicyConfig(name="confidence", confidence=0.0))
+    unsure = running(policy=PolicyConfig(name="confidence", confidence=1.0))
+    req = request(tok, "Tap the blue button", 4)
+    (path6, tokens6), = sure.tokens(req)
+    (path24, tokens24), = unsure.tokens(req)
+    assert (path6, path24) == ("exit6-text", "exit24-text")
+    assert tokens6 == eager_greedy(tiny_model, tok, req.prompt_ids, 6, 4)
+    assert tokens24 == eager_greedy(tiny_model, tok, req.prompt_ids, 24, 4)
+
+
+def test_heuristic_policy_scores_length_questions_and_media():
+    policy = DepthPolicy(PolicyConfig(thresholds=[0.25, 0.5, 0.75], length_tokens=100, length_weight=0.4,
+                                      question_weight=0.3, image_weight=0.3, audio_weight=0.2), EXITS)
+    decide = lambda n, text, mods=("text",): policy.decide(PolicyInput(n, text, mods)).exit_layer  # noqa: E731
+    assert decide(10, "open settings") == 6  # 0.04
+    assert decide(50, "what time is it?") == 12  # 0.2 + half the question weight for a plain question
+    assert decide(10, "why is the sky blue?", ("text", "image")) == 18  # 0.04 + 0.3 + 0.3
+    assert decide(100, "explain it step by step", ("text", "image")) == 24
+    assert decide(100, "open settings") == 12
+    assert decide(100, "open settings", ("text", "image", "audio")) == 24
+    assert DepthPolicy(PolicyConfig(force_exit=18), EXITS).decide(PolicyInput(1, "", ("text",))).exit_layer == 18
+    with pytest.raises(PolicyError, match="force_exit=7"):
+        DepthPolicy(PolicyConfig(force_exit=7), EXITS)
+    with pytest.raises(PolicyError, match="thresholds"):
+        DepthPolicy(PolicyConfig(thresholds=[0.5, 0.2, 0.9]), EXITS)
+
+
+# --- text, thinking, sampling ------------------------------------------------------------------------------
+
+
+def test_thinking_is_capped_then_closed(running, tok):
+    r = running(**forced(6))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "plan"}], enable_thinking=True)
+    req = GenerationRequest(prompt, 10, sampling=GREEDY, thinking=True, max_reasoning_steps=3, ignore_eos=True)
+    events, = r.run(req)
+    done = events[-1]
+    assert done.token_ids[3] == tok.token_id("</think>") and done.reasoning_tokens == 4
+    assert done.completion_tokens == 10
+
+
+def test_stop_strings_cut_the_answer_and_hold_back_prefixes(tok):
+    stream = TextStream(tok, ("o w", "!!"), thinking=False, think_end=None)
+    out, stopped = [], False
+    for token in tok.encode("hello world"):
+        delta, stopped = stream.add(token)
+        out.append(delta.content)
+        if stopped:
+            break
+    assert "".join(out) == "hell" and stopped
+    stream = TextStream(tok, ("xyz",), thinking=True, think_end=tok.token_id("</think>"))
+    deltas = [stream.add(t)[0] for t in [*tok.encode("xyz"), tok.token_id("</think>"), *tok.encode("axy")]]
+    assert "".join(d.reasoning for d in deltas) == "xyz"  # stop strings apply to the answer only
+    assert "".join(d.content for d in deltas) == "a" and stream.flush().content == "xy"
+
+
+def test_sampling_never_picks_an_id_the_tokenizer_cannot_decode(tok):
+    sampler = Sampler(tok.vocab_size)
+    logits = torch.zeros(3, 512)
+    logits[:, 400] = 100.0  # past the tokenizer's 272 ids
+    logits[:, 7] = 5.0
+    params = [GREEDY, SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.7, top_p=0.1, seed=3)]
+    assert sampler(logits, params, [make_generator(p, logits.device) for p in params]) == [7, 7, 7]
+    free = SamplingParams(temperature=1.5, seed=11)
+    draws = [sampler(torch.zeros(1, 512), [free], [make_generator(free, torch.device("cpu"))])[0] for _ in range(2)]
+    assert draws[0] == draws[1] and 0 <= draws[0] < tok.vocab_size  # the seed reproduces the draw
+
+
+# --- loading: offload, verification, placement ------------------------------------------------------------
+
+
+def test_offload_keeps_engines_under_the_budget_with_lru_eviction(tiny_engines_dir, tok, tiny_model, caplog):
+    manifest = Manifest.load(tiny_engines_dir)
+    segment = manifest.engines["segment.0"].bytes
+    budget = 2 * segment + manifest.engines["embed"].bytes + manifest.engines["lm_head"].bytes + 4096
+    engines = EngineSet(tiny_engines_dir, budget_bytes={"cpu": budget})
+    engine = make_engine(engines, tok, offload=OffloadConfig(enabled=True, gpu_memory_budget_gb=budget / 2**30), **forced(24))
+    with caplog.at_level(logging.INFO):
+        engine.warm_up()
+        assert set(engines.loaded()) == {"embed", "segment.0", "lm_head"}  # nothing deeper until a request needs it
+        r = Running(engine)
+        try:
+            req = request(tok, "deep request", 4)
+            (_, tokens), = r.tokens(req)
+        finally:
+            r.close()
+    assert tokens == eager_greedy(tiny_model, tok, req.prompt_ids, 24, 4)  # right answer while engines come and go
+    assert engines.resident_bytes("cpu") <= budget
+    assert "loaded segment.3 on cpu" in caplog.text and "evicted" in caplog.text
+
+
+def test_engines_that_differ_from_the_manifest_are_refused(tiny_engines_dir, tmp_path):
+    copy = tmp_path / "onnx"
+    shutil.copytree(tiny_engines_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    manifest = Manifest.load(copy)
+    victim = copy / manifest.engines["lm_head"].path
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    engines = EngineSet(copy)
+    engines.session("embed")
+    with pytest.raises(EngineMismatch, match=r"lm_head.*has sha256 [0-9a-f]+…, manifest expects [0-9a-f]+…"):
+        engines.session("lm_head")
+    manifest.backend["versions"]["onnxruntime"] = "0.0.1"
+    manifest.save(copy)
+    with pytest.raises(EngineMismatch, match=r"onnxruntime 0\.0\.1, found \d"):
+        EngineSet(copy)
+
+
+def test_two_gpu_placement_keeps_shallow_paths_on_the_first_gpu(tiny_engines_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    manifest = Manifest.load(tiny_engines_dir)
+    placement = Placement(PlacementConfig("two_gpu", ["cuda:0", "cuda:1"], [0, 12]), manifest)
+    devices = {name: placement(record) for name, record in manifest.engines.items()}
+    second = {n for n, d in devices.items() if d == "cuda:1"}
+    assert second == {"segment.2", "segment.3", "cross_kv.2", "cross_kv.3", "cross_attn.2", "cross_attn.3"}
+    assert [placement.exit_device(e) for e in EXITS] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    for path in manifest.paths:
+        used = {devices[n] for n in path.encode + path.step}
+        if not path.static:  # the static engine computes its own head
+            used.add(placement.exit_device(path.exit_layer))
+        assert ("cuda:1" in used) == (path.exit_layer > 12 and not path.static), path.name
+    with pytest.raises(PlacementError, match="layer 10 would split a segment"):
+        Placement(PlacementConfig("bad", ["cuda:0", "cuda:1"], [0, 10]), manifest)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(PlacementError, match="needs cuda:1"):
+        Placement(PlacementConfig("two_gpu", ["cuda:0", "cuda:1"], [0, 12]), manifest)
+
+
+# --- on a GPU host -------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and onnxruntime's CUDA provider")
+
+
+def cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("placement", ["one_gpu", "two_gpu"])
+def test_gpu_placements_give_the_cpu_tokens(placement, tiny_engines_dir, tok, media):
+    if not cuda_provider():
+        pytest.skip("needs a CUDA GPU and onnxruntime's CUDA provider")
+    if placement == "two_gpu" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    devices, first = (["cuda:0"], [0]) if placement == "one_gpu" else (["cuda:0", "cuda:1"], [0, 12])
+    pixels, mel = media
+    reqs = [request(tok, "hello", 6, ignore_eos=True), request(tok, "look", 6, ("text", "image", "audio"), pixels, mel, ignore_eos=True)]
+    results = {}
+    for where, cfg in (("cpu", PlacementConfig()), ("gpu", PlacementConfig(placement, devices, first))):
+        for exit_layer in (6, 24):
+            engines = EngineSet(tiny_engines_dir, Placement(cfg, Manifest.load(tiny_engines_dir)))
+            r = Running(make_engine(engines, tok, placement=cfg, **forced(exit_layer)))
+            try:
+                events = r.run(*reqs)
+            finally:
+                r.close()
+            results[where, exit_layer] = [ev[-1].token_ids for ev in events]
+            if where == "gpu" and exit_layer == 6:  # a shallow request never touches the second GPU
+                assert all(d == "cuda:0" for ev in events for d in ev[0].devices.values())
+    for exit_layer in (6, 24):
+        assert results["gpu", exit_layer] == results["cpu", exit_layer]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_graphs_replay_the_same_tokens(tiny_engines_dir, tok):
+    if not cuda_provider():
+        pytest.skip("needs a CUDA GPU and onnxruntime's CUDA provider")
+    cfg = PlacementConfig("one_gpu", ["cuda:0"], [0])
+    manifest = Manifest.load(tiny_engines_dir)
+    out = []
+    for graphs in (False, True):
+        engines = EngineSet(tiny_engines_dir, Placement(cfg, manifest), cuda_graphs=graphs)
+        r = Running(make_engine(engines, tok, placement=cfg, cuda_graphs=graphs, max_batch_size=2, **forced(12)))
+        try:
+            out.append([ev[-1].token_ids for ev in r.run(request(tok, "one", 8, ignore_eos=True), request(tok, "two two", 8, ignore_eos=True))])
+        finally:
+            r.close()
+    assert out[0] == out[1]

@@ -1,0 +1,500 @@
+"""`python -m runtime.serve` as a subprocess on the tiny export, driven over HTTP by the official
+openai client, langchain_openai.ChatOpenAI and raw httpx: paths, batching, streaming, thinking,
+greedy tokens against the eager model, bad input, limits, disconnects and draining."""
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from model.tokenizer import ChatTokenizer
+
+from .conftest import ROOT, run_cli
+
+MODEL = "autoglm-phone-9b"
+TOK = ChatTokenizer.builtin()
+# the dynamic server's heuristic looks at prompt length only: < 25, 50, 75 tokens exit at 6, 12, 18, else 24
+DEPTH_POLICY = ["runtime.policy.length_tokens=100", "runtime.policy.length_weight=1.0", "runtime.policy.question_weight=0",
+                "runtime.policy.image_weight=0", "runtime.policy.audio_weight=0"]
+TEXT = {6: "Open the camera", 12: "Open the camera and take a photo", 18: "Open the camera, take a photo of the receipt, then save it",
+        24: "Open the camera, take a photo of the receipt, save it to the gallery and send it to Alice on WeChat"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `python -m runtime.serve` process; its log goes to a file the tests read."""
+
+    def __init__(self, engines_root: Path, log: Path, *overrides: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self.log = open(log, "w")
+        args = [sys.executable, "-m", "runtime.serve", f"engines_dir={engines_root}", f"server.port={self.port}", *overrides]
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not come up:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def client(self, api_key: str = "EMPTY", **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kw)
+
+    def post(self, body, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(f"{self.url}/v1/chat/completions", content=content, timeout=timeout,
+                          headers={"content-type": "application/json", **(headers or {})})
+
+    def metric(self, name: str, **labels) -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else r"(\{[^}]*\})?") + r" ([0-9.e+-]+)"
+        return sum(float(m.group(m.lastindex)) for m in re.finditer(pattern, text))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The eager reference beside a server: torch's intra-op threads would fight it for the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engines_dir(tiny_engines_dir) -> Path:
+    return tiny_engines_dir.parent.parent
+
+
+@pytest.fixture(scope="module")
+def server(engines_dir, tmp_path_factory):
+    s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "dynamic.log", *DEPTH_POLICY, "runtime.max_batch_size=4",
+               "server.max_image_pixels=1000000", "server.allowed_image_hosts=[127.0.0.1]")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def static_server(engines_dir, tmp_path_factory):
+    s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "static.log", env={"ENABLE_DYNAMIC_GRAPH": "False"})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_server(engines_dir, tmp_path_factory):
+    """One slot, one queue place, a key and a small body limit."""
+    s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "strict.log", "server.api_key=sekret", "server.max_body_bytes=65536",
+               "runtime.max_batch_size=1", "runtime.max_queue=1", "runtime.policy.force_exit=6")
+    yield s
+    s.stop()
+
+
+# --- media ----------------------------------------------------------------------------------------------
+
+
+def png_url(width: int = 64, height: int = 48) -> str:
+    image = Image.fromarray(np.random.default_rng(width).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def wav_b64(seconds: float, rate: int = 16000, channels: int = 1) -> str:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 330 * t) * 32767).astype(np.int16)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(samples, channels).tobytes())
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def user(*parts) -> list[dict]:
+    content = [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def audio_part(data: str, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}
+
+
+def chat(server: Server, messages, **kw) -> tuple[dict, httpx.Headers]:
+    raw = server.client().chat.completions.with_raw_response.create(model=MODEL, messages=messages, **kw)
+    return raw.http_response.json(), raw.headers
+
+
+def eager_text(model, text: str, exit_layer: int, max_tokens: int) -> tuple[str, int, str]:
+    """What greedy decoding of the eager model gives: (text as the server streams it, completion tokens, finish reason)."""
+    ids = torch.tensor([TOK.apply_chat_template([{"role": "user", "content": text}])])
+    decoder, pieces = TOK.stream_decoder(skip_special_tokens=True), []
+    with torch.inference_mode():
+        for n in range(1, max_tokens + 1):
+            token = int(model(ids, exit_layer)[0, -1, :TOK.vocab_size].argmax())
+            if token in TOK.eos_ids:
+                return "".join(pieces), n, "stop"
+            pieces.append(decoder.step(token))
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return "".join(pieces), max_tokens, "length"
+
+
+def test_without_an_export_it_names_the_export_command(tmp_path, monkeypatch):
+    result = run_cli("runtime.serve", f"engines_dir={tmp_path}", "server.port=1", timeout=120)
+    assert result.returncode == 2
+    assert f"export them first with `python -m pipeline export model=tiny engines_dir={tmp_path}`" in result.stderr
+    from runtime.serve import dynamic_graph_env
+
+    for value, expected in (("False", False), ("0", False), ("true", True)):
+        monkeypatch.setenv("ENABLE_DYNAMIC_GRAPH", value)
+        assert dynamic_graph_env() is expected
+    monkeypatch.setenv("ENABLE_DYNAMIC_GRAPH", "maybe")
+    with pytest.raises(ValueError, match="use True or False"):
+        dynamic_graph_env()
+
+
+# --- the dynamic server -------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_configured_id(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+@pytest.mark.parametrize("exit_layer", [6, 12, 18, 24])
+def test_every_depth_gives_the_eager_models_greedy_tokens(server, tiny_model, exit_layer):
+    body, headers = chat(server, [{"role": "user", "content": TEXT[exit_layer]}], max_tokens=8, temperature=0)
+    path = f"exit{exit_layer}-text"
+    assert headers["x-dyngraph-path"] == path
+    assert body["dyngraph"] == {"path": path, "exit_layer": exit_layer, "modalities": ["text"], "mode": "dynamic",
+                                "engines": ["embed", *[f"segment.{k}" for k in range(exit_layer // 6)], "lm_head"],
+                                "devices": {n: "cpu" for n in ["embed", *[f"segment.{k}" for k in range(exit_layer // 6)], "lm_head"]}}
+    text, n, reason = eager_text(tiny_model, TEXT[exit_layer], exit_layer, 8)
+    prompt = len(TOK.apply_chat_template([{"role": "user", "content": TEXT[exit_layer]}]))
+    assert body["choices"][0]["message"]["content"] == text
+    assert body["choices"][0]["finish_reason"] == reason
+    assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n,
+                             "completion_tokens_details": {"reasoning_tokens": 0}}
+    what = "full inference path (24 layers)" if exit_layer == 24 else f"early-exit path ({exit_layer} of 24 layers)"
+    assert f"[DYNAMIC GRAPH] Activating {what}" in server.logs()
+
+
+def test_streaming_ends_with_usage_and_path_then_done(server):
+    messages = [{"role": "user", "content": TEXT[12]}]
+    whole, _ = chat(server, messages, max_tokens=10, temperature=0)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": messages, "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["x-dyngraph-path"] == "exit12-text"
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"] and chunks[-1]["dyngraph"] == whole["dyngraph"]
+    assert all("dyngraph" not in c for c in chunks[:-1])
+
+
+def test_openai_client_streams_too(server):
+    stream = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                                     stream=True, stream_options={"include_usage": True}, seed=7, temperature=0.8)
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens <= 5 and chunks[-1].model_extra["dyngraph"]["path"] == "exit6-text"
+
+
+@pytest.mark.parametrize("parts, path, encoders", [
+    ((image_part(png_url()),), "exit6-text+image", ["ViT encoder for image processing"]),
+    ((audio_part(wav_b64(0.5)),), "exit6-text+audio", ["audio encoder for audio processing"]),
+    ((image_part(png_url(300, 200)), audio_part(wav_b64(1.2, rate=8000, channels=2))), "exit6-text+image+audio",
+     ["ViT encoder for image processing", "audio encoder for audio processing"]),
+])
+def test_image_and_audio_requests_take_their_paths(server, parts, path, encoders):
+    body, headers = chat(server, user("What is this?", *parts), max_tokens=4, temperature=0)
+    assert headers["x-dyngraph-path"] == path
+    assert body["dyngraph"]["modalities"] == path.removeprefix("exit6-").split("+")
+    assert body["dyngraph"]["engines"][0] in ("vision", "audio") and "cross_attn.0" in body["dyngraph"]["engines"]
+    for encoder in encoders:
+        assert f"[DYNAMIC GRAPH] Loading {encoder}" in server.logs()
+
+
+def test_allow_listed_hosts_serve_remote_images(server, tmp_path):
+    (tmp_path / "shot.png").write_bytes(base64.b64decode(png_url().split(",")[1]))
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        _, headers = chat(server, user("describe", image_part(f"http://127.0.0.1:{httpd.server_port}/shot.png")), max_tokens=2)
+    finally:
+        httpd.shutdown()
+    assert headers["x-dyngraph-path"] == "exit6-text+image"
+
+
+def test_thinking_is_returned_as_reasoning_content_and_capped(server):
+    extra = {"enable_thinking": True, "return_reasoning": True, "max_reasoning_steps": 3, "ignore_eos": True}
+    body, _ = chat(server, [{"role": "user", "content": "plan a trip"}], max_tokens=9, temperature=0, extra_body=extra)
+    prompt = TOK.apply_chat_template([{"role": "user", "content": "plan a trip"}], enable_thinking=True)
+    assert body["usage"]["prompt_tokens"] == len(prompt) and body["usage"]["completion_tokens"] == 9
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}  # 3 steps, then </think>
+    assert isinstance(body["choices"][0]["message"]["reasoning_content"], str)
+    stream = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "plan a trip"}], max_tokens=9,
+                                                     temperature=0, stream=True, extra_body=extra)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == body["choices"][0]["message"]["reasoning_content"]
+    assert "".join(d.content or "" for d in deltas) == body["choices"][0]["message"]["content"]
+    # the chat_template_kwargs spelling opens the block too; without return_reasoning the reasoning stays out
+    body, _ = chat(server, [{"role": "user", "content": "plan a trip"}], max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert body["usage"]["prompt_tokens"] == len(prompt) and "reasoning_content" not in body["choices"][0]["message"]
+
+
+def test_langchain_chat_openai_as_the_seed_configures_it(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="autoglm-phone-9b", base_url=f"{server.url}/v1", api_key="EMPTY",
+                     extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True,
+                     max_tokens=6, temperature=0, stream_usage=True)
+    chunks = list(llm.stream("Open WeChat and say hi to Alice"))
+    total = chunks[0]
+    for c in chunks[1:]:
+        total = total + c
+    prompt = TOK.apply_chat_template([{"role": "user", "content": "Open WeChat and say hi to Alice"}], enable_thinking=True)
+    assert total.usage_metadata["input_tokens"] == len(prompt)
+    assert 1 <= total.usage_metadata["output_tokens"] <= 6
+    assert llm.invoke("Open WeChat").response_metadata["finish_reason"] in ("stop", "length")
+
+
+def test_concurrent_requests_share_decode_steps(server):
+    before = server.metric("dyngraph_decode_batch_size_count") - server.metric("dyngraph_decode_batch_size_bucket", le="1.0")
+    barrier = threading.Barrier(4)
+    results = []
+
+    def one(i):
+        barrier.wait()
+        body, _ = chat(server, [{"role": "user", "content": f"req {i}"}], max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+        results.append(body["usage"]["completion_tokens"])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [60] * 4
+    after = server.metric("dyngraph_decode_batch_size_count") - server.metric("dyngraph_decode_batch_size_bucket", le="1.0")
+    assert after > before, "no decode step ran with batch > 1"
+
+
+BAD = {
+    "temperature": ({"temperature": 5}, "temperature"),
+    "top_p": ({"top_p": 0}, "top_p"),
+    "n": ({"n": 2}, "n"),
+    "max_tokens": ({"max_tokens": 0}, "max_tokens"),
+    "empty messages": ({"messages": []}, "messages"),
+    "role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    "part type": ({"messages": user({"type": "video", "video": {}})}, "messages.0.content.0"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "logprobs": ({"logprobs": True}, "logprobs"),
+    "empty stop": ({"stop": [""]}, "stop"),
+    "image in system": ({"messages": [{"role": "system", "content": [image_part(png_url())]}]}, "messages.0.content.0"),
+    "two images": ({"messages": user("a", image_part(png_url()), image_part(png_url()))}, "messages"),
+    "base64": ({"messages": user("a", image_part("data:image/png;base64,@@not base64@@"))}, "messages.0.content.1.image_url.url"),
+    "image bytes": ({"messages": user("a", image_part("data:image/png;base64," + base64.b64encode(b"not an image").decode()))},
+                    "messages.0.content.1.image_url.url"),
+    "pixels": ({"messages": user("a", image_part(png_url(1200, 1000)))}, "messages.0.content.1.image_url.url"),
+    "remote image": ({"messages": user("a", image_part("https://example.com/cat.png"))}, "messages.0.content.1.image_url.url"),
+    "audio bytes": ({"messages": user("a", audio_part(base64.b64encode(b"RIFF\0\0\0\0WAVEjunk").decode()))}, "messages.0.content.1.input_audio.data"),
+    "audio base64": ({"messages": user("a", audio_part("%%%"))}, "messages.0.content.1.input_audio.data"),
+    "audio length": ({"messages": user("a", audio_part(wav_b64(11, rate=8000)))}, "messages.0.content.1.input_audio.data"),
+    "audio format": ({"messages": user("a", audio_part(wav_b64(0.1), "mp3"))}, "messages.0.content.1.input_audio.format"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_parameters_get_one_clear_400(server, case):
+    patch, param = BAD[case]
+    r = server.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **patch})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    if case == "pixels":
+        assert "1200x1000 = 1200000 pixels" in error["message"]
+    if case == "audio length":
+        assert "11.00 s" in error["message"] and "10 s" in error["message"]
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_names_both(server):
+    prompt = len(TOK.apply_chat_template([{"role": "user", "content": "hi"}]))
+    r = server.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2100})
+    assert r.status_code == 400
+    assert "maximum context length is 2048 tokens" in r.json()["error"]["message"]
+    assert f"({prompt} in the messages, 2100 in the completion)" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe\xfd", 400), (b"", 400), (b'{"model": 5}', 400),
+    (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404),
+])
+def test_malformed_requests_never_get_a_5xx(server, body, status):
+    r = server.post(body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    if status == 404:
+        assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    assert httpx.get(f"{server.url}/v1/nope").json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server.url}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_stats_and_metrics(server):
+    stats = httpx.get(f"{server.url}/stats").json()
+    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode"}
+    assert stats["mode"] == "dynamic" and {"embed", "segment.3", "vision"} <= set(stats["engines_loaded"])
+    assert stats["requests_per_path"]["exit6-text"] >= 1
+    assert stats["devices"]["cpu"]["nvml_used_bytes"] is None and stats["devices"]["cpu"]["torch_peak_allocated_bytes"] > 0
+    reset = httpx.post(f"{server.url}/stats/reset").json()
+    assert reset["devices"]["cpu"]["torch_peak_allocated_bytes"] == reset["devices"]["cpu"]["torch_allocated_bytes"] == 0
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("dyngraph_requests_total", "dyngraph_request_latency_seconds_bucket", "dyngraph_time_to_first_token_seconds_count",
+                 'dyngraph_tokens_total{kind="completion"}', 'dyngraph_path_requests_total{path="exit24-text"}', "dyngraph_queue_depth",
+                 "dyngraph_running_requests", 'dyngraph_device_memory_bytes{device="cpu",kind="torch_allocated"}'):
+        assert name in text, name
+    assert server.metric("dyngraph_requests_total", status="400") >= len(BAD)
+
+
+# --- static mode ---------------------------------------------------------------------------------------------
+
+
+def test_static_mode_runs_the_full_graph_for_everything(static_server, tiny_model):
+    body, headers = chat(static_server, [{"role": "user", "content": TEXT[6]}], max_tokens=6, temperature=0)
+    assert headers["x-dyngraph-path"] == "static"
+    assert body["dyngraph"] == {"path": "static", "exit_layer": 24, "modalities": ["text"], "engines": ["static.encode", "static.decode"],
+                                "devices": {"static.encode": "cpu", "static.decode": "cpu"}, "mode": "static"}
+    assert body["choices"][0]["message"]["content"] == eager_text(tiny_model, TEXT[6], 24, 6)[0]
+    body, _ = chat(static_server, user("look and listen", image_part(png_url()), audio_part(wav_b64(0.3))), max_tokens=3)
+    assert body["dyngraph"]["path"] == "static" and body["dyngraph"]["modalities"] == ["text", "image", "audio"]
+    assert httpx.get(f"{static_server.url}/stats").json()["mode"] == "static"
+
+
+# --- limits, keys, disconnects, draining ----------------------------------------------------------------------
+
+KEY = {"authorization": "Bearer sekret"}
+LONG = {"model": MODEL, "messages": [{"role": "user", "content": "count"}], "max_tokens": 1900, "ignore_eos": True, "temperature": 0}
+
+
+def test_api_key_is_required_where_set(strict_server):
+    with pytest.raises(openai.AuthenticationError):
+        strict_server.client("wrong").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    r = strict_server.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{strict_server.url}/stats").status_code == 401
+    assert httpx.get(f"{strict_server.url}/health").status_code == 200
+    ok = strict_server.client("sekret").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert ok.usage.completion_tokens <= 2
+
+
+def test_bodies_over_the_limit_get_413(strict_server):
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    r = strict_server.post(big, KEY)
+    assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: counted while read
+        yield json.dumps(big).encode()
+
+    r = httpx.post(f"{strict_server.url}/v1/chat/completions", content=chunked(), headers={**KEY, "content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_full_queue_gets_429_with_retry_after(strict_server):
+    with httpx.stream("POST", f"{strict_server.url}/v1/chat/completions", json={**LONG, "stream": True}, headers=KEY, timeout=60) as long:
+        lines = long.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)  # generating: the only slot is taken
+        queued = []
+        waiter = threading.Thread(target=lambda: queued.append(strict_server.post(
+            {"model": MODEL, "messages": [{"role": "user", "content": "next"}], "max_tokens": 2}, KEY)))
+        waiter.start()
+        wait_for(lambda: strict_server.metric("dyngraph_queue_depth") == 1)
+        r = strict_server.post({"model": MODEL, "messages": [{"role": "user", "content": "one more"}], "max_tokens": 2}, KEY)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+    waiter.join(timeout=30)  # leaving the stream freed the slot for the queued request
+    assert queued[0].status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot(strict_server):
+    with httpx.stream("POST", f"{strict_server.url}/v1/chat/completions", json={**LONG, "stream": True}, headers=KEY, timeout=60) as r:
+        next(r.iter_lines())
+    with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
+        strict_server.post(LONG, KEY, timeout=0.5)
+    wait_for(lambda: strict_server.metric("dyngraph_running_requests") == 0)
+    assert strict_server.logs().count("tokens: slot freed") >= 2
+    r = strict_server.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, KEY, timeout=10)
+    assert r.status_code == 200
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(strict_server):
+    body = {**LONG, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{strict_server.url}/v1/chat/completions", json=body, headers=KEY, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        strict_server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{strict_server.url}/health").status_code == 503)
+        refused = strict_server.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, KEY)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert json.loads(data[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    assert strict_server.proc.wait(timeout=30) == 0
