@@ -31,8 +31,9 @@ class PolicyConfig:
     force_exit: int | None = None  # every request exits here, whatever the policy says (comparisons, tests)
     # heuristic: score = length + question + media terms, clipped to [0, 1]; a request exits at the
     # i-th exit for the first i with score < thresholds[i], and at full depth when there is none
-    thresholds: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    length_tokens: int = 512  # prompt tokens that earn the whole length weight
+    # e.g. "你是谁?" scores 0.15 (exit 6); a 400-character request to analyse something 0.7 (full depth)
+    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6])
+    length_chars: int = 400  # characters of the user's text that earn the whole length weight
     length_weight: float = 0.4
     question_weight: float = 0.3  # reasoning cues ("why", "explain", "step by step") earn all, a plain question half
     image_weight: float = 0.3

@@ -379,7 +379,7 @@ class GenerationEngine:
             media = runner.encode_static(req.pixel_values, req.mel)
             logits = self.prefill_static(runner, req.prompt_ids, slot, media)
         else:
-            decision = self.policy.decide(PolicyInput(len(req.prompt_ids), req.policy_text, req.modalities))
+            decision = self.policy.decide(PolicyInput(req.policy_text, req.modalities))
             # the confidence policy starts on the deepest path and stops at the exit it settles on
             runner = self.runners[self.manifest.path(decision.exit_layer or self.exit_layers[-1], req.modalities).name]
             media = self.encode(runner, req)

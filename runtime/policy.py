@@ -1,7 +1,8 @@
 """How deep a request goes: the exit layer of its path.
 
-`heuristic` decides before any engine runs, from an input-complexity score: prompt length,
-question form and media. `confidence` decides during prefill: the prompt goes through one segment
+`heuristic` decides before any engine runs, from an input-complexity score: the length of the
+user's text (in characters, so that the score does not depend on the tokenizer: a byte-level one
+counts a Chinese character three times), question form and media. `confidence` decides during prefill: the prompt goes through one segment
 at a time and stops at the first exit whose head is sure enough of the next token. Either way
 the depth chosen at prefill holds for the whole request, so its cache covers the same layers at
 every step.
@@ -25,7 +26,6 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class PolicyInput:
-    prompt_tokens: int
     text: str  # the last user message's text
     modalities: tuple[str, ...]
 
@@ -46,8 +46,8 @@ class DepthPolicy:
         if len(cfg.thresholds) != len(self.exit_layers) - 1 or list(cfg.thresholds) != sorted(cfg.thresholds):
             raise PolicyError(f"runtime.policy.thresholds={list(cfg.thresholds)} must be {len(self.exit_layers) - 1} "
                               f"non-decreasing scores, one per exit before the last of {self.exit_layers}")
-        if cfg.length_tokens < 1:
-            raise PolicyError("runtime.policy.length_tokens must be positive")
+        if cfg.length_chars < 1:
+            raise PolicyError("runtime.policy.length_chars must be positive")
         if not 0.0 <= cfg.confidence <= 1.0:
             raise PolicyError(f"runtime.policy.confidence={cfg.confidence} is not a probability")
 
@@ -64,7 +64,7 @@ class DepthPolicy:
         c = self.cfg
         text = x.text.lower()
         question = 1.0 if REASONING_CUES.search(text) else 0.5 if any(q in text for q in QUESTION_MARKS) else 0.0
-        score = (c.length_weight * min(1.0, x.prompt_tokens / c.length_tokens) + c.question_weight * question
+        score = (c.length_weight * min(1.0, len(x.text) / c.length_chars) + c.question_weight * question
                  + c.image_weight * ("image" in x.modalities) + c.audio_weight * ("audio" in x.modalities))
         return min(1.0, score)
 

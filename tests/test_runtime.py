@@ -252,16 +252,17 @@ def test_confidence_policy_stops_at_the_first_sure_exit(running, tok, tiny_model
 
 
 def test_heuristic_policy_scores_length_questions_and_media():
-    policy = DepthPolicy(PolicyConfig(thresholds=[0.25, 0.5, 0.75], length_tokens=100, length_weight=0.4,
+    policy = DepthPolicy(PolicyConfig(thresholds=[0.2, 0.4, 0.6], length_chars=400, length_weight=0.4,
                                       question_weight=0.3, image_weight=0.3, audio_weight=0.2), EXITS)
-    decide = lambda n, text, mods=("text",): policy.decide(PolicyInput(n, text, mods)).exit_layer  # noqa: E731
-    assert decide(10, "open settings") == 6  # 0.04
-    assert decide(50, "what time is it?") == 12  # 0.2 + half the question weight for a plain question
-    assert decide(10, "why is the sky blue?", ("text", "image")) == 18  # 0.04 + 0.3 + 0.3
-    assert decide(100, "explain it step by step", ("text", "image")) == 24
-    assert decide(100, "open settings") == 12
-    assert decide(100, "open settings", ("text", "image", "audio")) == 24
-    assert DepthPolicy(PolicyConfig(force_exit=18), EXITS).decide(PolicyInput(1, "", ("text",))).exit_layer == 18
+    decide = lambda text, mods=("text",): policy.decide(PolicyInput(text, mods)).exit_layer  # noqa: E731
+    assert decide("打开微信") == 6  # a command: length only, 0.004
+    assert decide("你是谁?") == 6  # half the question weight: 0.15
+    assert decide("why is the sky blue?") == 12  # a reasoning cue: 0.32
+    assert decide("why is the sky blue?", ("text", "image")) == 24  # 0.62
+    assert decide("what is in this chart?", ("text", "image")) == 18  # 0.47
+    assert decide("请分析" + "这个任务的每一个步骤" * 40) == 24  # long and analytical: 0.7
+    assert decide("open settings " * 40) == 18  # long, no question: 0.4 reaches the second threshold
+    assert DepthPolicy(PolicyConfig(force_exit=18), EXITS).decide(PolicyInput("", ("text",))).exit_layer == 18
     with pytest.raises(PolicyError, match="force_exit=7"):
         DepthPolicy(PolicyConfig(force_exit=7), EXITS)
     with pytest.raises(PolicyError, match="thresholds"):

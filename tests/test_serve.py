@@ -31,8 +31,8 @@ from .conftest import ROOT, run_cli
 
 MODEL = "autoglm-phone-9b"
 TOK = ChatTokenizer.builtin()
-# the dynamic server's heuristic looks at prompt length only: < 25, 50, 75 tokens exit at 6, 12, 18, else 24
-DEPTH_POLICY = ["runtime.policy.length_tokens=100", "runtime.policy.length_weight=1.0", "runtime.policy.question_weight=0",
+# the dynamic server's heuristic looks at text length only: < 20, 40, 60 characters exit at 6, 12, 18, else 24
+DEPTH_POLICY = ["runtime.policy.length_chars=100", "runtime.policy.length_weight=1.0", "runtime.policy.question_weight=0",
                 "runtime.policy.image_weight=0", "runtime.policy.audio_weight=0"]
 TEXT = {6: "Open the camera", 12: "Open the camera and take a photo", 18: "Open the camera, take a photo of the receipt, then save it",
         24: "Open the camera, take a photo of the receipt, save it to the gallery and send it to Alice on WeChat"}
