@@ -29,6 +29,7 @@ class PlacementConfig:
 class PolicyConfig:
     name: str = "heuristic"  # heuristic | confidence
     force_exit: int | None = None  # every request exits here, whatever the policy says (comparisons, tests)
+    request_override: bool = False  # let a request choose its exit with the `exit_layer` body field (probes, benchmarks)
     # heuristic: score = length + question + media terms, clipped to [0, 1]; a request exits at the
     # i-th exit for the first i with score < thresholds[i], and at full depth when there is none
     # e.g. "你是谁?" scores 0.15 (exit 6); a 400-character request to analyse something 0.7 (full depth)

@@ -65,6 +65,7 @@ class GenerationRequest:
     thinking: bool = False  # the prompt ends inside an open thinking block
     max_reasoning_steps: int | None = None  # thinking tokens before the engine closes the block itself
     policy_text: str = ""  # what the heuristic reads for question form: the last user message
+    exit_layer: int | None = None  # chosen by the client (runtime.policy.request_override), else by the policy
     request_id: str = ""
 
 
@@ -379,7 +380,8 @@ class GenerationEngine:
             media = runner.encode_static(req.pixel_values, req.mel)
             logits = self.prefill_static(runner, req.prompt_ids, slot, media)
         else:
-            decision = self.policy.decide(PolicyInput(req.policy_text, req.modalities))
+            decision = (Decision(req.exit_layer, "requested by the client") if req.exit_layer
+                        else self.policy.decide(PolicyInput(req.policy_text, req.modalities)))
             # the confidence policy starts on the deepest path and stops at the exit it settles on
             runner = self.runners[self.manifest.path(decision.exit_layer or self.exit_layers[-1], req.modalities).name]
             media = self.encode(runner, req)

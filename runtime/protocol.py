@@ -79,6 +79,7 @@ class ChatCompletionRequest(Lenient):
     return_reasoning: bool | None = None
     max_reasoning_steps: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None  # vLLM's: generate max_tokens whatever the model says (benchmarks)
+    exit_layer: int | None = None  # dyngraph's: this request's exit depth (needs runtime.policy.request_override)
 
 
 # --- responses ----------------------------------------------------------------------------------------

@@ -188,12 +188,19 @@ class ChatService:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
+        if req.exit_layer is not None:
+            if not self.engine.cfg.policy.request_override:
+                raise APIError(400, "exit_layer is honoured only when the server runs with runtime.policy.request_override=true",
+                               param="exit_layer")
+            if req.exit_layer not in self.engine.exit_layers:
+                raise APIError(400, f"exit_layer must be one of the exported exits {self.engine.exit_layers}", param="exit_layer")
         top_k = req.top_k if req.top_k and req.top_k > 0 else 0
         return GenerationRequest(
             prompt_ids=prompt, max_tokens=max_tokens, modalities=modalities, pixel_values=pixel_values, mel=mel,
             sampling=SamplingParams(1.0 if req.temperature is None else req.temperature, 1.0 if req.top_p is None else req.top_p, top_k, req.seed),
             stop=tuple(stop), ignore_eos=bool(req.ignore_eos), thinking=thinking, max_reasoning_steps=req.max_reasoning_steps if thinking else None,
             policy_text=next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""),
+            exit_layer=req.exit_layer,
         )
 
     @staticmethod

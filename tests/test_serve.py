@@ -107,6 +107,7 @@ def engines_dir(tiny_engines_dir) -> Path:
 @pytest.fixture(scope="module")
 def server(engines_dir, tmp_path_factory):
     s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "dynamic.log", *DEPTH_POLICY, "runtime.max_batch_size=4",
+               "runtime.policy.request_override=true",
                "server.max_image_pixels=1000000", "server.allowed_image_hosts=[127.0.0.1]")
     yield s
     s.stop()
@@ -337,6 +338,7 @@ BAD = {
     "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     "logprobs": ({"logprobs": True}, "logprobs"),
     "empty stop": ({"stop": [""]}, "stop"),
+    "exit layer": ({"exit_layer": 7}, "exit_layer"),
     "image in system": ({"messages": [{"role": "system", "content": [image_part(png_url())]}]}, "messages.0.content.0"),
     "two images": ({"messages": user("a", image_part(png_url()), image_part(png_url()))}, "messages"),
     "base64": ({"messages": user("a", image_part("data:image/png;base64,@@not base64@@"))}, "messages.0.content.1.image_url.url"),
@@ -363,6 +365,15 @@ def test_bad_parameters_get_one_clear_400(server, case):
         assert "1200x1000 = 1200000 pixels" in error["message"]
     if case == "audio length":
         assert "11.00 s" in error["message"] and "10 s" in error["message"]
+
+
+@pytest.mark.parametrize("exit_layer", [6, 24])
+def test_a_request_may_choose_its_exit_where_the_server_allows(server, strict_server, exit_layer):
+    body, headers = chat(server, user("what is in this picture?", image_part(png_url())), max_tokens=2, extra_body={"exit_layer": exit_layer})
+    assert headers["x-dyngraph-path"] == f"exit{exit_layer}-text+image" == body["dyngraph"]["path"]
+    r = strict_server.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "exit_layer": 6},
+                           headers={"Authorization": "Bearer sekret"})
+    assert r.status_code == 400 and "runtime.policy.request_override=true" in r.json()["error"]["message"]
 
 
 def test_prompt_plus_max_tokens_beyond_the_context_names_both(server):
@@ -498,3 +509,12 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(strict_server)
     assert data[-1] == "data: [DONE]"
     assert json.loads(data[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
     assert strict_server.proc.wait(timeout=30) == 0
+
+
+def test_probe_runs_one_request_per_path(server, tmp_path):
+    out = tmp_path / "probe.json"
+    result = run_cli("runtime.probe", "--url", server.url, "--exits", "6", "24", "--max-tokens", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [r["path"] for r in rows] == [f"exit{e}-{m}" for e in (6, 24) for m in ("text", "text+image", "text+audio", "text+image+audio")]
+    assert all(r["completion_tokens"] == 3 and set(r["devices"].values()) == {"cpu"} for r in rows)

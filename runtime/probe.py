@@ -1,0 +1,82 @@
+"""python -m runtime.probe [--url URL]: one streamed request per dynamic path through a running
+server, with the engines and devices each one ran on, its time to first token and time per
+output token: a deployment check for a new placement or GPU.
+
+The server must let requests choose their exit (`runtime.policy.request_override=true`):
+
+    python -m runtime.serve model=phone-9b export.dtype=fp16 runtime=two_gpu runtime.policy.request_override=true &
+    python -m runtime.probe --out probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.bench import send
+from pipeline.workload import BenchRequest, draw_chart, encode_png, encode_wav, synth_sound
+
+MODALITY_SETS = [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]
+
+
+def probe_requests(max_tokens: int) -> list[BenchRequest]:
+    rng = np.random.default_rng(0)
+    png = encode_png(draw_chart("bars", 448, rng))
+    wav = encode_wav(synth_sound("chirp", 3.0, rng))
+    return [BenchRequest(i, "+".join(m), m, "Describe what you perceive, step by step.", max_tokens,
+                         png if "image" in m else None, wav if "audio" in m else None)
+            for i, m in enumerate(MODALITY_SETS)]
+
+
+async def probe(url: str, exits: list[int], max_tokens: int, model: str, headers: dict) -> list[dict]:
+    rows = []
+    async with httpx.AsyncClient(timeout=600, headers=headers) as client:
+        for exit_layer in exits:
+            for request in probe_requests(max_tokens):
+                body = request.body(model, temperature=0.0, seed=0) | {"exit_layer": exit_layer, "ignore_eos": True}
+                result = await send(client, url, request, body, "dynamic", time.perf_counter(), 0.0)
+                if not result.ok:
+                    raise SystemExit(f"probe failed at exit {exit_layer} with {request.group}: {result.error}")
+                rows.append({"path": result.path, "exit_layer": result.exit_layer, "engines": result.engines,
+                             "devices": result.devices, "ttft_ms": 1e3 * result.ttft_s,
+                             "ms_per_token": 1e3 * result.tpot_s if result.tpot_s else None,
+                             "completion_tokens": result.completion_tokens})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m runtime.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--exits", type=int, nargs="+", default=[6, 12, 18, 24])
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (generated past EOS)")
+    parser.add_argument("--model", default="autoglm-phone-9b")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        rows = asyncio.run(probe(args.url.rstrip("/"), args.exits, args.max_tokens, args.model, headers))
+    except httpx.HTTPError as e:
+        sys.exit(f"cannot reach the server at {args.url}: {e}")
+    table = Table(title=f"one request per path at {args.url}", title_justify="left")
+    for col in ("path", "engines", "devices", "TTFT ms", "ms/token"):
+        table.add_column(col, justify="right" if "ms" in col else "left")
+    for r in rows:
+        devices = ", ".join(sorted(set(r["devices"].values())))
+        table.add_row(r["path"], " ".join(r["engines"]), devices, f"{r['ttft_ms']:.1f}",
+                      f"{r['ms_per_token']:.2f}" if r["ms_per_token"] else "-")
+    Console().print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
