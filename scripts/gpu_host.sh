@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# How the GPU figures under bench_results/ were made: run from the repository root on a GPU host
+# after `bash .gpuhost/install.sh` (which puts hydra, fastapi, onnxruntime-gpu... in /tmp/site).
+#   scripts/gpu_host.sh export              phone-9b, fp16, CUDA, into $ENGINES (log in $OUT)
+#   scripts/gpu_host.sh probe PLACEMENT     serve it (one_gpu | two_gpu), one request per path, /stats
+#   scripts/gpu_host.sh bench PLACEMENT     start the default-mix benchmark detached (it outlives the call)
+#   scripts/gpu_host.sh wait [SECONDS]      wait for it, then pack the report into $OUT/bench.tgz
+set -euo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+ENGINES=${ENGINES:-/tmp/engines}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+MODEL=(model=phone-9b export.dtype=fp16 export.device=cuda "engines_dir=$ENGINES")
+
+wait_healthy() {  # port, server pid
+  python3 - "$1" "$2" <<'PY'
+import os, sys, time, httpx
+port, pid = sys.argv[1], int(sys.argv[2])
+for _ in range(600):
+    try:
+        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit("the server exited before it was ready")
+    time.sleep(0.5)
+sys.exit("the server was not ready after 300 s")
+PY
+}
+
+case "$1" in
+export)
+  start=$(date +%s)
+  python3 -m pipeline export "${MODEL[@]}" export.progress=false 2>&1 | tee "$OUT/export.log"
+  echo "export wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/export.log" ;;
+probe)
+  placement=$2 port=8123
+  start=$(date +%s)
+  python3 -m runtime.serve "${MODEL[@]}" "runtime=$placement" runtime.policy.request_override=true "server.port=$port" \
+    > "$OUT/serve-$placement.log" 2>&1 &
+  pid=$!
+  wait_healthy $port $pid
+  echo "server ready after $(( $(date +%s) - start )) s" | tee "$OUT/probe-$placement.txt"
+  python3 -m runtime.probe --url "http://127.0.0.1:$port" --out "$OUT/probe-$placement.json" 2>&1 | tee -a "$OUT/probe-$placement.txt"
+  python3 -c "import httpx, json; print(json.dumps(httpx.get('http://127.0.0.1:$port/stats').json(), indent=1))" > "$OUT/stats-$placement.json"
+  kill -TERM $pid && wait $pid || true ;;
+bench)
+  rm -rf /tmp/bench_results
+  setsid nohup python3 -m pipeline bench "${MODEL[@]}" "server.runtime=$2" output_dir=/tmp/bench_results progress=false \
+    > /tmp/bench.log 2>&1 < /dev/null &
+  echo "bench started: tail /tmp/bench.log" ;;
+wait)
+  timeout "${2:-540}" bash -c 'while pgrep -f "pipeline bench" > /dev/null; do sleep 5; done' || echo "still running"
+  tail -n 40 /tmp/bench.log
+  cp /tmp/bench.log "$OUT/"
+  [ -d /tmp/bench_results ] && tar czf "$OUT/bench.tgz" -C /tmp/bench_results . ;;
+*)
+  sed -n 2,8p "$0"; exit 2 ;;
+esac
