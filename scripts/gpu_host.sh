@@ -51,9 +51,12 @@ bench)
   rm -rf /tmp/bench_results
   setsid nohup python3 -m pipeline bench "${MODEL[@]}" "server.runtime=$2" output_dir=/tmp/bench_results progress=false \
     > /tmp/bench.log 2>&1 < /dev/null &
+  echo $! > /tmp/bench.pid
   echo "bench started: tail /tmp/bench.log" ;;
 wait)
-  timeout "${2:-540}" bash -c 'while pgrep -f "pipeline bench" > /dev/null; do sleep 5; done' || echo "still running"
+  pid=$(cat /tmp/bench.pid) deadline=$(( $(date +%s) + ${2:-540} ))
+  while kill -0 "$pid" 2> /dev/null && [ "$(date +%s)" -lt $deadline ]; do sleep 5; done
+  kill -0 "$pid" 2> /dev/null && echo "still running"
   tail -n 40 /tmp/bench.log
   cp /tmp/bench.log "$OUT/"
   [ -d /tmp/bench_results ] && tar czf "$OUT/bench.tgz" -C /tmp/bench_results . ;;
