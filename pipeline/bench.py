@@ -238,8 +238,9 @@ async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body:
                 now = time.perf_counter()
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or {}
-                    # the first generated text, not a role-only opening chunk
-                    if result.ttft_s is None and (delta.get("content") or delta.get("reasoning_content")):
+                    # the first generated token (a chunk per token, its text possibly empty), not the
+                    # role-only opening chunk
+                    if result.ttft_s is None and "role" not in delta and ("content" in delta or "reasoning_content" in delta):
                         result.ttft_s = now - t0
                     if choice.get("finish_reason"):
                         result.finish_reason = choice["finish_reason"]

@@ -530,8 +530,9 @@ class GenerationEngine:
             self.finish(seq, "stop")
             return
         delta, stopped = seq.text.add(token)
-        if delta:
-            seq.handle.push(delta)
+        # one event per token, empty or not: streams show the real token cadence (a byte-level
+        # tokenizer often needs several tokens before any text decodes)
+        seq.handle.push(delta)
         if stopped:
             self.finish(seq, "stop")
         elif len(seq.token_ids) >= seq.request.max_tokens:

@@ -335,9 +335,11 @@ class ChatService:
             event = await run.handle.next()
             self.note_first_token(run)
             if isinstance(event, Delta):
-                delta = DeltaMessage(content=event.content or None, reasoning_content=(event.reasoning or None) if run.reasoning else None)
-                if delta.content or delta.reasoning_content:
-                    yield chunk(delta)
+                # a chunk per token, its text possibly empty (incomplete UTF-8, hidden reasoning)
+                if event.reasoning and run.reasoning:
+                    yield chunk(DeltaMessage(reasoning_content=event.reasoning))
+                else:
+                    yield chunk(DeltaMessage(content=event.content))
             elif isinstance(event, Failed):
                 # the status line is long gone: report in the stream, as OpenAI does
                 yield json.dumps(APIError(event.status, event.message, "server_error").body())

@@ -518,3 +518,14 @@ def test_probe_runs_one_request_per_path(server, tmp_path):
     rows = json.loads(out.read_text())
     assert [r["path"] for r in rows] == [f"exit{e}-{m}" for e in (6, 24) for m in ("text", "text+image", "text+audio", "text+image+audio")]
     assert all(r["completion_tokens"] == 3 and set(r["devices"].values()) == {"cpu"} for r in rows)
+
+
+def test_streaming_sends_a_chunk_per_token(server):
+    """Token timing is visible to clients even while bytes do not yet decode to text."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "ignore_eos": True,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    token_chunks = [c for c in chunks if c["choices"] and "role" not in c["choices"][0]["delta"]
+                    and "content" in c["choices"][0]["delta"]]
+    assert len(token_chunks) == chunks[-1]["usage"]["completion_tokens"] == 7
