@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class RequestHandle:
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
+        self.polled_at = time.monotonic()  # when its HTTP handler last asked whether the client is still there
 
     def push(self, event: Event) -> None:
         try:
@@ -244,7 +246,7 @@ class GenerationEngine:
         self.waiting: deque[Sequence] = deque()
         self.active = 0  # admitted and unfinished: the slots in use
         self.running: dict[str, list[Sequence]] = {}  # path name -> sequences decoding on it (engine thread only)
-        self.media_batches: dict[str, tuple[tuple[int, ...], dict]] = {}  # path -> (sequence numbers, batched media)
+        self.media_batches: dict[str, tuple[tuple[int, ...], dict]] = {}  # path or stage -> (sequence numbers, batched media)
         self.numbers = itertools.count()
         self.stopping = False
         self.path_counts: Counter[str] = Counter()
@@ -336,14 +338,13 @@ class GenerationEngine:
                         self.metrics.running.set(self.active)
                 if seq is not None:
                     self.guarded(partial(self.admit, seq), [seq])
-                for path_name in list(self.running):
-                    seqs = self.running[path_name]
-                    for s in [s for s in seqs if s.handle.cancelled]:
-                        log.info("%s cancelled after %d tokens: slot freed", s.request.request_id, len(s.token_ids))
-                        self.release(s)
-                    if self.running.get(path_name):
-                        batch = list(self.running[path_name])
-                        self.guarded(partial(self.decode, batch), batch)
+                for s in [s for seqs in self.running.values() for s in seqs if s.handle.cancelled]:
+                    log.info("%s cancelled after %d tokens: slot freed", s.request.request_id, len(s.token_ids))
+                    self.release(s)
+                batch = [s for seqs in self.running.values() for s in seqs]
+                if batch:
+                    step = self.decode if self.mode == "static" else self.decode_dynamic
+                    self.guarded(partial(step, batch), batch)
         with self.cond:
             leftover = list(self.waiting) + [s for seqs in self.running.values() for s in seqs]
             self.waiting.clear()
@@ -464,7 +465,7 @@ class GenerationEngine:
         seq.handle.push(Started(path, engines, devices, self.mode))
 
     def decode(self, seqs: list[Sequence]) -> None:
-        """One step of every sequence decoding on one path, as one batch."""
+        """One step of every sequence of one path (static mode's), as one batch."""
         runner = seqs[0].runner
         device = self.engines.device(runner.path.step[0])
         lengths = torch.tensor([s.slot.length for s in seqs])
@@ -481,6 +482,78 @@ class GenerationEngine:
         self.metrics.decode_batch.observe(len(seqs))
         for s, token in zip(seqs, self.sample(logits, seqs)):
             self.take(s, token)
+
+    def decode_dynamic(self, seqs: list[Sequence]) -> None:
+        """One step of every dynamic sequence, whatever its path: each segment runs once for all the
+        sequences that reach it (an exit-6 request shares segment.0 with an exit-24 one), so a step
+        reads each segment's weights once, not once per path in flight; cross-attention runs for the
+        sequences with media, and the LM head once per device that an exit lives on."""
+        runner = seqs[0].runner
+        lengths = torch.tensor([s.slot.length for s in seqs])
+        hidden = runner.embed(torch.tensor([[s.next_token] for s in seqs], device=self.engines.device("embed")))
+        exit_hidden: list[torch.Tensor | None] = [None] * len(seqs)
+        active = list(range(len(seqs)))  # the sequences still going, by index into seqs
+        for k in range(max(len(s.runner.stages) for s in seqs)):
+            going = [j for j, i in enumerate(active) if len(seqs[i].runner.stages) > k]
+            if len(going) < len(active):
+                hidden = hidden[torch.tensor(going, device=hidden.device)]
+                active = [active[j] for j in going]
+            group = [seqs[i] for i in active]
+            stage = group[0].runner.stages[k]
+            with_media = [j for j, s in enumerate(group) if s.runner.stages[k].cross_attn]
+            if with_media:
+                name = f"cross_attn.{k}"
+                index = torch.tensor(with_media, device=hidden.device)
+                media = self.stage_media([group[j] for j in with_media], name)
+                hidden = hidden.clone() if len(with_media) < len(group) else hidden
+                hidden[index] = self.engines.run(name, {"hidden": hidden[index], "cross_kv": media["cross_kv"],
+                                                        "media_mask": media["media_mask"]})["hidden_out"].to(hidden.device)
+            group_lengths = lengths[active]
+            past = int(group_lengths.max())
+            device = self.engines.device(stage.segment)
+            out = self.engines.run(stage.segment, {
+                "hidden": hidden, "position_ids": group_lengths[:, None].to(device),
+                "kv_mask": (torch.arange(past)[None, :] < group_lengths[:, None]).to(device),
+                "kv": self.gather(group, stage.segment, past)})
+            for b, s in enumerate(group):  # the new entry is the last of kv_out; it goes right after the sequence's own
+                s.slot.kv[stage.segment][:, :, :, s.slot.length] = out["kv_out"][:, :, b, :, past]
+                if len(s.runner.stages) == k + 1:
+                    exit_hidden[active[b]] = out["exit_hidden"][b]
+            hidden = out["hidden_out"]
+        logits = self.heads(exit_hidden)
+        for s in seqs:
+            s.slot.length += 1
+        self.metrics.decode_batch.observe(len(seqs))
+        for s, token in zip(seqs, self.sample(logits, seqs)):
+            self.take(s, token)
+
+    def heads(self, exit_hidden: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, V] in sequence order, the LM head running beside each exit's device."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i, h in enumerate(exit_hidden):
+            by_device.setdefault(h.device, []).append(i)
+        first = exit_hidden[0].device
+        rows: list[torch.Tensor | None] = [None] * len(exit_hidden)
+        for device, index in by_device.items():
+            logits = self.engines.run("lm_head", {"exit_hidden": torch.stack([exit_hidden[i] for i in index])}, device=device)["logits"]
+            for row, i in zip(logits.to(first), index):
+                rows[i] = row
+        return torch.stack(rows)
+
+    def stage_media(self, seqs: list[Sequence], name: str) -> dict:
+        """One cross-attention block's media keys/values for these sequences, padded to the longest
+        media; kept while the same sequences share the block."""
+        if len(seqs) == 1:
+            return {"cross_kv": seqs[0].media["cross_kv"][name], "media_mask": seqs[0].media["media_mask"]}
+        key = tuple(s.number for s in seqs)
+        cached = self.media_batches.get(name)
+        if cached and cached[0] == key:
+            return cached[1]
+        length = max(s.media["media_mask"].shape[1] for s in seqs)
+        media = {"cross_kv": torch.cat([pad_to(s.media["cross_kv"][name], 3, length) for s in seqs], dim=1),
+                 "media_mask": torch.cat([pad_to(s.media["media_mask"], 1, length) for s in seqs])}
+        self.media_batches[name] = (key, media)
+        return media
 
     @staticmethod
     def gather(seqs: list[Sequence], name: str, past: int) -> torch.Tensor:
@@ -553,7 +626,7 @@ class GenerationEngine:
             self.running[seq.path.name].remove(seq)
             if not self.running[seq.path.name]:
                 del self.running[seq.path.name]
-                self.media_batches.pop(seq.path.name, None)
+        self.media_batches = {k: v for k, v in self.media_batches.items() if seq.number not in v[0]}
         if seq.slot is not None:
             for device, n in seq.slot.bytes_per_device().items():
                 self.kv_bytes[device] -= n

@@ -283,16 +283,20 @@ class ChatService:
                    reasoning=bool(request.return_reasoning) and generation.thinking)
 
     async def next_event(self, handle: RequestHandle, disconnected: Callable[[], Awaitable[bool]]) -> Event:
-        """The handle's next event, cancelling the request if the client leaves while it waits."""
+        """The handle's next event, cancelling the request if the client has left: checked at least
+        every DISCONNECT_POLL_S, also while tokens keep coming."""
         pending = asyncio.ensure_future(handle.next())
         while True:
             done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            now = time.monotonic()
+            if not done or now - handle.polled_at >= DISCONNECT_POLL_S:
+                handle.polled_at = now
+                if await disconnected():
+                    pending.cancel()
+                    self.engine.cancel(handle)
+                    raise ClientGone
             if done:
                 return pending.result()
-            if await disconnected():
-                pending.cancel()
-                self.engine.cancel(handle)
-                raise ClientGone
 
     async def collect(self, run: Run, disconnected: Callable[[], Awaitable[bool]]) -> dict:
         content, reasoning = [], []

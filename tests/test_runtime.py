@@ -215,6 +215,22 @@ def test_concurrent_requests_share_decode_steps_and_keep_their_tokens(running, t
     assert r.steps()[1] > 0, "no decode step ran with batch > 1"
 
 
+def test_requests_on_different_paths_share_the_segments_they_have_in_common(running, tok, media, tiny_model):
+    """An exit-6, an exit-12 with an image and an exit-24 request decode together: segment.0 runs
+    once per step for all three, and each still gets its own path's tokens."""
+    r = running(max_batch_size=4, policy=PolicyConfig(request_override=True))
+    pixels, _ = media
+    reqs = [request(tok, "hi", 10, ignore_eos=True, exit_layer=6),
+            request(tok, "look at this", 10, ("text", "image"), pixels=pixels, ignore_eos=True, exit_layer=12),
+            request(tok, "a longer prompt for the deepest path", 10, ignore_eos=True, exit_layer=24)]
+    together = r.tokens(*reqs)
+    assert [p for p, _ in together] == ["exit6-text", "exit12-text+image", "exit24-text"]
+    for (_, tokens), q in zip(together, reqs):
+        eager = eager_greedy(tiny_model, tok, q.prompt_ids, q.exit_layer, 10, q.pixel_values)  # stops at an EOS
+        assert tokens[:len(eager)] == eager
+    assert r.steps()[1] > 0, "no decode step ran with batch > 1"
+
+
 def test_a_cancelled_request_frees_its_slot(running, tok, caplog):
     r = running(**forced(6), max_batch_size=1)
     with caplog.at_level(logging.INFO, logger="dyngraph.runtime"):
