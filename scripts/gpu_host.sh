@@ -3,7 +3,7 @@
 # after `bash .gpuhost/install.sh` (which puts hydra, fastapi, onnxruntime-gpu... in /tmp/site).
 #   scripts/gpu_host.sh export              phone-9b, fp16, CUDA, into $ENGINES (log in $OUT)
 #   scripts/gpu_host.sh probe PLACEMENT     serve it (one_gpu | two_gpu), one request per path, /stats
-#   scripts/gpu_host.sh bench PLACEMENT     start the default-mix benchmark detached (it outlives the call)
+#   scripts/gpu_host.sh bench PLACEMENT [OVERRIDES]  start the default-mix benchmark detached (it outlives the call)
 #   scripts/gpu_host.sh wait [SECONDS]      wait for it, then pack the report into $OUT/bench.tgz
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -48,8 +48,9 @@ probe)
   python3 -c "import httpx, json; print(json.dumps(httpx.get('http://127.0.0.1:$port/stats').json(), indent=1))" > "$OUT/stats-$placement.json"
   kill -TERM $pid && wait $pid || true ;;
 bench)
+  placement=$2; shift 2
   rm -rf /tmp/bench_results
-  setsid nohup python3 -m pipeline bench "${MODEL[@]}" "server.runtime=$2" output_dir=/tmp/bench_results progress=false \
+  setsid nohup python3 -m pipeline bench "${MODEL[@]}" "server.runtime=$placement" output_dir=/tmp/bench_results progress=false "$@" \
     > /tmp/bench.log 2>&1 < /dev/null &
   echo $! > /tmp/bench.pid
   echo "bench started: tail /tmp/bench.log" ;;
