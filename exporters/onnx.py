@@ -10,6 +10,7 @@ by swapping in their weights.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -151,6 +152,10 @@ ONNX_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(int64)": torch.int64, "tensor(bool)": torch.bool}
 
 
+def device_context(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class OrtSession:
     """An ONNX Runtime session that reads and writes torch tensors in place through I/O binding.
 
@@ -178,7 +183,8 @@ class OrtSession:
         else:
             options.intra_op_num_threads = int(os.environ.get("DYNGRAPH_CPU_THREADS", "0"))
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        with device_context(self.device):  # ONNX Runtime makes its CUDA events on the current device
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.output_dtypes = {o.name: ONNX_DTYPES[o.type] for o in self.session.get_outputs()}
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,6 +204,7 @@ class OrtSession:
             return results
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)  # inputs written by the caller's stream are ready
-        self.session.run_with_iobinding(binding, self.run_options)
+        with torch.cuda.device(self.device):  # its events must belong to the engine's device, not device 0
+            self.session.run_with_iobinding(binding, self.run_options)
         caller.wait_stream(self.stream)  # outputs are ready for whatever the caller queues next
         return results
