@@ -43,6 +43,16 @@ def tiny_model(tiny_config):
     return build_model(tiny_config)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """As runtime.serve runs (and beside a server): torch's intra-op threads would fight ONNX
+    Runtime's for the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def engines_root(tmp_path_factory) -> Path:
     return Path(os.environ.get("DYNGRAPH_TEST_ENGINES") or tmp_path_factory.mktemp("engines"))

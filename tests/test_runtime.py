@@ -6,7 +6,6 @@ import asyncio
 import io
 import logging
 import shutil
-import wave
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
 from pipeline.engines import Limits, engine_specs
 from pipeline.manifest import Manifest
+from pipeline.workload import encode_wav, synth_sound
 from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, RuntimeConfig
 from runtime.engines import EngineMismatch, EngineSet
 from runtime.generation import Failed, Finished, GenerationEngine, GenerationRequest, Started, TextStream
@@ -31,13 +31,7 @@ GREEDY = SamplingParams(temperature=0.0)
 LIMITS = MediaLimits(10_000_000, 10.0, 1 << 20, frozenset(), 1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As runtime.serve runs: torch's intra-op threads would fight ONNX Runtime's for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +51,7 @@ def media():
     png = io.BytesIO()
     image.save(png, format="PNG")
     pixels = decode_image(png.getvalue(), LIMITS, 224, "image")[None]
-    return pixels, decode_audio(wav_bytes(0.7), "wav", LIMITS, AudioArgs(max_seconds=10.0), "audio")
-
-
-def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.tobytes())
-    return out.getvalue()
+    return pixels, decode_audio(encode_wav(synth_sound("tone", 0.7, np.random.default_rng(0))), "wav", LIMITS, AudioArgs(max_seconds=10.0), "audio")
 
 
 def make_engine(engines: EngineSet, tok: ChatTokenizer, **runtime) -> GenerationEngine:

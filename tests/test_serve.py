@@ -90,13 +90,7 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The eager reference beside a server: torch's intra-op threads would fight it for the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
