@@ -165,7 +165,8 @@ class OrtSession:
     queued before the call and before whatever it queues after, with no host synchronisation.
     """
 
-    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu"):
+    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu",
+                 cuda_options: dict[str, str] | None = None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -177,7 +178,8 @@ class OrtSession:
         self.stream = None
         if self.device.type == "cuda":
             self.stream = device_stream(self.device)
-            providers = [("CUDAExecutionProvider", {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)})]
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream),
+                                                    **(cuda_options or {})})]
             # ordering comes from the shared stream: no host sync at the end of every run
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         else:
@@ -188,9 +190,15 @@ class OrtSession:
         self.output_dtypes = {o.name: ONNX_DTYPES[o.type] for o in self.session.get_outputs()}
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {name: t.contiguous() for name, t in feeds.items()}  # bound by address: must outlive the launch
+        binding, results = self.bind(feeds)
+        self.launch(binding, self.run_options)
+        return results
+
+    def bind(self, feeds: dict[str, torch.Tensor]):
+        """Bind the inputs in place and torch-allocated outputs at the shapes the manifest declares."""
         binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
-        feeds = {name: t.contiguous() for name, t in feeds.items()}
         for name, t in feeds.items():
             binding.bind_input(name, kind, index, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
         sizes = bind_sizes(self.inputs, {n: tuple(t.shape) for n, t in feeds.items()})
@@ -199,12 +207,14 @@ class OrtSession:
             out = torch.empty(concrete_shape(spec, sizes), dtype=self.output_dtypes[spec.name], device=self.device)
             binding.bind_output(spec.name, kind, index, NUMPY_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
             results[spec.name] = out
+        return binding, results
+
+    def launch(self, binding, run_options) -> None:
         if self.stream is None:
-            self.session.run_with_iobinding(binding, self.run_options)
-            return results
+            self.session.run_with_iobinding(binding, run_options)
+            return
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)  # inputs written by the caller's stream are ready
         with torch.cuda.device(self.device):  # its events must belong to the engine's device, not device 0
-            self.session.run_with_iobinding(binding, self.run_options)
+            self.session.run_with_iobinding(binding, run_options)
         caller.wait_stream(self.stream)  # outputs are ready for whatever the caller queues next
-        return results

@@ -125,13 +125,14 @@ class PathRunner:
         if mel is not None:
             frames = mel.shape[-1]
             full_mel[..., :frames] = mel
-        n_image = self.engines.manifest.model["config"]["vision"]
-        n_image = (n_image["image_size"] // n_image["patch_size"]) ** 2
-        audio_cfg = self.engines.manifest.model["config"]["audio"]
-        n_audio = mel_shape[-1] // (2 * audio_cfg["pool"])
-        mask = torch.zeros(batch, n_image + n_audio, dtype=torch.bool)
+        # the media sequence is the image's tokens, then one audio token per `multiple` mel frames
+        engines = self.engines.manifest.engines
+        n_image = engines["vision"].outputs[0]["shape"][1]
+        n_media = engines["static.encode"].outputs[0]["shape"][4]
+        per_token = self.engines.manifest.dims["audio_frames"]["multiple"]
+        mask = torch.zeros(batch, n_media, dtype=torch.bool)
         mask[:, :n_image] = pixel_values is not None
-        mask[:, n_image:n_image + frames // (2 * audio_cfg["pool"])] = True
+        mask[:, n_image:n_image + frames // per_token] = True
         out = self.engines.run("static.encode", {"pixel_values": pixels.to(self.dtype), "mel": full_mel.to(self.dtype)})
         return {"cross_kv": {"static.decode": out["cross_kv"]}, "media_mask": mask.to(out["cross_kv"].device)}
 

@@ -14,12 +14,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 from torch import nn
 
-from exporters import EngineIncompatible, EngineSession, device_stream, get_exporter
+from exporters import EngineIncompatible, EngineSession, get_exporter
+from exporters.onnx import OrtSession
 from pipeline.config import ExportConfig
-from pipeline.engines import TensorSpec, bind_sizes, concrete_shape
+from pipeline.engines import TensorSpec
 from pipeline.manifest import EngineRecord, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,7 @@ class EagerSession:
         return dict(zip(self.outputs, out if isinstance(out, tuple) else (out,)))
 
 
-class CudaGraphSession:
+class CudaGraphSession(OrtSession):
     """An engine on the CUDA provider with ONNX Runtime's CUDA graphs, for the engines whose only
     varying axes are batch and seq (embed, lm_head): at seq == 1, the decode step, each batch size
     gets a graph captured on buffers that stay bound and is replayed from then on; other shapes
@@ -170,26 +172,12 @@ class CudaGraphSession:
     GRAPHABLE_AXES = {"batch", "seq"}
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str):
-        import onnxruntime as ort
-
-        from exporters.onnx import ONNX_DTYPES
-
-        self.ort = ort
-        self.device = torch.device(device)
-        self.inputs, self.outputs = inputs, outputs
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # the same engine stream as the plain sessions of this device (OrtSession), so the two kinds interleave in order
-        self.stream = device_stream(self.device)
-        provider = ("CUDAExecutionProvider", {"device_id": self.device.index or 0, "user_compute_stream": str(self.stream.cuda_stream),
-                                              "enable_cuda_graph": "1"})
-        self.session = ort.InferenceSession(str(path), options, providers=[provider])
-        self.output_dtypes = {o.name: ONNX_DTYPES[o.type] for o in self.session.get_outputs()}
+        super().__init__(path, inputs, outputs, device, cuda_options={"enable_cuda_graph": "1"})
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (binding, run options, input buffers, outputs)
-        self.uncaptured = self.run_options("-1")
+        self.uncaptured = self.graph_options("-1")
 
-    def run_options(self, graph_id: str):
-        options = self.ort.RunOptions()
+    def graph_options(self, graph_id: str):
+        options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", graph_id)
         options.add_run_config_entry("disable_synchronize_execution_providers", "1")  # ordered by the stream instead
         return options
@@ -201,38 +189,18 @@ class CudaGraphSession:
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feeds = {name: t.contiguous() for name, t in feeds.items()}
         decode = all(size == 1 for t in self.inputs for d, size in zip(t.shape, feeds[t.name].shape) if d == "seq")
-        caller = torch.cuda.current_stream(self.device)
         if not decode:
             binding, outs = self.bind(feeds)
-            self.stream.wait_stream(caller)
-            self.session.run_with_iobinding(binding, self.uncaptured)
-            caller.wait_stream(self.stream)
+            self.launch(binding, self.uncaptured)
             return outs
         key = tuple(tuple(t.shape) for t in feeds.values())
         if key not in self.graphs:
             buffers = {name: torch.empty_like(t) for name, t in feeds.items()}
             binding, outs = self.bind(buffers)
-            self.graphs[key] = (binding, self.run_options(str(len(self.graphs) + 1)), buffers, outs)  # ids from 1: 0 is the default
+            self.graphs[key] = (binding, self.graph_options(str(len(self.graphs) + 1)), buffers, outs)  # ids from 1: 0 is the default
         binding, options, buffers, outs = self.graphs[key]
         for name, t in feeds.items():
             buffers[name].copy_(t)
-        self.stream.wait_stream(caller)
-        self.session.run_with_iobinding(binding, options)
-        caller.wait_stream(self.stream)
+        self.launch(binding, options)
         # the next replay overwrites the bound outputs: hand out copies
         return {name: out.clone() for name, out in outs.items()}
-
-    def bind(self, feeds: dict[str, torch.Tensor]):
-        from exporters.onnx import NUMPY_TYPES
-
-        binding = self.session.io_binding()
-        index = self.device.index or 0
-        for name, t in feeds.items():
-            binding.bind_input(name, "cuda", index, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
-        sizes = bind_sizes(self.inputs, {n: tuple(t.shape) for n, t in feeds.items()})
-        outs = {}
-        for spec in self.outputs:
-            out = torch.empty(concrete_shape(spec, sizes), dtype=self.output_dtypes[spec.name], device=self.device)
-            binding.bind_output(spec.name, "cuda", index, NUMPY_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
-            outs[spec.name] = out
-        return binding, outs

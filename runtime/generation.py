@@ -246,7 +246,7 @@ class GenerationEngine:
         self.waiting: deque[Sequence] = deque()
         self.active = 0  # admitted and unfinished: the slots in use
         self.running: dict[str, list[Sequence]] = {}  # path name -> sequences decoding on it (engine thread only)
-        self.media_batches: dict[str, tuple[tuple[int, ...], dict]] = {}  # path or stage -> (sequence numbers, batched media)
+        self.media_batches: dict[str, tuple[tuple[int, ...], dict]] = {}  # cross-attention block -> (sequence numbers, batched media)
         self.numbers = itertools.count()
         self.stopping = False
         self.path_counts: Counter[str] = Counter()
@@ -473,15 +473,12 @@ class GenerationEngine:
         input_ids = torch.tensor([[s.next_token] for s in seqs], device=device)
         kv_mask = (torch.arange(past)[None, :] < lengths[:, None]).to(device)
         kv = {name: self.gather(seqs, name, past) for name in seqs[0].slot.kv}
-        logits, kv_out = runner.forward(input_ids, lengths[:, None].to(device), kv_mask, kv, self.batch_media(seqs))
+        media = self.block_media(seqs, "static.decode")
+        media = media and {"cross_kv": {"static.decode": media["cross_kv"]}, "media_mask": media["media_mask"]}
+        logits, kv_out = runner.forward(input_ids, lengths[:, None].to(device), kv_mask, kv, media)
         for name, out in kv_out.items():
-            for b, s in enumerate(seqs):  # the new entry is the last of kv_out; it goes right after the sequence's own
-                s.slot.kv[name][:, :, :, s.slot.length] = out[:, :, b, :, past]
-        for s in seqs:
-            s.slot.length += 1
-        self.metrics.decode_batch.observe(len(seqs))
-        for s, token in zip(seqs, self.sample(logits, seqs)):
-            self.take(s, token)
+            self.append_kv(seqs, name, out, past)
+        self.end_step(seqs, logits)
 
     def decode_dynamic(self, seqs: list[Sequence]) -> None:
         """One step of every dynamic sequence, whatever its path: each segment runs once for all the
@@ -504,7 +501,7 @@ class GenerationEngine:
             if with_media:
                 name = f"cross_attn.{k}"
                 index = torch.tensor(with_media, device=hidden.device)
-                media = self.stage_media([group[j] for j in with_media], name)
+                media = self.block_media([group[j] for j in with_media], name)
                 hidden = hidden.clone() if len(with_media) < len(group) else hidden
                 hidden[index] = self.engines.run(name, {"hidden": hidden[index], "cross_kv": media["cross_kv"],
                                                         "media_mask": media["media_mask"]})["hidden_out"].to(hidden.device)
@@ -515,12 +512,20 @@ class GenerationEngine:
                 "hidden": hidden, "position_ids": group_lengths[:, None].to(device),
                 "kv_mask": (torch.arange(past)[None, :] < group_lengths[:, None]).to(device),
                 "kv": self.gather(group, stage.segment, past)})
-            for b, s in enumerate(group):  # the new entry is the last of kv_out; it goes right after the sequence's own
-                s.slot.kv[stage.segment][:, :, :, s.slot.length] = out["kv_out"][:, :, b, :, past]
+            self.append_kv(group, stage.segment, out["kv_out"], past)
+            for b, s in enumerate(group):
                 if len(s.runner.stages) == k + 1:
                     exit_hidden[active[b]] = out["exit_hidden"][b]
             hidden = out["hidden_out"]
-        logits = self.heads(exit_hidden)
+        self.end_step(seqs, self.heads(exit_hidden))
+
+    @staticmethod
+    def append_kv(seqs: list[Sequence], name: str, kv_out: torch.Tensor, past: int) -> None:
+        """Each sequence's new cache entry (the last of kv_out) goes right after its own entries."""
+        for b, s in enumerate(seqs):
+            s.slot.kv[name][:, :, :, s.slot.length] = kv_out[:, :, b, :, past]
+
+    def end_step(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         for s in seqs:
             s.slot.length += 1
         self.metrics.decode_batch.observe(len(seqs))
@@ -540,17 +545,20 @@ class GenerationEngine:
                 rows[i] = row
         return torch.stack(rows)
 
-    def stage_media(self, seqs: list[Sequence], name: str) -> dict:
-        """One cross-attention block's media keys/values for these sequences, padded to the longest
-        media; kept while the same sequences share the block."""
+    def block_media(self, seqs: list[Sequence], name: str) -> dict | None:
+        """One cross-attention block's media keys/values for these sequences (static.decode: every
+        block's, stacked in front), padded to the longest media; kept while the same sequences share it."""
+        if seqs[0].media is None:
+            return None
         if len(seqs) == 1:
             return {"cross_kv": seqs[0].media["cross_kv"][name], "media_mask": seqs[0].media["media_mask"]}
         key = tuple(s.number for s in seqs)
         cached = self.media_batches.get(name)
         if cached and cached[0] == key:
             return cached[1]
+        batch_dim = 2 if name == "static.decode" else 1
         length = max(s.media["media_mask"].shape[1] for s in seqs)
-        media = {"cross_kv": torch.cat([pad_to(s.media["cross_kv"][name], 3, length) for s in seqs], dim=1),
+        media = {"cross_kv": torch.cat([pad_to(s.media["cross_kv"][name], batch_dim + 2, length) for s in seqs], dim=batch_dim),
                  "media_mask": torch.cat([pad_to(s.media["media_mask"], 1, length) for s in seqs])}
         self.media_batches[name] = (key, media)
         return media
@@ -568,26 +576,6 @@ class GenerationEngine:
             out[:, :, b, :, :n] = s.slot.kv[name][:, :, :, :n]
             out[:, :, b, :, n:] = 0  # masked out, but an uninitialised NaN would survive a zero attention weight
         return out
-
-    def batch_media(self, seqs: list[Sequence]) -> dict | None:
-        """The batch's media keys/values, padded to the longest media sequence; kept while the batch is unchanged."""
-        if seqs[0].media is None:
-            return None
-        if len(seqs) == 1:
-            return seqs[0].media
-        key = tuple(s.number for s in seqs)
-        cached = self.media_batches.get(seqs[0].path.name)
-        if cached and cached[0] == key:
-            return cached[1]
-        batch_dim = 2 if seqs[0].path.static else 1  # static cross_kv stacks every block in front
-        length = max(s.media["media_mask"].shape[1] for s in seqs)
-        media = {
-            "cross_kv": {name: torch.cat([pad_to(s.media["cross_kv"][name], batch_dim + 2, length) for s in seqs], dim=batch_dim)
-                         for name in seqs[0].media["cross_kv"]},
-            "media_mask": torch.cat([pad_to(s.media["media_mask"], 1, length) for s in seqs]),
-        }
-        self.media_batches[seqs[0].path.name] = (key, media)
-        return media
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         tokens = self.sampler(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])

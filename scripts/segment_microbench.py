@@ -22,6 +22,8 @@ from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from exporters.onnx import OrtSession
 from model.autoglm import ModelConfig, meta_model
+from pipeline.baseline import copy_bandwidth
+from pipeline.config import RooflineSettings
 from pipeline.engines import SegmentEngine
 from pipeline.manifest import Manifest
 
@@ -56,11 +58,8 @@ def main() -> None:
         "kv": torch.randn(6, 2, 1, cfg["text"]["n_kv_heads"], PAST, cfg["text"]["head_dim"], device=device, dtype=torch.float16),
     }
     weight_bytes = record.parameters * 2
-    buffer = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    copy_ms = timed(lambda: buffer.clone())
-    bandwidth = 2 * buffer.numel() / (copy_ms / 1e3)  # bytes read + written per second
+    bandwidth = copy_bandwidth(str(device), RooflineSettings()).bytes_per_s  # the bench's measure: read + written
     roofline_ms = weight_bytes / bandwidth * 1e3
-    del buffer
     results = {"weights_gb": weight_bytes / 1e9, "bandwidth_gb_s": bandwidth / 1e9, "roofline_ms": roofline_ms, "past": PAST}
 
     session = OrtSession(directory / record.path, record.input_specs(), record.output_specs(), "cuda:0")
