@@ -24,7 +24,7 @@ import onnxscript
 import torch
 from torch.onnx._internal.exporter._core import TorchTensor
 
-from exporters import EngineIncompatible, device_stream
+from exporters import EngineIncompatible, device_stream, fused
 from pipeline.config import ExportConfig
 from pipeline.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
 from pipeline.manifest import fsync
@@ -62,6 +62,18 @@ class OnnxExporter:
 
     def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path], engines_dir: Path | None = None) -> None:
         first = specs[0]
+        if first.fused:  # built from fused operators, no trace
+            for spec, stem in zip(specs, stems):
+                start = time.perf_counter()
+                weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+                path = Path(f"{stem}.onnx")
+                fused.save(fused.segment_graph(spec, self.dtype, dims["capacity"].max, self.cfg.opset), path,
+                           external=weight_bytes > EXTERNAL_DATA_BYTES)
+                for f in (path, Path(f"{path}.data")):
+                    if f.exists():
+                        fsync(f)
+                log.info("%s: wrote %.2f GB of fused graph in %.1f s", spec.name, weight_bytes / 1e9, time.perf_counter() - start)
+            return
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         sample = random_inputs(first, trace_sizes(dims), self.dtype, self.cfg.device, generator)
@@ -91,8 +103,8 @@ class OnnxExporter:
                  sum(f.stat().st_size for st in stems for f in st.parent.glob(f"{st.name}.onnx*")) / 1e9, time.perf_counter() - traced)
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None) -> "OrtSession":
-        return OrtSession(path, inputs, outputs, device)
+             built_with: dict | None = None, cuda_graphs: bool = False) -> "OrtSession":
+        return OrtSession(path, inputs, outputs, device, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda")
 
 
 def pretranspose_weights(program, state_dict: dict[str, torch.Tensor]) -> set[str]:
@@ -147,9 +159,9 @@ def torch_dynamic_shapes(spec: TensorSpec, dims: dict[str, Dim]) -> dict[int, ob
     return axes or None
 
 
-NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
 ONNX_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
-               "tensor(int64)": torch.int64, "tensor(bool)": torch.bool}
+               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
 
 
 def device_context(device: torch.device):
@@ -157,16 +169,23 @@ def device_context(device: torch.device):
 
 
 class OrtSession:
-    """An ONNX Runtime session that reads and writes torch tensors in place through I/O binding.
+    """An ONNX Runtime session over caller-owned torch tensors, bound by name through I/O binding.
 
-    Outputs are allocated by torch on the engine's device at the shapes the manifest declares, so
-    a path's engines hand tensors to each other without a copy through host memory. On CUDA the
-    session runs on the device's engine stream (`device_stream`), ordered after whatever torch
-    queued before the call and before whatever it queues after, with no host synchronisation.
+    `run(feeds, outputs)` binds every input in place; an output declared `inplace_of` an input is
+    bound to that input's memory (a segment's cache is written where it lies), one the caller
+    passes in `outputs` to that tensor, and any other is allocated by torch on the engine's device
+    at the shape the manifest declares. On CUDA the session runs on the device's engine stream
+    (`device_stream`), ordered after whatever torch queued before the call and before whatever it
+    queues after, with no host synchronisation.
+
+    With `cuda_graphs`, `run(..., graph=True)` replays one ONNX Runtime CUDA graph per set of bound
+    addresses and shapes, captured at its first run: the caller keeps those tensors (a decode step's
+    buffers for one batch size) and rewrites their contents between steps. Other runs (a prompt's
+    prefill) go through the same session uncaptured.
     """
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu",
-                 cuda_options: dict[str, str] | None = None):
+                 cuda_graphs: bool = False):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -174,40 +193,64 @@ class OrtSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.run_options = ort.RunOptions()
         self.stream = None
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[tuple, tuple] = {}  # bound addresses and shapes -> (binding, run options)
         if self.device.type == "cuda":
             self.stream = device_stream(self.device)
-            providers = [("CUDAExecutionProvider", {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream),
-                                                    **(cuda_options or {})})]
-            # ordering comes from the shared stream: no host sync at the end of every run
-            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            cuda = {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)}
+            if cuda_graphs:
+                cuda["enable_cuda_graph"] = "1"
+            providers = [("CUDAExecutionProvider", cuda)]
         else:
             options.intra_op_num_threads = int(os.environ.get("DYNGRAPH_CPU_THREADS", "0"))
             providers = ["CPUExecutionProvider"]
+        self.run_options = self.options("-1" if cuda_graphs else None)
         with device_context(self.device):  # ONNX Runtime makes its CUDA events on the current device
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.output_dtypes = {o.name: ONNX_DTYPES[o.type] for o in self.session.get_outputs()}
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {name: t.contiguous() for name, t in feeds.items()}  # bound by address: must outlive the launch
-        binding, results = self.bind(feeds)
-        self.launch(binding, self.run_options)
+    def options(self, graph_id: str | None) -> ort.RunOptions:
+        options = ort.RunOptions()
+        if graph_id is not None:
+            options.add_run_config_entry("gpu_graph_id", graph_id)
+        if self.device.type == "cuda":  # ordering comes from the shared stream: no host sync at the end of every run
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return options
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
+            graph: bool = False) -> dict[str, torch.Tensor]:
+        results = self.bind_outputs(feeds, outputs or {})
+        if graph and self.cuda_graphs:
+            key = tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in (*feeds.items(), *results.items()))
+            if key not in self.graphs:  # ids from 1: 0 is ONNX Runtime's default
+                self.graphs[key] = (self.binding(feeds, results), self.options(str(len(self.graphs) + 1)))
+            self.launch(*self.graphs[key])
+        else:
+            self.launch(self.binding(feeds, results), self.run_options)
         return results
 
-    def bind(self, feeds: dict[str, torch.Tensor]):
-        """Bind the inputs in place and torch-allocated outputs at the shapes the manifest declares."""
-        binding = self.session.io_binding()
-        kind, index = self.device.type, self.device.index or 0
-        for name, t in feeds.items():
-            binding.bind_input(name, kind, index, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+    def bind_outputs(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sizes = bind_sizes(self.inputs, {n: tuple(t.shape) for n, t in feeds.items()})
         results = {}
         for spec in self.outputs:
-            out = torch.empty(concrete_shape(spec, sizes), dtype=self.output_dtypes[spec.name], device=self.device)
-            binding.bind_output(spec.name, kind, index, NUMPY_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
-            results[spec.name] = out
-        return binding, results
+            if spec.inplace_of:
+                results[spec.name] = feeds[spec.inplace_of]
+            elif spec.name in outputs:
+                results[spec.name] = outputs[spec.name]
+            else:
+                results[spec.name] = torch.empty(concrete_shape(spec, sizes), dtype=self.output_dtypes[spec.name], device=self.device)
+        return results
+
+    def binding(self, feeds: dict[str, torch.Tensor], results: dict[str, torch.Tensor]):
+        binding = self.session.io_binding()
+        for bind, tensors in ((binding.bind_input, feeds), (binding.bind_output, results)):
+            for name, t in tensors.items():
+                if not t.is_contiguous():  # bound by address
+                    raise ValueError(f"{name}: tensors bound to an engine must be contiguous")
+                device = t.device if t.device.type == "cuda" else torch.device("cpu")
+                bind(name, device.type, device.index or 0, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        return binding
 
     def launch(self, binding, run_options) -> None:
         if self.stream is None:

@@ -14,6 +14,8 @@ not been run in this repository's CI nor on our GPU host, neither of which has T
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import logging
 import os
 import re
@@ -247,7 +249,9 @@ class TensorRTExporter:
         cache_path = self.timing_cache_path(engines_dir or stems[0].parent)
         with tempfile.TemporaryDirectory(dir=stems[0].parent, prefix="onnx-") as tmp:
             onnx_stems = [Path(tmp) / stem.name for stem in stems]
-            OnnxExporter(self.cfg).build(specs, dims, onnx_stems)  # one trace for the group, weights swapped per engine
+            # one trace for the group, weights swapped per engine; a segment is traced from its eager module
+            # (the same inputs and outputs): the parser has no GroupQueryAttention
+            OnnxExporter(self.cfg).build([replace(s, fused=False) for s in specs], dims, onnx_stems)
             with torch.cuda.device(self.build_device):
                 timing_cache = None
                 for spec, stem, onnx_stem in zip(specs, stems, onnx_stems):
@@ -319,7 +323,7 @@ class TensorRTExporter:
         return cache
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None) -> "TrtSession":
+             built_with: dict | None = None, cuda_graphs: bool = False) -> "TrtSession":
         """`built_with`: the manifest's backend record; without it, the engine is taken to be this
         exporter's own build (the export stage validating what it just built)."""
         built_with = built_with or {"settings": self.settings(), "versions": self.versions()}
@@ -340,6 +344,9 @@ class TrtSession:
 
     Inputs are bound by name where they lie; outputs are allocated by torch on the engine's
     device at the shapes the manifest declares (checked against TensorRT's own shape inference);
+    an output declared in place of an input (a segment's cache) is written to a scratch buffer and
+    copied into the input after the engine, on its stream: a traced engine reads the past while it
+    writes the present, and only a KV-cache plugin may share one buffer (not built here);
     the engine is enqueued on torch's current stream of that device, ordered with whatever torch
     does around the call. `built_with` is the manifest's backend record: with it, an engine built
     for another GPU or TensorRT version is refused with both environments named.
@@ -391,7 +398,10 @@ class TrtSession:
     def address(self, t: torch.Tensor) -> int:
         return t.data_ptr() if t.numel() else self.scratch.data_ptr()
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
+            graph: bool = False) -> dict[str, torch.Tensor]:
+        """`outputs` and `graph` (ONNX Runtime's caller-owned outputs and CUDA graphs) are not used:
+        outputs are allocated per run."""
         shapes = {name: tuple(t.shape) for name, t in feeds.items()}
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
@@ -432,5 +442,9 @@ class TrtSession:
                 results[spec.name] = out
             if not self.context.execute_async_v3(stream):
                 raise RuntimeError(f"{self.path.name}: TensorRT could not enqueue the engine")
+            with torch.cuda.stream(engine_stream):
+                for spec in self.outputs:
+                    if spec.inplace_of:
+                        results[spec.name] = feeds[spec.inplace_of].copy_(results[spec.name])
         caller.wait_stream(engine_stream)  # outputs are ready for whatever the caller queues next
         return results

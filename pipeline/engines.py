@@ -9,12 +9,19 @@ the runtime binds tensors by. Dynamic engines hold disjoint weights (a test chec
   vision, audio  pixels / log-mel -> media tokens             (encoders + projectors)
   cross_kv.k     media -> cross_kv                            (segment k's media keys/values, once per request)
   cross_attn.k   hidden, cross_kv, media_mask -> hidden_out   (gated cross-attention, only with media)
-  segment.k      hidden, position_ids, kv_mask, kv -> hidden_out, exit_hidden, kv_out
+  segment.k      hidden, seqlens_k, total_sequence_length, past_key.i, past_value.i
+                   -> hidden_out, exit_hidden, present_key.i, present_value.i   (in place: see below)
   lm_head        exit_hidden -> logits                        (shared by every exit)
 
-Prefill and decode share every engine through the dynamic `seq` axis. The static baseline is two
-engines holding the whole model: static.encode (both encoders on fixed-size inputs, placeholders
-when a modality is absent) and static.decode (all 24 layers and cross-attention blocks).
+Prefill and decode share every engine through the dynamic `seq` axis. A segment's cache is
+in place, as ONNX Runtime's GroupQueryAttention keeps it: per layer, keys and values
+[batch, kv_heads, capacity, head_dim] are bound as both past input and present output (the same
+memory); row b holds `seqlens_k[b] + 1 - seq` entries before the call and the engine writes the
+`seq` new ones right after them, touching nothing else. Nothing is concatenated or allocated per
+step, so a decode step has one shape per batch size and can be captured as a CUDA graph.
+
+The static baseline runs the same engines as a fixed graph: both encoders (placeholders, masked,
+when a modality is absent), every cross-attention block and all 24 layers, whatever the input.
 """
 from __future__ import annotations
 
@@ -55,9 +62,10 @@ class Dim:
 class TensorSpec:
     name: str
     shape: tuple[int | str, ...]  # ints are fixed; strings name a Dim or an expression of Dims ("past+seq", "audio_frames/8")
-    dtype: str  # "float" (the export dtype), "int64" or "bool"
-    fill: str = "normal"  # how validation draws it: normal | tokens | positions | kv_mask | media_mask
+    dtype: str  # "float" (the export dtype), "int64", "int32" or "bool"
+    fill: str = "normal"  # how validation draws it: normal | tokens | media_mask | seqlens | total_length
     high: int = 0  # exclusive upper bound of "tokens"
+    inplace_of: str | None = None  # an output written into this input's memory (a session binds both to one buffer)
 
 
 @dataclass
@@ -69,7 +77,8 @@ class EngineSpec:
     outputs: list[TensorSpec]
     config: dict  # the model config this engine depends on (cache key)
     layers: tuple[int, int] | None = None  # decoder layers [first, end) it runs, for placement
-    static: bool = False
+    fused: bool = False  # the backend builds it from fused operators (a segment) instead of tracing `module`
+    probes: tuple[dict[str, int], ...] = ()  # validation sizes that replace the common probes' (see probe_sizes)
 
 
 @dataclass
@@ -79,7 +88,7 @@ class PathSpec:
     modalities: tuple[str, ...]
     encode: list[str]  # run once per request, before the first step
     step: list[str]  # run for every forward: the prefill and each decode step
-    static: bool = False
+    static: bool = False  # the baseline: every engine, whatever the input
 
 
 @dataclass
@@ -121,15 +130,39 @@ def bind_sizes(specs: list[TensorSpec], shapes: dict[str, tuple[int, ...]]) -> d
 # --- engine modules: thin wrappers where a part's own forward is not the engine's signature ----
 
 
+def cache_names(n_layers: int) -> list[tuple[str, str]]:
+    """(input, output) names of a segment's in-place cache: layer 0's keys, its values, layer 1's keys, ..."""
+    return [(f"past_{kv}.{i}", f"present_{kv}.{i}") for i in range(n_layers) for kv in ("key", "value")]
+
+
+def total_sequence_length(seq: int, capacity: int, seqlens_k: torch.Tensor) -> int:
+    """GroupQueryAttention's total_sequence_length: the capacity for a decode step (one value for
+    every step, so a captured graph replays it), past + seq for a prompt chunk of one sequence."""
+    return capacity if seq == 1 else int(seqlens_k.max()) + 1
+
+
 class SegmentEngine(nn.Module):
+    """segment.k with the in-place cache, in eager torch: the reference the fused engine is
+    validated against, and the eager backend's segment."""
+
     def __init__(self, segment: Segment):
         super().__init__()
         self.segment = segment
 
-    def forward(self, hidden, position_ids, kv_mask, kv):
-        h, kv_out = self.segment(hidden, position_ids, kv_mask, kv)
+    def forward(self, hidden, seqlens_k, total_sequence_length, *cache):
+        # hidden [B, S, D], seqlens_k [B] int32, cache: past_key.0, past_value.0, ... each [B, Hkv, C, hd]
+        b, s, _ = hidden.shape
+        capacity = cache[0].shape[2]
+        past = seqlens_k.long() + 1 - s  # [B] entries cached before these tokens
+        new_pos = past[:, None] + torch.arange(s, device=hidden.device)  # [B, S]
+        kv_mask = torch.arange(capacity, device=hidden.device)[None] < past[:, None]  # [B, C]
+        kv = torch.stack(cache).unflatten(0, (-1, 2))  # [L, 2, B, Hkv, C, hd]
+        h, kv_out = self.segment(hidden, new_pos, kv_mask, kv)  # kv_out [L, 2, B, Hkv, C + S, hd]
+        new = kv_out[:, :, :, :, capacity:]
+        index = new_pos[None, None, :, None, :, None].expand_as(new)
+        present = kv.scatter(4, index, new)  # the S new entries right after each row's own
         # the exit head needs only the last position: prefill and decode both sample from it
-        return h, self.segment.exit_norm(h[:, -1]), kv_out
+        return (h, self.segment.exit_norm(h[:, -1]), *present.flatten(0, 1).unbind(0))
 
 
 class CrossAttnEngine(nn.Module):
@@ -139,38 +172,6 @@ class CrossAttnEngine(nn.Module):
 
     def forward(self, hidden, cross_kv, media_mask):
         return self.xattn(hidden, cross_kv, media_mask)
-
-
-class StaticEncodeEngine(nn.Module):
-    """Both encoders on fixed-size inputs and every segment's media keys/values."""
-
-    def __init__(self, model: AutoGLM):
-        super().__init__()
-        self.vision, self.audio, self.cross_kv = model.vision, model.audio, model.cross_kv
-
-    def forward(self, pixel_values, mel):
-        media = torch.cat([self.vision(pixel_values), self.audio(mel)], dim=1)  # [B, M, D]
-        return torch.stack([proj(media) for proj in self.cross_kv])  # [n_seg, 2, B, Hkv, M, hd]
-
-
-class StaticDecodeEngine(nn.Module):
-    """All layers and cross-attention blocks, whatever the input needs."""
-
-    def __init__(self, model: AutoGLM):
-        super().__init__()
-        self.text, self.cross_attn = model.text, model.cross_attn
-
-    def forward(self, input_ids, position_ids, kv_mask, kv, cross_kv, media_mask):
-        h = self.text.embed_tokens(input_ids)
-        presents, first = [], 0
-        for k, segment in enumerate(self.text.segments):
-            h = self.cross_attn[k](h, cross_kv[k], media_mask)
-            end = first + len(segment.layers)
-            h, present = segment(h, position_ids, kv_mask, kv[first:end])
-            presents.append(present)
-            first = end
-        logits = self.text.lm_head(self.text.segments[-1].exit_norm(h[:, -1]))
-        return logits, torch.cat(presents)
 
 
 # --- the cut -------------------------------------------------------------------------------
@@ -183,13 +184,13 @@ def model_dims(model: AutoGLM, limits: Limits) -> dict[str, Dim]:
     return {
         "batch": Dim("batch", 1, limits.max_batch, (1, 2)),
         "seq": Dim("seq", 1, limits.max_seq, (1, 5)),
-        "past": Dim("past", 0, limits.max_context, (0, 7)),
+        "capacity": Dim("capacity", 2, limits.max_context, (16, 16)),  # a segment cache's positions per row
         "media": Dim("media", 1, n_image + max_audio_tokens, (3, 11)),
         "audio_frames": Dim("audio_frames", a.frame_multiple, a.max_frames, (a.frame_multiple, 3 * a.frame_multiple), a.frame_multiple),
     }
 
 
-def engine_specs(model: AutoGLM, limits: Limits, static: bool = True) -> list[EngineSpec]:
+def engine_specs(model: AutoGLM, limits: Limits) -> list[EngineSpec]:
     cfg = model.cfg
     t = cfg.text
     D, V, Hkv, hd = t.dim, t.vocab_size, t.n_kv_heads, t.head_dim
@@ -197,8 +198,8 @@ def engine_specs(model: AutoGLM, limits: Limits, static: bool = True) -> list[En
     hidden = TensorSpec("hidden", ("batch", "seq", D), "float")
     hidden_out = TensorSpec("hidden_out", ("batch", "seq", D), "float")
     exit_hidden = TensorSpec("exit_hidden", ("batch", D), "float")
-    position_ids = TensorSpec("position_ids", ("batch", "seq"), "int64", "positions")
-    kv_mask = TensorSpec("kv_mask", ("batch", "past"), "bool", "kv_mask")
+    seqlens_k = TensorSpec("seqlens_k", ("batch",), "int32", "seqlens")
+    total_len = TensorSpec("total_sequence_length", (), "int32", "total_length")
     media_mask = TensorSpec("media_mask", ("batch", "media"), "bool", "media_mask")
     cross_kv = TensorSpec("cross_kv", (2, "batch", Hkv, "media", hd), "float")
     media = TensorSpec("media", ("batch", "media", D), "float")
@@ -218,60 +219,52 @@ def engine_specs(model: AutoGLM, limits: Limits, static: bool = True) -> list[En
                    [TensorSpec("audio_tokens", ("batch", frames, D), "float")],
                    {"audio": asdict(cfg.audio), "dim": D}),
     ]
+    # GroupQueryAttention takes several rows with several new tokens only without a past: validate
+    # what the runtime runs, a batched decode step and one sequence's prompt chunk after a past
+    segment_probes = ({"batch": 2, "seq": 1}, {"batch": 1, "seq": 5})
     for k, (first, end) in enumerate(t.segment_bounds):
         L = end - first
-        kv = TensorSpec("kv", (L, 2, "batch", Hkv, "past", hd), "float")
-        kv_out = TensorSpec("kv_out", (L, 2, "batch", Hkv, "past+seq", hd), "float")
+        cache = [(TensorSpec(i, ("batch", Hkv, "capacity", hd), "float"),
+                  TensorSpec(o, ("batch", Hkv, "capacity", hd), "float", inplace_of=i)) for i, o in cache_names(L)]
         specs += [
             EngineSpec(f"cross_kv.{k}", "cross_kv", model.cross_kv[k], [media], [cross_kv], text_cfg, (first, first)),
             EngineSpec(f"cross_attn.{k}", "cross_attn", CrossAttnEngine(model.cross_attn[k]),
                        [hidden, cross_kv, media_mask], [hidden_out], text_cfg, (first, first)),
-            # segments of equal depth share a graph; an uneven cut gets one trace per depth
+            # segments of equal depth share a graph; an uneven cut gets one graph per depth
             EngineSpec(f"segment.{k}", f"segment{L}", SegmentEngine(model.text.segments[k]),
-                       [hidden, position_ids, kv_mask, kv], [hidden_out, exit_hidden, kv_out], text_cfg, (first, end)),
+                       [hidden, seqlens_k, total_len, *(i for i, _ in cache)],
+                       [hidden_out, exit_hidden, *(o for _, o in cache)], text_cfg, (first, end),
+                       fused=True, probes=segment_probes),
         ]
     specs.append(EngineSpec("lm_head", "lm_head", model.text.lm_head, [exit_hidden], [logits], {"dim": D, "vocab_size": V}))
 
-    if static:
-        n_seg, M = len(t.exit_layers), cfg.vision.n_tokens + cfg.audio.max_frames // cfg.audio.frame_multiple
-        static_kv = TensorSpec("cross_kv", (n_seg, 2, "batch", Hkv, M, hd), "float")
-        everything = {"model": asdict(cfg) | {"checkpoint": None}}
-        decoder = {**text_cfg, "media_tokens": M}
-        specs += [
-            EngineSpec("static.encode", "static.encode", StaticEncodeEngine(model),
-                       [TensorSpec("pixel_values", ("batch", 3, cfg.vision.image_size, cfg.vision.image_size), "float"),
-                        TensorSpec("mel", ("batch", cfg.audio.n_mels, cfg.audio.max_frames), "float")],
-                       [static_kv], everything, (0, 0), static=True),
-            EngineSpec("static.decode", "static.decode", StaticDecodeEngine(model),
-                       [TensorSpec("input_ids", ("batch", "seq"), "int64", "tokens", V), position_ids, kv_mask,
-                        TensorSpec("kv", (t.n_layers, 2, "batch", Hkv, "past", hd), "float"), static_kv,
-                        TensorSpec("media_mask", ("batch", M), "bool", "media_mask")],
-                       [logits, TensorSpec("kv_out", (t.n_layers, 2, "batch", Hkv, "past+seq", hd), "float")],
-                       decoder, (0, t.n_layers), static=True),
-        ]
     for spec in specs:
         spec.module.eval()
     return specs
 
 
-def path_specs(exit_layers: list[int], static: bool = True) -> list[PathSpec]:
+def path_specs(exit_layers: list[int]) -> list[PathSpec]:
     paths = []
     for n_seg, exit_layer in enumerate(exit_layers, start=1):
         for modalities in MODALITY_SETS:
-            has_media = len(modalities) > 1
-            encode = [m for m in ("image", "audio") if m in modalities]
-            encode = [{"image": "vision", "audio": "audio"}[m] for m in encode]
-            step = ["embed"]
-            for k in range(n_seg):
-                if has_media:
-                    encode.append(f"cross_kv.{k}")
-                    step.append(f"cross_attn.{k}")
-                step.append(f"segment.{k}")
-            step.append("lm_head")
+            encode, step = chain(n_seg, media=len(modalities) > 1)
+            encode = [e for e in ("vision", "audio") if {"vision": "image", "audio": "audio"}[e] in modalities] + encode
             paths.append(PathSpec(path_name(exit_layer, modalities), exit_layer, modalities, encode, step))
-    if static:
-        paths.append(PathSpec("static", exit_layers[-1], ("text", "image", "audio"), ["static.encode"], ["static.decode"], static=True))
+    # the static graph: every encoder (placeholders for what is absent) and every layer, always
+    encode, step = chain(len(exit_layers), media=True)
+    paths.append(PathSpec("static", exit_layers[-1], MODALITY_SETS[-1], ["vision", "audio", *encode], step, static=True))
     return paths
+
+
+def chain(n_segments: int, media: bool) -> tuple[list[str], list[str]]:
+    """The media keys/values a path computes once, and the engines of each of its forwards."""
+    encode, step = [], ["embed"]
+    for k in range(n_segments):
+        if media:
+            encode.append(f"cross_kv.{k}")
+            step.append(f"cross_attn.{k}")
+        step.append(f"segment.{k}")
+    return encode, [*step, "lm_head"]
 
 
 def path_name(exit_layer: int, modalities: tuple[str, ...]) -> str:
@@ -281,7 +274,8 @@ def path_name(exit_layer: int, modalities: tuple[str, ...]) -> str:
 # --- inputs ---------------------------------------------------------------------------------
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64, "bool": torch.bool}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+                "int32": torch.int32, "bool": torch.bool}
 
 
 def tensor_dtype(spec: TensorSpec, float_dtype: torch.dtype) -> torch.dtype:
@@ -291,15 +285,18 @@ def tensor_dtype(spec: TensorSpec, float_dtype: torch.dtype) -> torch.dtype:
 def random_inputs(spec: EngineSpec, sizes: dict[str, int], dtype: torch.dtype,
                   device: str | torch.device, generator: torch.Generator) -> list[torch.Tensor]:
     """Fresh inputs for one engine at the given Dim sizes, drawn to look like what the runtime feeds."""
-    tensors = []
+    tensors, seqlens = [], None
     for t in spec.inputs:
         shape = concrete_shape(t, sizes)
         if t.fill == "tokens":
             x = torch.randint(0, t.high, shape, generator=generator)
-        elif t.fill == "positions":
-            x = (sizes.get("past", 0) + torch.arange(shape[1])).expand(shape).contiguous()
-        elif t.fill == "kv_mask":
-            x = torch.rand(shape, generator=generator) > 0.2  # left padding and gaps, as batched decode has
+        elif t.fill == "seqlens":  # each row its own past, up to a full cache
+            past = torch.randint(0, sizes["capacity"] - sizes["seq"] + 1, shape, generator=generator)
+            if shape[0] > 1:
+                past[-1] = sizes["capacity"] - sizes["seq"]  # one row fills its cache to the last position
+            x = seqlens = past + sizes["seq"] - 1
+        elif t.fill == "total_length":
+            x = torch.tensor(total_sequence_length(sizes["seq"], sizes["capacity"], seqlens))
         elif t.fill == "media_mask":
             x = torch.ones(shape, dtype=torch.bool)
             if shape[0] > 1:
@@ -312,8 +309,9 @@ def random_inputs(spec: EngineSpec, sizes: dict[str, int], dtype: torch.dtype,
     return tensors
 
 
-def probe_sizes(dims: dict[str, Dim]) -> list[dict[str, int]]:
-    return [{name: d.probes[i] for name, d in dims.items()} for i in range(2)]
+def probe_sizes(dims: dict[str, Dim], spec: EngineSpec | None = None) -> list[dict[str, int]]:
+    common = [{name: d.probes[i] for name, d in dims.items()} for i in range(2)]
+    return [base | override for base, override in zip(common, spec.probes)] if spec and spec.probes else common
 
 
 def trace_sizes(dims: dict[str, Dim]) -> dict[str, int]:

@@ -66,7 +66,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
 
     model = meta_model(model_cfg)  # structure only: planning needs no weights
     limits = Limits(cfg.max_batch, cfg.max_seq, cfg.max_context)
-    specs = engine_specs(model, limits, static=cfg.static)
+    specs = engine_specs(model, limits)
     dims = model_dims(model, limits)
     n_params = count_parameters(model)
     console.print(f"[bold]{model_cfg.name}[/]: {n_params:,} parameters ({n_params / 1e9:.2f} B); "
@@ -93,7 +93,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
             dtype=cfg.dtype,
             dims={n: {"min": d.min, "max": d.max, "multiple": d.multiple} for n, d in dims.items()},
             engines={s.name: records[s.name] for s in specs},
-            paths=[PathRecord(**asdict(p)) for p in path_specs(model_cfg.text.exit_layers, static=cfg.static)],
+            paths=[PathRecord(**asdict(p)) for p in path_specs(model_cfg.text.exit_layers)],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         manifest.save(out_dir)
@@ -259,11 +259,12 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
     tolerance = cfg.tolerance[cfg.dtype]
     checks, worst_abs, worst_rel = [], 0.0, 0.0
     generator = torch.Generator().manual_seed(int(key, 16) % (2**31))  # fresh inputs per build, reproducible per key
-    for sizes in probe_sizes(dims):
+    for sizes in probe_sizes(dims, spec):
         inputs = random_inputs(spec, sizes, dtype, device, generator)
         with torch.inference_mode():
             expected = spec.module(*inputs)
         expected = expected if isinstance(expected, tuple) else (expected,)
+        # after the eager module, which leaves its inputs alone: an engine writes its cache in place
         got = session.run({t.name: x for t, x in zip(spec.inputs, inputs)})
         errors = {}
         for t, ref in zip(spec.outputs, expected):
@@ -293,7 +294,7 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
     return EngineRecord(
         name=spec.name, graph=spec.graph, key=key, files=records,
         inputs=[io_record(t, dtype) for t in spec.inputs], outputs=[io_record(t, dtype) for t in spec.outputs],
-        parameters=count_parameters(spec.module), layers=list(spec.layers) if spec.layers else None, static=spec.static,
+        parameters=count_parameters(spec.module), layers=list(spec.layers) if spec.layers else None,
         validation=checks, max_abs_error=worst_abs, max_rel_error=worst_rel, build_seconds=time.perf_counter() - start,
     )
 
@@ -304,7 +305,8 @@ def used_sizes(spec: EngineSpec, sizes: dict[str, int]) -> dict[str, int]:
 
 
 def io_record(t, dtype: torch.dtype) -> dict:
-    return {"name": t.name, "shape": list(t.shape), "dtype": str(tensor_dtype(t, dtype)).removeprefix("torch.")}
+    record = {"name": t.name, "shape": list(t.shape), "dtype": str(tensor_dtype(t, dtype)).removeprefix("torch.")}
+    return record | ({"inplace_of": t.inplace_of} if t.inplace_of else {})
 
 
 def remove_unreferenced(out_dir: Path, manifest: Manifest, exporter: Exporter) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.engines import TensorSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: in-place segment caches (past_*/present_* per layer), the static path as a chain
 MANIFEST_NAME = "manifest.json"
 
 
@@ -39,7 +39,6 @@ class EngineRecord:
     outputs: list[dict]
     parameters: int
     layers: list[int] | None = None
-    static: bool = False
     validation: list[dict] = field(default_factory=list)  # per probe shape: sizes and per-output errors
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
@@ -57,7 +56,7 @@ class EngineRecord:
         return [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in self.inputs]
 
     def output_specs(self) -> list[TensorSpec]:
-        return [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in self.outputs]
+        return [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"], inplace_of=t.get("inplace_of")) for t in self.outputs]
 
 
 @dataclass

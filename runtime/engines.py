@@ -14,12 +14,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from exporters import EngineIncompatible, EngineSession, get_exporter
-from exporters.onnx import OrtSession
 from pipeline.config import ExportConfig
 from pipeline.engines import TensorSpec
 from pipeline.manifest import EngineRecord, Manifest, sha256_file
@@ -35,8 +33,10 @@ class EngineSet:
     """Sessions by engine name. `placement` maps an engine record to a device string.
 
     `budget_bytes` bounds the engine bytes resident per device (LRU eviction); `on_load(name,
-    device, bytes)` hears of every load; `cuda_graphs` captures ONNX Runtime CUDA graphs for the
-    engines whose decode shapes are fixed (see CudaGraphSession). `reference` swaps the files for
+    device, bytes)` hears of every load; `cuda_graphs` asks the backend for sessions that capture
+    CUDA graphs of decode steps, for the engines whose decode shapes are fixed by the batch alone
+    (GRAPHABLE_AXES: a segment's cache capacity is fixed when the runtime allocates it; the
+    cross-attention blocks' media length is not). `reference` swaps the files for
     the eager torch modules they were exported from (engine name -> module, see
     pipeline.engines.engine_specs): the reference backend, with nothing to verify.
     """
@@ -92,10 +92,9 @@ class EngineSet:
     def load(self, record: EngineRecord, device: str) -> EngineSession:
         inputs, outputs = record.input_specs(), record.output_specs()
         if self.reference is not None:
-            return EagerSession(self.reference[record.name], [t.name for t in inputs], [t.name for t in outputs], device)
-        if self.cuda_graphs and torch.device(device).type == "cuda" and CudaGraphSession.applies(inputs):
-            return CudaGraphSession(self.directory / record.path, inputs, outputs, device)
-        return self.exporter.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend)
+            return EagerSession(self.reference[record.name], inputs, outputs, device)
+        return self.exporter.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
+                                  cuda_graphs=self.cuda_graphs and graphable(inputs))
 
     def make_room(self, device: str, needed: int, key: str) -> None:
         budget = self.budget_bytes.get(device)
@@ -122,11 +121,6 @@ class EngineSet:
         with self.lock:
             return list(self.sessions)
 
-    def unload(self, name: str) -> None:
-        with self.lock:
-            for key in [k for k in self.sessions if k.partition("@")[0] == name]:
-                del self.sessions[key]
-
     def check_files(self, record: EngineRecord) -> None:
         for f in record.files:
             path = self.directory / f.name
@@ -137,9 +131,18 @@ class EngineSet:
                 raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found[:16]}…, manifest expects {f.sha256[:16]}…")
 
     def run(self, name: str, feeds: dict[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """One uncaptured run with session-allocated outputs (prefill, encoders)."""
         session = self.session(name, device)
-        # tensors cross devices here, device to device (two-GPU placement), never through the host
-        return session.run({k: v.to(session.device, non_blocking=True) for k, v in feeds.items()})
+        # tensors cross devices here, device to device (two-GPU placement), never through the host;
+        # a CPU scalar (total_sequence_length) stays where the engine reads it
+        return session.run({k: v if v.dim() == 0 else v.to(session.device, non_blocking=True).contiguous() for k, v in feeds.items()})
+
+
+GRAPHABLE_AXES = {"batch", "seq", "capacity"}
+
+
+def graphable(inputs: list[TensorSpec]) -> bool:
+    return all(isinstance(d, int) or d in GRAPHABLE_AXES for t in inputs for d in t.shape)
 
 
 def mib(n: int) -> str:
@@ -149,58 +152,21 @@ def mib(n: int) -> str:
 class EagerSession:
     """An engine's eager torch module behind the session interface: the reference the engine files are checked against."""
 
-    def __init__(self, module: nn.Module, inputs: list[str], outputs: list[str], device: str):
+    def __init__(self, module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str):
         self.device = torch.device(device)
         here = next(module.parameters()).device
         # engines share modules (the static graph holds every layer): a module wanted on a second device gets its own copy
         self.module = module if here == self.device else copy.deepcopy(module).to(self.device)
         self.inputs, self.outputs = inputs, outputs
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
+            graph: bool = False) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            out = self.module(*(feeds[name] for name in self.inputs))
-        return dict(zip(self.outputs, out if isinstance(out, tuple) else (out,)))
-
-
-class CudaGraphSession(OrtSession):
-    """An engine on the CUDA provider with ONNX Runtime's CUDA graphs, for the engines whose only
-    varying axes are batch and seq (embed, lm_head): at seq == 1, the decode step, each batch size
-    gets a graph captured on buffers that stay bound and is replayed from then on; other shapes
-    (prefill) run uncaptured through the same session. The segments cannot take part: their
-    cache grows by one entry per step, so no two steps share a shape."""
-
-    GRAPHABLE_AXES = {"batch", "seq"}
-
-    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str):
-        super().__init__(path, inputs, outputs, device, cuda_options={"enable_cuda_graph": "1"})
-        self.graphs: dict[tuple, tuple] = {}  # input shapes -> (binding, run options, input buffers, outputs)
-        self.uncaptured = self.graph_options("-1")
-
-    def graph_options(self, graph_id: str):
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", graph_id)
-        options.add_run_config_entry("disable_synchronize_execution_providers", "1")  # ordered by the stream instead
-        return options
-
-    @classmethod
-    def applies(cls, inputs: list[TensorSpec]) -> bool:
-        return all(isinstance(d, int) or d in cls.GRAPHABLE_AXES for t in inputs for d in t.shape)
-
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {name: t.contiguous() for name, t in feeds.items()}
-        decode = all(size == 1 for t in self.inputs for d, size in zip(t.shape, feeds[t.name].shape) if d == "seq")
-        if not decode:
-            binding, outs = self.bind(feeds)
-            self.launch(binding, self.uncaptured)
-            return outs
-        key = tuple(tuple(t.shape) for t in feeds.values())
-        if key not in self.graphs:
-            buffers = {name: torch.empty_like(t) for name, t in feeds.items()}
-            binding, outs = self.bind(buffers)
-            self.graphs[key] = (binding, self.graph_options(str(len(self.graphs) + 1)), buffers, outs)  # ids from 1: 0 is the default
-        binding, options, buffers, outs = self.graphs[key]
-        for name, t in feeds.items():
-            buffers[name].copy_(t)
-        self.launch(binding, options)
-        # the next replay overwrites the bound outputs: hand out copies
-        return {name: out.clone() for name, out in outs.items()}
+            out = self.module(*(feeds[t.name] for t in self.inputs))
+        results = dict(zip((t.name for t in self.outputs), out if isinstance(out, tuple) else (out,)))
+        # the engine contract: in-place outputs land in their input's memory, caller-owned ones in the caller's
+        for spec in self.outputs:
+            target = feeds[spec.inplace_of] if spec.inplace_of else (outputs or {}).get(spec.name)
+            if target is not None:
+                results[spec.name] = target.copy_(results[spec.name])
+        return results

@@ -1,10 +1,10 @@
 """Which device runs each engine, derived from the decoder layers the manifest says it holds.
 
 Decoder engines (segments, and the cross-attention in front of each) go to the device that holds
-their first layer; everything else (embedding, encoders, static engines) to the first device.
-The shared LM head lives there too, and the chain runs a replica of it beside an exit that
-another device holds, so a shallow request never leaves the first device and a deep one never
-sends its exit hidden state back.
+their first layer; everything else (embedding, encoders, the shared LM head) to the first device.
+A shallow request never leaves the first device; a deep one sends its exit hidden state back
+(dim values per row: 8 KiB in phone-9b, where the logits would be 300 KiB), so one head call
+serves every exit of a decode step.
 """
 from __future__ import annotations
 
@@ -47,11 +47,6 @@ class Placement:
         return self.devices[bisect.bisect_right(self.first_layers, layer) - 1]
 
     def __call__(self, record: EngineRecord) -> str:
-        # the static baseline is one engine over every layer: it cannot be split, so it takes the first device
-        if record.static or record.layers is None:
+        if record.layers is None:
             return self.devices[0]
         return self.layer_device(record.layers[0])
-
-    def exit_device(self, exit_layer: int) -> str:
-        """Where the exit after layer exit_layer - 1 is computed, and so where its head runs."""
-        return self.layer_device(exit_layer - 1)

@@ -33,24 +33,29 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 class Sampler:
+    """Runs where the logits are: greedy rows take one argmax over the batch, sampled rows draw
+    from their own generator on the device, and the ids come back to the host in one copy."""
+
     def __init__(self, decodable: int):
         self.decodable = decodable  # ids [0, decodable) are the tokenizer's
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
         """logits [B, V] -> one token id per row."""
         logits = logits[:, :self.decodable].float()
-        tokens = logits.argmax(-1).tolist()  # one transfer for every greedy row
-        for row, (p, g) in enumerate(zip(params, generators)):
-            if not p.greedy:
-                tokens[row] = self.sample_row(logits[row], p, g)
-        return tokens
+        tokens = logits.argmax(-1)  # [B]
+        sampled = [row for row, p in enumerate(params) if not p.greedy]
+        if sampled:
+            draws = torch.stack([self.sample_row(logits[row], params[row], generators[row]) for row in sampled])
+            tokens = tokens.index_copy(0, torch.tensor(sampled, device=tokens.device), draws)
+        return tokens.tolist()
 
     def top1_probability(self, logits: torch.Tensor) -> float:
         """The largest next-token probability of a [1, V] row, over the decodable ids (the confidence policy)."""
         return float(torch.softmax(logits[0, :self.decodable].float(), -1).max())
 
     @staticmethod
-    def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        """One draw from a [V] row under temperature, top-k and top-p: a 0-d tensor on the row's device."""
         x = logits / p.temperature
         if 0 < p.top_k < x.numel():
             kth = torch.topk(x, p.top_k).values[-1]
@@ -60,5 +65,5 @@ class Sampler:
             probs = torch.softmax(sorted_x, -1)
             # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is short of it
             drop = probs.cumsum(-1) - probs >= p.top_p
-            x = x.scatter(-1, order[drop], float("-inf"))
-        return int(torch.multinomial(torch.softmax(x, -1), 1, generator=generator))
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to id order, without a host sync
+        return torch.multinomial(torch.softmax(x, -1), 1, generator=generator)[0]

@@ -112,7 +112,8 @@ class ChatService:
 
     def stats(self) -> dict:
         return {"engines_loaded": self.engines.loaded(), "devices": self.memory(),
-                "requests_per_path": dict(self.engine.path_counts), "mode": self.engine.mode}
+                "requests_per_path": dict(self.engine.path_counts), "mode": self.engine.mode,
+                "kv_cache": {"allocated_bytes": dict(self.engine.kv_bytes), "in_use_peak_bytes": dict(self.engine.kv_in_use_peak)}}
 
     def reset_stats(self) -> dict:
         reset_peaks(self.engine.placement.devices)
@@ -457,8 +458,8 @@ def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.M
         return None
     model = build_model(cfg.model, manifest.model["weights"]["init_device"], EXPORT_DTYPES[manifest.dtype])
     dims = manifest.dims
-    limits = Limits(dims["batch"]["max"], dims["seq"]["max"], dims["past"]["max"])
-    return {spec.name: spec.module for spec in engine_specs(model, limits, static=manifest.static_path is not None)}
+    limits = Limits(dims["batch"]["max"], dims["seq"]["max"], dims["capacity"]["max"])
+    return {spec.name: spec.module for spec in engine_specs(model, limits)}
 
 
 def build_service(cfg: ServeApp, export_command: str) -> ChatService:

@@ -220,7 +220,7 @@ def fake_modes(app: BenchApp, manifest, requests, gpu: bool, slow: float = 1.0) 
                                  process_used={"cuda:0": int(20e9 * size)} if gpu else {}, samples=10)
             energy = EnergyReading({"cuda:0": 300.0 * size}, 300.0 * size) if gpu else EnergyReading({}, None, "the server runs on the CPU: no GPU energy counter")
             device = "cuda:0" if gpu else "cpu"
-            stats_ = {"mode": mode, "engines_loaded": ["static.encode", "static.decode"] if mode == "static" else ["embed", "segment.0", "lm_head"],
+            stats_ = {"mode": mode, "engines_loaded": ["vision", "audio", "embed", "segment.0", "lm_head"] if mode == "static" else ["embed", "segment.0", "lm_head"],
                       "devices": {device: {"torch_allocated_bytes": 0, "torch_peak_allocated_bytes": int(4e9 * size), "nvml_used_bytes": None}}}
             runs.append(RunResult(c, None, 2.0 * scale * c, results, memory, energy, stats_))
         paths = {}
@@ -272,8 +272,9 @@ def test_step_weight_bytes(tiny_manifest):
     shallow = step_weight_bytes(m, manifest_path(m, "exit6-text"))
     assert shallow == (row + m.engines["segment.0"].parameters + m.engines["lm_head"].parameters) * per
     static = step_weight_bytes(m, manifest_path(m, "static"))
-    assert static == (m.engines["static.decode"].parameters - table + row) * per
-    # the static step holds exactly the deepest multimodal path's step engines
+    every = sum(m.engines[n].parameters for n in manifest_path(m, "static").step)
+    assert static == (every - table + row) * per
+    # the static step runs exactly the deepest multimodal path's step engines
     assert static == step_weight_bytes(m, manifest_path(m, "exit24-text+image+audio"))
 
 

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from model.autoglm import meta_model
 from pipeline.engines import Limits, engine_specs, path_specs
 from pipeline.manifest import Manifest, sha256_file
-from runtime.chain import PathRunner
 from runtime.engines import EngineSet
+from runtime.step import Row, Stepper
 
 from .conftest import ROOT, run_cli
 
@@ -51,7 +51,9 @@ def test_every_path_and_engine_is_validated(tiny_export):
     assert len(dynamic) == 16
     assert {(p.exit_layer, tuple(p.modalities)) for p in dynamic} == {
         (e, m) for e in EXITS for m in [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]}
-    assert manifest.static_path is not None and manifest.static_path.step == ["static.decode"]
+    # the static graph is every engine: both encoders, every cross-attention block, all 24 layers
+    assert manifest.static_path.encode == ["vision", "audio", "cross_kv.0", "cross_kv.1", "cross_kv.2", "cross_kv.3"]
+    assert manifest.static_path.step == ["embed", *(f"{e}.{k}" for k in range(4) for e in ("cross_attn", "segment")), "lm_head"]
     for path in manifest.paths:
         for name in path.encode + path.step:
             assert name in manifest.engines
@@ -72,7 +74,7 @@ def test_text_only_paths_run_no_media_engine(tiny_export):
 
 
 def test_no_weight_is_stored_in_two_dynamic_engines(tiny_config):
-    specs = [s for s in engine_specs(meta_model(tiny_config), Limits()) if not s.static]
+    specs = engine_specs(meta_model(tiny_config), Limits())
     owner: dict[int, str] = {}
     for spec in specs:
         for p in spec.module.parameters():
@@ -87,6 +89,11 @@ def engines(tiny_engines_dir):
     return EngineSet(tiny_engines_dir)
 
 
+@pytest.fixture
+def stepper(engines):
+    return Stepper(engines, max_batch=4, capacity=64, cuda_graphs=False)
+
+
 def media_inputs(modalities, generator):
     pixels = torch.randn(1, 3, 224, 224, generator=generator) if "image" in modalities else None
     mel = torch.randn(1, 80, 24, generator=generator) if "audio" in modalities else None
@@ -94,38 +101,66 @@ def media_inputs(modalities, generator):
 
 
 @pytest.mark.parametrize("path_name", [p.name for p in path_specs(EXITS)])
-def test_chained_engines_match_the_eager_model(path_name, engines, tiny_model):
-    path = next(p for p in engines.manifest.paths if p.name == path_name)
+def test_chained_engines_match_the_eager_model(path_name, stepper, tiny_model):
+    path = next(p for p in stepper.manifest.paths if p.name == path_name)
     generator = torch.Generator().manual_seed(len(path_name))
     prompt = torch.randint(0, tiny_model.cfg.text.vocab_size, (1, 7), generator=generator)
     # the static path carries every encoder; check it with an image, padding audio the way it does
     modalities = ("text", "image") if path.static else tuple(path.modalities)
     pixels, mel = media_inputs(modalities, generator)
+    depth = EXITS.index(path.exit_layer) + 1
+    media = stepper.encode(pixels, mel, path.static) if len(modalities) > 1 or path.static else None
 
-    runner = PathRunner(engines, path)
-    state = runner.empty_state(1, runner.encode(pixels, mel))
-    first = runner.step(state, prompt)
+    first, _ = stepper.prefill("a", prompt[0].tolist(), depth, media)
     with torch.inference_mode():
-        media, media_mask = tiny_model.encode_media(pixels, mel)
-        expected = tiny_model(prompt, path.exit_layer, media, media_mask)[:, -1]
+        eager_media, media_mask = tiny_model.encode_media(pixels, mel)
+        expected = tiny_model(prompt, path.exit_layer, eager_media, media_mask)[:, -1]
     torch.testing.assert_close(first, expected, rtol=TOLERANCE, atol=TOLERANCE)
 
-    # one decode step through the cache the prefill left
+    # one decode step through the cache rows the prefill filled
     token = first.argmax(-1, keepdim=True)
-    second = runner.step(state, token)
+    keys, second = stepper.decode([Row("a", depth, int(token), media)])
     with torch.inference_mode():
-        expected = tiny_model(torch.cat([prompt, token], 1), path.exit_layer, media, media_mask)[:, -1]
+        expected = tiny_model(torch.cat([prompt, token], 1), path.exit_layer, eager_media, media_mask)[:, -1]
+    assert keys == ["a"]
     torch.testing.assert_close(second, expected, rtol=TOLERANCE, atol=TOLERANCE)
 
 
-def test_static_text_only_equals_full_depth_dynamic(engines):
+def test_static_text_only_equals_full_depth_dynamic(stepper):
     """Placeholder media are masked, so the static graph answers as the text-only full path does."""
-    prompt = torch.tensor([[5, 17, 99, 3]])
-    static = PathRunner(engines, engines.manifest.static_path)
-    dynamic = PathRunner(engines, engines.manifest.path(24, ["text"]))
-    a = static.step(static.empty_state(1, static.encode(None, None)), prompt)
-    b = dynamic.step(dynamic.empty_state(1), prompt)
+    prompt = [5, 17, 99, 3]
+    a, _ = stepper.prefill("static", prompt, 4, stepper.encode(None, None, static=True))
+    b, _ = stepper.prefill("dynamic", prompt, 4, None)
     torch.testing.assert_close(a, b, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_a_decode_step_writes_one_entry_per_layer_and_nothing_else(stepper):
+    """Each sequence's new keys and values land right after its own entries, in its own rows; the
+    rest of every buffer (other positions, spare rows) stays as it was."""
+    stepper.prefill("long", list(range(1, 12)), 4, None)
+    stepper.prefill("short", [7, 8, 9], 1, None)
+    before = [c.buffer.clone() for c in stepper.caches]
+    stepper.decode([Row("long", 4, 3), Row("short", 1, 4)])
+    for k, (cache, old) in enumerate(zip(stepper.caches, before)):
+        changed = (cache.buffer != old).any(dim=(2, 4))  # [L * 2, rows, capacity]
+        expected = torch.zeros_like(changed)
+        for key, length in (("long", 11), ("short", 3)):
+            if key in cache.members:
+                expected[:, cache.row(key), length] = True
+        assert torch.equal(changed, expected), f"segment {k}"
+        assert cache.lengths[:len(cache.members)].tolist() == [12, 4][:len(cache.members)]
+
+
+def test_a_departing_sequence_leaves_the_rows_contiguous(stepper):
+    for key, prompt in (("a", [1, 2, 3]), ("b", [4, 5]), ("c", [6, 7, 8, 9])):
+        stepper.prefill(key, prompt, 2, None)
+    c_rows = [cache.buffer[:, cache.row("c")].clone() for cache in stepper.caches[:2]]
+    stepper.release("a")
+    for cache, rows in zip(stepper.caches[:2], c_rows):
+        assert cache.members == ["c", "b"]  # the last row moved into the hole
+        assert torch.equal(cache.buffer[:, 0], rows) and cache.lengths[:2].tolist() == [4, 2]
+    _, logits = stepper.decode([Row("b", 2, 1), Row("c", 2, 1)])
+    assert logits.shape[0] == 2 and torch.isfinite(logits).all()
 
 
 # --- cache, crash safety, concurrency ---------------------------------------------------------
@@ -134,7 +169,7 @@ def test_static_text_only_equals_full_depth_dynamic(engines):
 def test_second_export_rebuilds_nothing(tiny_export, engines_root):
     result = run_cli("pipeline", "export", f"engines_dir={engines_root}", "export.progress=false")
     assert result.returncode == 0, result.stderr
-    assert "0 built, 18 cached" in result.stderr
+    assert "0 built, 16 cached" in result.stderr
 
 
 def test_one_change_rebuilds_only_what_it_touches(tiny_export, tmp_path):
@@ -144,8 +179,8 @@ def test_one_change_rebuilds_only_what_it_touches(tiny_export, tmp_path):
     assert result.returncode == 0, result.stderr
     after = assert_consistent(directory)
     changed = {n for n in after.engines if after.engines[n].key != before.engines[n].key}
-    assert changed == {"vision", "static.encode"}
-    assert "2 built, 16 cached" in result.stderr
+    assert changed == {"vision"}
+    assert "1 built, 15 cached" in result.stderr
 
 
 def start_export(root: Path, *overrides: str) -> subprocess.Popen:
@@ -163,16 +198,16 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 def test_killed_export_leaves_a_consistent_directory(tiny_export, tmp_path):
     root, directory = copy_export(tiny_export.directory, tmp_path)
     before = Manifest.load(directory)
-    change = "model.vision.n_layers=3"
+    change = ("model.vision.n_layers=3", "model.audio.n_layers=1")  # vision is built first, then audio
     # killed while an engine file is half-way in staging
-    proc = start_export(root, change)
+    proc = start_export(root, *change)
     wait_for(lambda: any(directory.glob(".tmp-*/*.onnx")))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert assert_consistent(directory).engines["vision"].key == before.engines["vision"].key
 
-    # killed after the vision engine was committed, before the static encoder and the manifest
-    proc = start_export(root, change)
+    # killed after the vision engine was committed, before the audio encoder and the manifest
+    proc = start_export(root, *change)
     wait_for(lambda: any(f.name.startswith("vision-") and f.suffix == ".json" and f.name != f"vision-{before.engines['vision'].key}.json"
                          for f in directory.iterdir()))
     proc.send_signal(signal.SIGKILL)
@@ -180,9 +215,9 @@ def test_killed_export_leaves_a_consistent_directory(tiny_export, tmp_path):
     assert assert_consistent(directory).to_json() == before.to_json()
 
     # the next export finishes the job, reusing the committed vision engine, and sweeps the staging
-    result = run_cli("pipeline", "export", f"engines_dir={root}", "export.progress=false", change)
+    result = run_cli("pipeline", "export", f"engines_dir={root}", "export.progress=false", *change)
     assert result.returncode == 0, result.stderr
-    assert "1 built, 17 cached" in result.stderr
+    assert "1 built, 15 cached" in result.stderr
     assert_consistent(directory)
     assert not list(directory.glob(".tmp-*"))
 
@@ -194,7 +229,7 @@ def test_concurrent_exports_queue_instead_of_colliding(tiny_export, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs
     stderr = [err for _, err in outputs]
     assert sum("waiting for another export" in err for err in stderr) == 1
-    assert sum("2 built" in err for err in stderr) == 1 and sum("0 built" in err for err in stderr) == 1
+    assert sum("1 built" in err for err in stderr) == 1 and sum("0 built" in err for err in stderr) == 1
     assert_consistent(directory)
 
 

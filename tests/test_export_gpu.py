@@ -1,4 +1,5 @@
-"""The export and the engine chain on a CUDA GPU with ONNX Runtime's CUDA provider (fp16)."""
+"""The export, the engine chain and captured decode steps on a CUDA GPU with ONNX Runtime's CUDA provider (fp16):
+GroupQueryAttention has no fp32 CUDA kernel, so these engines are exported on the GPU."""
 from __future__ import annotations
 
 import pytest
@@ -31,29 +32,62 @@ def cuda_export(tmp_path_factory):
 @requires_gpu
 def test_fp16_export_validates_on_cuda(cuda_export):
     engines = cuda_export.manifest.engines
-    assert cuda_export.manifest.dtype == "fp16" and len(engines) == 18
+    assert cuda_export.manifest.dtype == "fp16" and len(engines) == 16
     assert max(e.max_rel_error for e in engines.values()) <= 2e-2
+
+
+def stepper_on_cuda(directory, graphs: bool, max_batch: int = 4):
+    from runtime.engines import EngineSet
+    from runtime.step import Stepper
+
+    engines = EngineSet(directory, placement=lambda e: "cuda:0", cuda_graphs=graphs)
+    return Stepper(engines, max_batch=max_batch, capacity=128, cuda_graphs=graphs)
 
 
 @requires_gpu
 @pytest.mark.parametrize("exit_layer, modalities", [(6, ["text"]), (12, ["text", "image"]), (24, ["text", "image", "audio"])])
 def test_chain_on_cuda_matches_eager(cuda_export, exit_layer, modalities):
     from model.autoglm import build_model
-    from runtime.chain import PathRunner
-    from runtime.engines import EngineSet
 
-    engines = EngineSet(cuda_export.directory, placement=lambda e: "cuda:0")
+    stepper = stepper_on_cuda(cuda_export.directory, graphs=False)
     model = build_model(compose_export(["model=tiny"]).model, "cuda", torch.float16)  # same seed, same CUDA generator
-    runner = PathRunner(engines, engines.manifest.path(exit_layer, modalities))
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, 512, (1, 9), device="cuda", generator=g)
     pixels = torch.randn(1, 3, 224, 224, device="cuda", generator=g, dtype=torch.float16) if "image" in modalities else None
     mel = torch.randn(1, 80, 32, device="cuda", generator=g, dtype=torch.float16) if "audio" in modalities else None
-    state = runner.empty_state(1, runner.encode(pixels, mel))
-    got = runner.step(state, prompt)
+    media = stepper.encode(pixels, mel, static=False) if len(modalities) > 1 else None
     with torch.inference_mode():
-        media, mask = model.encode_media(pixels, mel)
-        want = model(prompt, exit_layer, media, mask)[:, -1]
+        got, _ = stepper.prefill("a", prompt[0].tolist(), [6, 12, 18, 24].index(exit_layer) + 1, media)
+        eager_media, mask = model.encode_media(pixels, mel)
+        want = model(prompt, exit_layer, eager_media, mask)[:, -1]
     assert got.device.type == "cuda"
     err = (got.float() - want.float()).abs().max() / want.float().abs().max()
     assert err < 2e-2, f"relative error {err:.3g}"
+
+
+@requires_gpu
+def test_captured_decode_steps_replay_the_uncaptured_ones(cuda_export):
+    """Greedy tokens of three sequences on different depths, 16 steps, with and without CUDA graphs
+    (the captured run pads three rows to the batch-4 bucket); one leaves half-way."""
+    from runtime.step import Row
+
+    tokens = {}
+    for graphs in (False, True):
+        stepper = stepper_on_cuda(cuda_export.directory, graphs)
+        with torch.inference_mode():
+            stepper.capture()
+            rows = {}
+            for key, depth, prompt in (("a", 1, [5, 6, 7]), ("b", 4, [9, 8, 7, 6, 5]), ("c", 2, [3])):
+                logits, _ = stepper.prefill(key, prompt, depth, None)
+                rows[key] = Row(key, depth, int(logits.argmax()))
+            out = {k: [] for k in rows}
+            for step in range(16):
+                if step == 8:
+                    stepper.release("c")
+                    del rows["c"]
+                keys, logits = stepper.decode(list(rows.values()))
+                for key, token in zip(keys, logits.argmax(-1).tolist()):
+                    rows[key].token = token
+                    out[key].append(token)
+        tokens[graphs] = out
+    assert tokens[True] == tokens[False]

@@ -420,8 +420,10 @@ def test_stats_and_metrics(server):
 def test_static_mode_runs_the_full_graph_for_everything(static_server, tiny_model):
     body, headers = chat(static_server, [{"role": "user", "content": TEXT[6]}], max_tokens=6, temperature=0)
     assert headers["x-dyngraph-path"] == "static"
-    assert body["dyngraph"] == {"path": "static", "exit_layer": 24, "modalities": ["text"], "engines": ["static.encode", "static.decode"],
-                                "devices": {"static.encode": "cpu", "static.decode": "cpu"}, "mode": "static"}
+    every = ["vision", "audio", *(f"cross_kv.{k}" for k in range(4)), "embed",
+             *(f"{e}.{k}" for k in range(4) for e in ("cross_attn", "segment")), "lm_head"]
+    assert body["dyngraph"] == {"path": "static", "exit_layer": 24, "modalities": ["text"], "engines": every,
+                                "devices": dict.fromkeys(every, "cpu"), "mode": "static"}
     assert body["choices"][0]["message"]["content"] == eager_text(tiny_model, TEXT[6], 24, 6)[0]
     body, _ = chat(static_server, user("look and listen", image_part(png_url()), audio_part(wav_b64(0.3))), max_tokens=3)
     assert body["dyngraph"]["path"] == "static" and body["dyngraph"]["modalities"] == ["text", "image", "audio"]

@@ -50,15 +50,16 @@ def test_segment_gets_a_prefill_and_a_decode_profile(cut, tiny_config):
     prefill, decode = profiles(spec, dims)
     t = tiny_config.text
     L = t.segment_bounds[0][1] - t.segment_bounds[0][0]
-    B, S, P = dims["batch"], dims["seq"], dims["past"]
+    B, S, C = dims["batch"], dims["seq"], dims["capacity"]
     assert prefill["hidden"] == ((1, 2, t.dim), (B.opt, S.opt, t.dim), (limits.max_batch, limits.max_seq, t.dim))
     assert decode["hidden"] == ((1, 1, t.dim), (B.opt, 1, t.dim), (limits.max_batch, 1, t.dim))
-    assert prefill["position_ids"] == ((1, 2), (B.opt, S.opt), (limits.max_batch, limits.max_seq))
-    for profile in (prefill, decode):  # the cache may be empty: past from 0
-        assert profile["kv_mask"] == ((1, 0), (B.opt, P.opt), (limits.max_batch, limits.max_context))
-        assert profile["kv"] == ((L, 2, 1, t.n_kv_heads, 0, t.head_dim), (L, 2, B.opt, t.n_kv_heads, P.opt, t.head_dim),
-                                 (L, 2, limits.max_batch, t.n_kv_heads, limits.max_context, t.head_dim))
-    assert set(prefill) == set(decode) == {"hidden", "position_ids", "kv_mask", "kv"}
+    assert prefill["seqlens_k"] == decode["seqlens_k"] == ((1,), (B.opt,), (limits.max_batch,))
+    for profile in (prefill, decode):  # the in-place cache: one capacity per runtime, any up to the context
+        assert profile["total_sequence_length"] == ((), (), ())
+        assert profile["past_key.0"] == ((1, t.n_kv_heads, C.min, t.head_dim), (B.opt, t.n_kv_heads, C.opt, t.head_dim),
+                                         (limits.max_batch, t.n_kv_heads, limits.max_context, t.head_dim))
+    cache = {f"past_{kv}.{i}" for i in range(L) for kv in ("key", "value")}
+    assert set(prefill) == set(decode) == {"hidden", "seqlens_k", "total_sequence_length", *cache}
 
 
 def test_every_profile_is_ordered_and_holds_the_validation_sizes(cut):
@@ -97,21 +98,18 @@ def test_odd_dims_are_rounded_onto_multiples():
     assert profile["mel"] == ((1, 80, 8), (2, 80, 24), (4, 80, 96))
 
 
-def test_engines_without_seq_and_the_static_ones(cut):
+def test_engines_without_seq(cut):
     specs, dims, limits = cut
-    for name in ("vision", "audio", "cross_kv.0", "lm_head", "static.encode"):
+    for name in ("vision", "audio", "cross_kv.0", "lm_head"):
         assert profile_phases(specs[name], dims) == ["all"], name
         assert len(profiles(specs[name], dims)) == 1
-    (encode,) = profiles(specs["static.encode"], dims)
-    lo, opt, hi = encode["mel"]
-    assert lo[1:] == opt[1:] == hi[1:]  # static inputs: only the batch moves
+    (vision,) = profiles(specs["vision"], dims)
+    lo, opt, hi = vision["pixel_values"]
+    assert lo[1:] == opt[1:] == hi[1:]  # fixed-size images: only the batch moves
     assert (lo[0], hi[0]) == (1, limits.max_batch)
-    prefill, decode = profiles(specs["static.decode"], dims)
+    prefill, decode = profiles(specs["embed"], dims)
     assert prefill["input_ids"] == ((1, 2), (dims["batch"].opt, dims["seq"].opt), (limits.max_batch, limits.max_seq))
     assert decode["input_ids"] == ((1, 1), (dims["batch"].opt, 1), (limits.max_batch, 1))
-    assert prefill["cross_kv"] == decode["cross_kv"]
-    lo, _, hi = prefill["cross_kv"]
-    assert lo[0] == hi[0] and lo[3:] == hi[3:]  # segments, heads, media tokens and head size are fixed
 
 
 def test_max_seq_one_leaves_only_the_decode_profile(tiny_config):

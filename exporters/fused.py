@@ -1,0 +1,121 @@
+"""A GLM segment as ONNX Runtime's fused operators, the way its LLM model builder writes decoders.
+
+Tracing the eager segment gives ONNX Runtime a few dozen small kernels per layer and a cache that
+grows by concatenation; this graph gives it, per layer:
+
+  SkipSimplifiedLayerNormalization   residual add + RMSNorm in one kernel (the residual comes out too)
+  MatMul (+ Add)                     q, k and v packed into one matrix, GLM's biases in one add
+  GroupQueryAttention                GLM's rotary inside (interleaved pairs, first half of each head,
+                                     from cos/sin caches), the new keys/values written into the
+                                     past buffers in place, attention over each row's own length
+  MatMul, SkipSimplifiedLayerNorm    o projection, then the residual and the MLP's norm
+  MatMul, Split, Sigmoid, Mul, Mul   gate and up in one matrix, SwiGLU
+  MatMul                             down projection
+
+and after the last layer one more SkipSimplifiedLayerNormalization: the residual (hidden_out) and
+the exit norm of every position, of which the last is the exit's hidden state. GroupQueryAttention
+has CUDA and CPU kernels, so CI runs the same graph as the GPU. Weights are stored transposed
+([in, out]) as MatMul reads them; the inputs and outputs are exactly the segment's EngineSpec.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from model.glm import Segment
+from pipeline.engines import EngineSpec
+
+ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+              torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL}
+MS = "com.microsoft"
+
+
+def initializer(name: str, t: torch.Tensor) -> TensorProto:
+    t = t.detach().contiguous().cpu()
+    raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+    return helper.make_tensor(name, ONNX_TYPES[t.dtype], list(t.shape), raw, raw=True)
+
+
+def rotary_caches(segment: Segment, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [positions, rot/2] of GLM's rotary: frequency i turns the pair (2i, 2i + 1)."""
+    a = segment.args
+    rot = int(a.head_dim * a.partial_rotary_factor)
+    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+    freqs = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [P, rot/2]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int) -> onnx.ModelProto:
+    segment: Segment = spec.module.segment
+    a = segment.args
+    eps = a.norm_eps
+    float_type = ONNX_TYPES[dtype]
+    nodes, inits = [], []
+
+    def weight(name: str, t: torch.Tensor) -> str:
+        inits.append(initializer(name, t.to(dtype)))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
+        nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0] or f"{op}_{len(nodes)}", domain=domain or None, **attrs))
+        return outputs
+
+    cos, sin = rotary_caches(segment, max_positions, dtype)
+    weight("cos_cache", cos)
+    weight("sin_cache", sin)
+    ffn = a.ffn_dim
+    inits.append(helper.make_tensor("gate_up_split", TensorProto.INT64, [2], [ffn, ffn]))
+    inits.append(helper.make_tensor("last_position", TensorProto.INT64, [], [-1]))
+
+    h, branch = "hidden", None  # the residual stream, and the branch output still to be added to it
+    for i, layer in enumerate(segment.layers):
+        p = f"layers.{i}."
+        attn = layer.self_attn
+        ln1 = weight(p + "input_layernorm.weight", layer.input_layernorm.weight)
+        if branch is None:
+            (x,) = node("SimplifiedLayerNormalization", [h, ln1], [p + "attn_in"], axis=-1, epsilon=eps)
+        else:
+            x, _, _, h = node("SkipSimplifiedLayerNormalization", [branch, h, ln1], [p + "attn_in", "", "", p + "residual_in"],
+                              MS, epsilon=eps)
+        w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t()  # [D, (H + 2 Hkv) hd]
+        (qkv,) = node("MatMul", [x, weight(p + "qkv_proj.weight.T", w_qkv)], [p + "qkv"])
+        if attn.q_proj.bias is not None:
+            b_qkv = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            (qkv,) = node("Add", [qkv, weight(p + "qkv_proj.bias", b_qkv)], [p + "qkv_biased"])
+        past_key, past_value = f"past_key.{i}", f"past_value.{i}"
+        (ctx, _, _) = node("GroupQueryAttention",
+                           [qkv, "", "", past_key, past_value, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+                           [p + "attn", f"present_key.{i}", f"present_value.{i}"], MS,
+                           num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1, rotary_interleaved=1,
+                           scale=a.head_dim ** -0.5)
+        (o,) = node("MatMul", [ctx, weight(p + "o_proj.weight.T", attn.o_proj.weight.t())], [p + "attn_out"])
+        ln2 = weight(p + "post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
+        x, _, _, h = node("SkipSimplifiedLayerNormalization", [o, h, ln2], [p + "mlp_in", "", "", p + "residual_mid"], MS, epsilon=eps)
+        (gu,) = node("MatMul", [x, weight(p + "gate_up_proj.weight.T", layer.mlp.gate_up_proj.weight.t())], [p + "gate_up"])
+        gate, up = node("Split", [gu, "gate_up_split"], [p + "gate", p + "up"], axis=-1)
+        (sig,) = node("Sigmoid", [gate], [p + "gate_sigmoid"])
+        (silu,) = node("Mul", [gate, sig], [p + "gate_silu"])
+        (act,) = node("Mul", [silu, up], [p + "act"])
+        (branch,) = node("MatMul", [act, weight(p + "down_proj.weight.T", layer.mlp.down_proj.weight.t())], [p + "mlp_out"])
+    exit_w = weight("exit_norm.weight", segment.exit_norm.weight)
+    node("SkipSimplifiedLayerNormalization", [branch, h, exit_w], ["exit_all", "", "", "hidden_out"], MS, epsilon=eps)
+    node("Gather", ["exit_all", "last_position"], ["exit_hidden"], axis=1)
+
+    def value_info(t) -> onnx.ValueInfoProto:
+        elem = float_type if t.dtype == "float" else ONNX_TYPES[{"int64": torch.int64, "int32": torch.int32, "bool": torch.bool}[t.dtype]]
+        return helper.make_tensor_value_info(t.name, elem, [d if isinstance(d, int) else d.replace("+", "_") for d in t.shape])
+
+    graph = helper.make_graph(nodes, spec.graph, [value_info(t) for t in spec.inputs], [value_info(t) for t in spec.outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                             producer_name="dyngraph")
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    if external:  # past protobuf's 2 GB: the weights go into <name>.onnx.data beside it
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))

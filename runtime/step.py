@@ -1,0 +1,290 @@
+"""The step functions: a request's encode and prefill, and one decode step of every sequence.
+
+Every sequence in flight holds a row in the cache of each segment it reaches (runtime.kv). A
+decode step runs each engine once for all the rows that reach it, whatever their paths:
+
+  input ids [n0, 1] -> embed -> segment.0 over the n0 rows of its cache
+    -> the rows going deeper, in segment.1's row order (one index_select), cross-attention first
+       for those with media -> segment.1 -> ... ; each segment's exit rows are copied into the
+       head's input in segment 0's row order
+  -> lm_head [n0, V] -> sampling on the device -> one copy of the new ids to the host
+
+Nothing is concatenated or allocated per step. With CUDA graphs, the embedding, the segments and
+the head run from buffers kept per batch size (a bucket: 1, 2, 4, ... up to max_batch, the rows
+rounded up to it), each replaying the graph ONNX Runtime captured for those buffers; the spare
+rows of a bucket are cache rows no sequence holds. The cross-attention blocks, whose media length
+varies per request, run uncaptured. A prompt's prefill runs uncaptured too, one sequence at a time
+(GroupQueryAttention takes several new tokens after a past for one row only), in chunks of at
+most the export's `seq`, segment by segment so that the confidence policy can stop at an exit.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.engines import EXPORT_DTYPES, total_sequence_length
+from pipeline.manifest import Manifest
+from runtime.engines import EngineSet
+from runtime.kv import SegmentCache
+
+SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes decode steps are captured at: powers of two, and max_batch itself."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return [*sizes, max_batch]
+
+
+def bucket_for(n: int, buckets: list[int] | None) -> int:
+    """The captured batch size that n rows run at (n itself without graphs)."""
+    if buckets is None:
+        return n
+    return next(b for b in buckets if b >= n)
+
+
+@dataclass
+class Media:
+    """A request's media: tokens (until prefill has made every block's keys/values), mask, keys/values per block."""
+
+    mask: torch.Tensor  # [1, M] bool
+    tokens: torch.Tensor | None = None  # [1, M, D]
+    cross_kv: dict[int, torch.Tensor] = field(default_factory=dict)  # block k -> [2, 1, Hkv, M, hd]
+
+
+@dataclass(eq=False)
+class Row:
+    """What a decode step needs of one sequence."""
+
+    key: Hashable
+    depth: int  # segments it runs
+    token: int  # its next input id
+    media: Media | None = None
+
+
+class Stepper:
+    def __init__(self, engines: EngineSet, max_batch: int, capacity: int, cuda_graphs: bool):
+        self.engines = engines
+        manifest: Manifest = engines.manifest
+        self.manifest = manifest
+        self.dtype = EXPORT_DTYPES[manifest.dtype]
+        text = manifest.model["config"]["text"]
+        self.n_segments = len(text["exit_layers"])
+        self.dim, self.vocab = text["dim"], text["vocab_size"]
+        self.capacity = capacity
+        self.chunk = manifest.dims["seq"]["max"]
+        self.head_device = engines.device("lm_head")
+        self.caches = []
+        for k in range(self.n_segments):
+            past = next(t for t in manifest.engines[f"segment.{k}"].inputs if t["name"] == "past_key.0")
+            _, kv_heads, _, head_dim = past["shape"]
+            first, end = manifest.engines[f"segment.{k}"].layers
+            self.caches.append(SegmentCache(end - first, max_batch, kv_heads, capacity, head_dim, self.dtype,
+                                            engines.device(f"segment.{k}")))
+        self.buckets = batch_buckets(max_batch) if cuda_graphs else None
+        self.buffers: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.decode_total = torch.tensor(capacity, dtype=torch.int32)  # a CPU input of the engine, one address for every replay
+        self.layout_key: tuple | None = None
+        self.layout: dict = {}
+        self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
+        self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
+
+    # --- encode: once per request ---------------------------------------------------------------
+
+    def encode(self, pixel_values: torch.Tensor | None, mel: torch.Tensor | None, static: bool) -> Media:
+        """Media tokens [1, M, D]: the image's, then the audio's. The static graph always runs both
+        encoders, on placeholders where a modality is absent (masked, so the answer is unchanged)."""
+        parts, masks = [], []
+        records = self.manifest.engines
+        if pixel_values is not None or static:
+            images = pixel_values if pixel_values is not None else torch.zeros(1, 3, *records["vision"].inputs[0]["shape"][2:])
+            tokens = self.engines.run("vision", {"pixel_values": images.to(self.dtype)})["image_tokens"]
+            tokens = tokens.reshape(1, -1, tokens.shape[-1])  # several images follow each other
+            parts.append(tokens)
+            masks.append(torch.full(tokens.shape[:2], pixel_values is not None))
+        if mel is not None or static:
+            frames = 0 if mel is None else mel.shape[-1]
+            if static:  # the full length the encoder was exported for, silence past the real audio
+                n_mels = records["audio"].inputs[0]["shape"][1]
+                full = torch.full((1, n_mels, self.manifest.dims["audio_frames"]["max"]), SILENCE_LOG_MEL)
+                if mel is not None:
+                    full[..., :frames] = mel
+                mel = full
+            tokens = self.engines.run("audio", {"mel": mel.to(self.dtype)})["audio_tokens"]
+            per_token = self.manifest.dims["audio_frames"]["multiple"]
+            mask = torch.zeros(tokens.shape[:2], dtype=torch.bool)
+            mask[:, :frames // per_token] = True
+            parts.append(tokens)
+            masks.append(mask)
+        device = parts[0].device
+        return Media(torch.cat(masks, dim=1).to(device), torch.cat([p.to(device) for p in parts], dim=1))
+
+    # --- prefill: one sequence, segment by segment ----------------------------------------------------
+
+    def prefill(self, key: Hashable, prompt_ids: list[int], depth: int, media: Media | None,
+                stop: Callable[[torch.Tensor, int], bool] | None = None) -> tuple[torch.Tensor, int]:
+        """Fill the sequence's rows with its prompt; logits [1, V] of the last position at the exit, and
+        the depth reached: `depth` segments, or fewer where `stop(logits, segments run)` says so."""
+        device = self.engines.device("embed")
+        prompt = torch.tensor([prompt_ids], device=device)
+        spans = [(a, min(a + self.chunk, len(prompt_ids))) for a in range(0, len(prompt_ids), self.chunk)]
+        hidden = [self.engines.run("embed", {"input_ids": prompt[:, a:b]})["hidden"] for a, b in spans]
+        for k in range(depth):
+            cache = self.caches[k]
+            row = cache.add(key)
+            if media is not None:
+                media.cross_kv[k] = self.engines.run(f"cross_kv.{k}", {"media": media.tokens})["cross_kv"]
+            for c, (a, b) in enumerate(spans):
+                h = hidden[c]
+                if media is not None:
+                    h = self.cross_attention(k, h, media.cross_kv[k], media.mask)
+                seqlens = torch.tensor([b - 1], dtype=torch.int32, device=cache.device)
+                out = self.engines.run(f"segment.{k}", {
+                    "hidden": h, "seqlens_k": seqlens,
+                    "total_sequence_length": torch.tensor(total_sequence_length(b - a, self.capacity, seqlens), dtype=torch.int32),
+                    **cache.feeds(slice(row, row + 1))})
+                hidden[c] = out["hidden_out"]
+            cache.lengths[row] = len(prompt_ids)
+            if stop is not None and k + 1 < depth:
+                logits = self.head(out["exit_hidden"])
+                if stop(logits, k + 1):
+                    depth = k + 1
+                    break
+        else:
+            logits = self.head(out["exit_hidden"])
+        if media is not None:
+            media.tokens = None  # decode steps need only the keys/values
+        return logits, depth
+
+    def cross_attention(self, k: int, hidden: torch.Tensor, cross_kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.engines.run(f"cross_attn.{k}", {"hidden": hidden, "cross_kv": cross_kv, "media_mask": mask})["hidden_out"]
+
+    def head(self, exit_hidden: torch.Tensor) -> torch.Tensor:
+        return self.engines.run("lm_head", {"exit_hidden": exit_hidden})["logits"]
+
+    def release(self, key: Hashable) -> None:
+        for cache in self.caches:
+            if key in cache.members:
+                cache.remove(key)
+
+    # --- decode: one step of every sequence --------------------------------------------------------
+
+    def decode(self, rows: list[Row]) -> tuple[list[Hashable], torch.Tensor]:
+        """One token of every sequence in flight: (their keys in segment 0's row order, logits [n, V] in that order)."""
+        by_key = {r.key: r for r in rows}
+        layout = self.plan(by_key)
+        keys = self.caches[0].members
+        n0 = len(keys)
+        b0 = bucket_for(n0, self.buckets)
+        embed = self.buffer("embed", b0)
+        head = self.buffer("lm_head", b0)
+        host = self.token_host[:n0]
+        host.copy_(torch.tensor([by_key[k].token for k in keys]))
+        embed["input_ids"][:n0, 0].copy_(host, non_blocking=True)
+        self.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
+        hidden = embed["hidden"]
+        for k, cache in enumerate(self.caches):
+            n = len(cache.members)
+            if n == 0:
+                break
+            b = bucket_for(n, self.buckets)
+            seg = self.buffer(f"segment.{k}", b)
+            x = seg["hidden"] if k else hidden
+            if k:  # the rows going on, in this segment's row order
+                torch.index_select(hidden.to(cache.device), 0, layout["from_previous"][k], out=x[:n])
+            if layout["media_rows"][k] is not None:
+                index, members = layout["media_rows"][k]
+                media = self.block_media(k, [by_key[m] for m in members])
+                x[index] = self.cross_attention(k, x[index], media["cross_kv"], media["media_mask"]).to(x.device)
+            self.run_captured(f"segment.{k}", {"hidden": x, "seqlens_k": cache.lengths[:b], "total_sequence_length": self.decode_total,
+                                              **cache.feeds(slice(0, b))},
+                              {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
+            cache.lengths[:n] += 1
+            if layout["exits"][k] is not None:
+                src, dst = layout["exits"][k]
+                head["exit_hidden"].index_copy_(0, dst, seg["exit_hidden"].index_select(0, src).to(self.head_device))
+            hidden = seg["hidden_out"]
+        self.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
+        return list(keys), head["logits"][:n0]
+
+    def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        self.engines.session(name).run(feeds, outputs, graph=self.buckets is not None)
+
+    def plan(self, rows: dict[Hashable, Row]) -> dict:
+        """Index tensors of this membership (rebuilt only when a sequence joins or leaves): each
+        segment's rows in the previous one's order, its rows with media, its exits' rows and where
+        their hidden states go in the head's input (segment 0's order)."""
+        key = tuple(tuple(c.members) for c in self.caches)
+        if key == self.layout_key:
+            return self.layout
+        first = {k: i for i, k in enumerate(self.caches[0].members)}
+        layout = {"from_previous": {}, "media_rows": {}, "exits": {}}
+        for k, cache in enumerate(self.caches):
+            device = cache.device
+            if k:
+                previous = {m: i for i, m in enumerate(self.caches[k - 1].members)}
+                layout["from_previous"][k] = torch.tensor([previous[m] for m in cache.members], device=device)
+            media = [i for i, m in enumerate(cache.members) if rows[m].media is not None]
+            layout["media_rows"][k] = (torch.tensor(media, device=device), [cache.members[i] for i in media]) if media else None
+            exits = [i for i, m in enumerate(cache.members) if rows[m].depth == k + 1]
+            layout["exits"][k] = (torch.tensor(exits, device=device),
+                                  torch.tensor([first[cache.members[i]] for i in exits], device=self.head_device)) if exits else None
+        self.layout_key, self.layout = key, layout
+        return layout
+
+    def buffer(self, name: str, batch: int) -> dict[str, torch.Tensor]:
+        """An engine's decode-step inputs and outputs at one batch size, kept for its captured graph."""
+        if (name, batch) not in self.buffers:
+            device = self.engines.device(name)
+            f = dict(dtype=self.dtype, device=device)
+            if name == "embed":
+                bufs = {"input_ids": torch.zeros(batch, 1, dtype=torch.int64, device=device), "hidden": torch.zeros(batch, 1, self.dim, **f)}
+            elif name == "lm_head":
+                bufs = {"exit_hidden": torch.zeros(batch, self.dim, **f), "logits": torch.zeros(batch, self.vocab, **f)}
+            else:
+                bufs = {"hidden": torch.zeros(batch, 1, self.dim, **f), "hidden_out": torch.zeros(batch, 1, self.dim, **f),
+                        "exit_hidden": torch.zeros(batch, self.dim, **f)}
+            self.buffers[name, batch] = bufs
+        return self.buffers[name, batch]
+
+    def block_media(self, k: int, rows: list[Row]) -> dict:
+        """Block k's media keys/values for these rows, padded to the longest media; kept while the rows stay the same."""
+        if len(rows) == 1:
+            return {"cross_kv": rows[0].media.cross_kv[k], "media_mask": rows[0].media.mask}
+        key = tuple(r.key for r in rows)
+        cached = self.media_batches.get(k)
+        if cached and cached[0] == key:
+            return cached[1]
+        length = max(r.media.mask.shape[1] for r in rows)
+        media = {"cross_kv": torch.cat([pad_to(r.media.cross_kv[k], 3, length) for r in rows], dim=1),
+                 "media_mask": torch.cat([pad_to(r.media.mask, 1, length) for r in rows])}
+        self.media_batches[k] = (key, media)
+        return media
+
+    def capture(self) -> None:
+        """Capture every bucket's decode graphs now, on spare rows, rather than in the first requests' steps."""
+        if self.buckets is None:
+            return
+        # ONNX Runtime runs a graph id uncaptured first and captures it at a later run: twice each
+        for b in [b for b in self.buckets for _ in range(2)]:
+            embed, head = self.buffer("embed", b), self.buffer("lm_head", b)
+            self.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
+            for k, cache in enumerate(self.caches):
+                seg = self.buffer(f"segment.{k}", b)
+                self.run_captured(f"segment.{k}", {"hidden": embed["hidden"] if k == 0 else seg["hidden"],
+                                                  "seqlens_k": cache.lengths[:b], "total_sequence_length": self.decode_total,
+                                                  **cache.feeds(slice(0, b))},
+                                  {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
+            self.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
+        torch.cuda.synchronize()
+
+
+def pad_to(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Zero/False-pad dimension `dim` of t up to `length`."""
+    if t.shape[dim] == length:
+        return t
+    shape = list(t.shape)
+    shape[dim] = length - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)

@@ -1,0 +1,141 @@
+"""Where a decode step's time goes, on one GPU, through the runtime's own step functions.
+
+For each path (exit 6 and full depth, text) and batch size: the time of a whole decode step as the
+server runs it (runtime.step.Stepper.decode, then the greedy argmax and the one copy of the new ids
+to the host), the time of its engines alone (the same captured graphs replayed back to back, CUDA
+events), and the roofline (the weights a step reads over the copy bandwidth measured now). The
+difference between the first two is the runtime around the engines. Also the time to first token
+of a 512-token prompt (prefill and head, one sequence), and the step without CUDA graphs.
+
+Run on the GPU host after an export:
+    python3 scripts/decode_profile.py ENGINES_DIR/phone-9b/onnx --out profile.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from pipeline.baseline import copy_bandwidth, step_weight_bytes
+from pipeline.config import RooflineSettings
+from runtime.engines import EngineSet
+from runtime.step import Row, Stepper, bucket_for
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def synced_ms(fn, iters: int) -> list[float]:
+    out = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        out.append(1e3 * (time.perf_counter() - start))
+    return out
+
+
+def engines_alone_ms(stepper: Stepper, depth: int, batch: int, iters: int) -> float:
+    """The step's captured engine graphs replayed back to back, nothing between them."""
+    b = bucket_for(batch, stepper.buckets)
+    embed, head = stepper.buffer("embed", b), stepper.buffer("lm_head", b)
+
+    def replay():
+        stepper.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
+        for k in range(depth):
+            seg, cache = stepper.buffer(f"segment.{k}", b), stepper.caches[k]
+            stepper.run_captured(f"segment.{k}", {"hidden": embed["hidden"] if k == 0 else seg["hidden"], "seqlens_k": cache.lengths[:b],
+                                                 "total_sequence_length": stepper.decode_total, **cache.feeds(slice(0, b))},
+                                 {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
+        stepper.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
+
+    for _ in range(3):
+        replay()
+    return statistics.median(synced_ms(replay, iters))
+
+
+def profile(stepper: Stepper, depth: int, batch: int, prompt: int, steps: int, alone: bool) -> dict:
+    g = torch.Generator().manual_seed(depth * 100 + batch)
+    vocab = stepper.vocab
+    rows, ttft = [], None
+    for i in range(batch):
+        ids = torch.randint(0, vocab, (prompt,), generator=g).tolist()
+        sync()
+        start = time.perf_counter()
+        logits, _ = stepper.prefill(i, ids, depth, None)
+        token = int(logits.argmax())  # the first token reaches the host: what a client waits for
+        if i == 0:
+            ttft = 1e3 * (time.perf_counter() - start)
+        rows.append(Row(i, depth, token))
+
+    by_key = {r.key: r for r in rows}
+
+    def step():
+        keys, logits = stepper.decode(rows)
+        for key, token in zip(keys, logits.argmax(-1).tolist()):  # the one copy of the new ids to the host
+            by_key[key].token = token
+
+    times = synced_ms(step, 3 + steps)[3:]
+    result = {"depth_segments": depth, "batch": batch, "prompt_tokens": prompt, "ttft_ms": ttft,
+              "step_ms_median": statistics.median(times), "step_ms_p90": sorted(times)[int(0.9 * len(times))]}
+    if alone:
+        result["engines_alone_ms"] = engines_alone_ms(stepper, depth, batch, steps)
+    for i in range(batch):
+        stepper.release(i)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("engines")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--capacity", type=int, default=2048)
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    max_batch = max(args.batches)
+    bandwidth = copy_bandwidth(args.device, RooflineSettings())
+    report = {"bandwidth_bytes_per_s": bandwidth.bytes_per_s, "rows": []}
+    with torch.inference_mode():
+        for graphs in (True, False) if args.device.startswith("cuda") else (False,):
+            engines = EngineSet(args.engines, placement=lambda e: args.device, verify=False, cuda_graphs=graphs)
+            manifest = engines.manifest
+            exits = manifest.model["config"]["text"]["exit_layers"]
+            stepper = Stepper(engines, max_batch, args.capacity, cuda_graphs=graphs)
+            for name in dict.fromkeys(n for e in (exits[0], exits[-1]) for n in manifest.path(e, ["text"]).step):
+                engines.session(name)
+            stepper.capture()
+            for exit_layer in (exits[0], exits[-1]):
+                path = manifest.path(exit_layer, ["text"])
+                roofline_ms = 1e3 * step_weight_bytes(manifest, path) / bandwidth.bytes_per_s
+                # without graphs on a GPU, batch 1 only: the comparison that says what capture buys
+                for batch in args.batches if graphs or not args.device.startswith("cuda") else [1]:
+                    row = profile(stepper, exits.index(exit_layer) + 1, batch, args.prompt, args.steps, alone=True)
+                    row |= {"path": path.name, "cuda_graphs": graphs, "roofline_ms": roofline_ms,
+                            "roofline_fraction": roofline_ms / row["step_ms_median"]}
+                    report["rows"].append(row)
+                    print(json.dumps(row), flush=True)
+            del stepper, engines
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    print(f"\ncopy bandwidth {bandwidth.bytes_per_s / 1e12:.2f} TB/s")
+    print(f"{'path':<12} {'graphs':>6} {'batch':>5} {'step ms':>8} {'engines ms':>10} {'other ms':>8} {'roofline':>8} {'fraction':>8} {'TTFT ms':>8}")
+    for r in report["rows"]:
+        step, alone = r["step_ms_median"], r["engines_alone_ms"]
+        print(f"{r['path']:<12} {str(r['cuda_graphs']):>6} {r['batch']:>5} {step:>8.2f} {alone:>10.2f} {step - alone:>8.2f} "
+              f"{r['roofline_ms']:>8.2f} {r['roofline_fraction']:>8.0%} {r['ttft_ms']:>8.1f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
