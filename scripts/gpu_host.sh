@@ -2,6 +2,8 @@
 # How the GPU figures under bench_results/ were made: run from the repository root on a GPU host
 # after `bash .gpuhost/install.sh` (which puts hydra, fastapi, onnxruntime-gpu... in /tmp/site).
 #   scripts/gpu_host.sh export              phone-9b, fp16, CUDA, into $ENGINES (log in $OUT)
+#   scripts/gpu_host.sh gputests            the GPU tests (a tiny fp16 export on CUDA, captured decode steps)
+#   scripts/gpu_host.sh profile [ARGS]      where a decode step's time goes (scripts/decode_profile.py)
 #   scripts/gpu_host.sh probe PLACEMENT     serve it (one_gpu | two_gpu), one request per path, /stats
 #   scripts/gpu_host.sh bench PLACEMENT [OVERRIDES]  start the default-mix benchmark detached (it outlives the call)
 #   scripts/gpu_host.sh wait [SECONDS]      wait for it, then pack the report into $OUT/bench.tgz
@@ -36,6 +38,11 @@ export)
   start=$(date +%s)
   python3 -m pipeline export "${MODEL[@]}" export.progress=false 2>&1 | tee "$OUT/export.log"
   echo "export wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/export.log" ;;
+gputests)
+  python3 -m pytest tests/test_export_gpu.py -q -rs 2>&1 | tee "$OUT/gpu-tests.log" ;;
+profile)
+  shift
+  python3 scripts/decode_profile.py "$ENGINES/phone-9b/onnx" --out "$OUT/decode-profile.json" "$@" 2>&1 | tee "$OUT/decode-profile.log" ;;
 probe)
   placement=$2 port=8123
   start=$(date +%s)
@@ -62,5 +69,5 @@ wait)
   cp /tmp/bench.log "$OUT/"
   [ -d /tmp/bench_results ] && tar czf "$OUT/bench.tgz" -C /tmp/bench_results . ;;
 *)
-  sed -n 2,8p "$0"; exit 2 ;;
+  sed -n 2,10p "$0"; exit 2 ;;
 esac
