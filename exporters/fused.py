@@ -33,10 +33,37 @@ ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT
 MS = "com.microsoft"
 
 
-def initializer(name: str, t: torch.Tensor) -> TensorProto:
-    t = t.detach().contiguous().cpu()
-    raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-    return helper.make_tensor(name, ONNX_TYPES[t.dtype], list(t.shape), raw, raw=True)
+IR_VERSION = 10  # what ONNX Runtime 1.20 and later load (onnx 1.18+ writes 11 and up by default)
+EXTERNAL_ALIGN = 4096  # weights start on page boundaries in the .data file, so ONNX Runtime can map them
+
+
+class Weights:
+    """Initializers, written as they are made: into the model (small engines) or straight into
+    `<model>.onnx.data` beside it (past protobuf's 2 GB), with no second copy of the bytes."""
+
+    def __init__(self, data_path: Path | None):
+        self.data_path = data_path
+        self.file = open(data_path, "wb") if data_path else None
+        self.protos: list[TensorProto] = []
+
+    def add(self, name: str, t: torch.Tensor) -> str:
+        t = t.detach().contiguous().cpu()
+        array = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+        if self.file is None:
+            self.protos.append(helper.make_tensor(name, ONNX_TYPES[t.dtype], list(t.shape), array.tobytes(), raw=True))
+            return name
+        offset = -self.file.tell() % EXTERNAL_ALIGN + self.file.tell()
+        self.file.seek(offset)
+        array.tofile(self.file)
+        proto = TensorProto(name=name, data_type=ONNX_TYPES[t.dtype], dims=list(t.shape), data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            proto.external_data.add(key=key, value=value)
+        self.protos.append(proto)
+        return name
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
 
 
 def rotary_caches(segment: Segment, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +75,25 @@ def rotary_caches(segment: Segment, positions: int, dtype: torch.dtype) -> tuple
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int) -> onnx.ModelProto:
+def write_segment(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int, path: Path, external: bool) -> None:
+    """The segment's fused graph at `path` (+ `.data` beside it when `external`)."""
+    weights = Weights(Path(f"{path}.data") if external else None)
+    try:
+        model = segment_graph(spec, dtype, max_positions, opset, weights)
+    finally:
+        weights.close()
+    onnx.save_model(model, str(path))
+
+
+def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int, weights: Weights) -> onnx.ModelProto:
     segment: Segment = spec.module.segment
     a = segment.args
     eps = a.norm_eps
     float_type = ONNX_TYPES[dtype]
-    nodes, inits = [], []
+    nodes = []
 
     def weight(name: str, t: torch.Tensor) -> str:
-        inits.append(initializer(name, t.to(dtype)))
-        return name
+        return weights.add(name, t.to(dtype))
 
     def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
         nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0] or f"{op}_{len(nodes)}", domain=domain or None, **attrs))
@@ -67,8 +103,8 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
     weight("cos_cache", cos)
     weight("sin_cache", sin)
     ffn = a.ffn_dim
-    inits.append(helper.make_tensor("gate_up_split", TensorProto.INT64, [2], [ffn, ffn]))
-    inits.append(helper.make_tensor("last_position", TensorProto.INT64, [], [-1]))
+    constants = [helper.make_tensor("gate_up_split", TensorProto.INT64, [2], [ffn, ffn]),
+                 helper.make_tensor("last_position", TensorProto.INT64, [], [-1])]
 
     h, branch = "hidden", None  # the residual stream, and the branch output still to be added to it
     for i, layer in enumerate(segment.layers):
@@ -108,14 +144,7 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
         elem = float_type if t.dtype == "float" else ONNX_TYPES[{"int64": torch.int64, "int32": torch.int32, "bool": torch.bool}[t.dtype]]
         return helper.make_tensor_value_info(t.name, elem, [d if isinstance(d, int) else d.replace("+", "_") for d in t.shape])
 
-    graph = helper.make_graph(nodes, spec.graph, [value_info(t) for t in spec.inputs], [value_info(t) for t in spec.outputs], inits)
+    graph = helper.make_graph(nodes, spec.graph, [value_info(t) for t in spec.inputs], [value_info(t) for t in spec.outputs],
+                              [*weights.protos, *constants])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                             producer_name="dyngraph")
-
-
-def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    if external:  # past protobuf's 2 GB: the weights go into <name>.onnx.data beside it
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+                             producer_name="dyngraph", ir_version=IR_VERSION)

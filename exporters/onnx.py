@@ -67,8 +67,8 @@ class OnnxExporter:
                 start = time.perf_counter()
                 weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
                 path = Path(f"{stem}.onnx")
-                fused.save(fused.segment_graph(spec, self.dtype, dims["capacity"].max, self.cfg.opset), path,
-                           external=weight_bytes > EXTERNAL_DATA_BYTES)
+                fused.write_segment(spec, self.dtype, dims["capacity"].max, self.cfg.opset, path,
+                                    external=weight_bytes > EXTERNAL_DATA_BYTES)
                 for f in (path, Path(f"{path}.data")):
                     if f.exists():
                         fsync(f)
