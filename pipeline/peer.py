@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 BUILDER = "onnxruntime_genai.models.builder"
 DISTRIBUTIONS = ("onnxruntime-genai-cuda", "onnxruntime-genai")  # the CUDA build first: it has both providers
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 SHM = Path("/dev/shm")
 
 
@@ -66,8 +65,7 @@ class PeerSkipped(Exception):
 
 def peer_layers(text: ModelArgs, cfg: PeerSettings) -> list[int]:
     """The depths to build: `cfg.layers`, or the first exit and the full depth."""
-    layers = list(cfg.layers) if cfg.layers is not None else sorted({text.exit_layers[0], text.n_layers})
-    return layers
+    return list(cfg.layers) if cfg.layers is not None else sorted({text.exit_layers[0], text.n_layers})
 
 
 def check_settings(text: ModelArgs, cfg: PeerSettings) -> None:
@@ -123,6 +121,8 @@ def llama_parameters(text: ModelArgs, layers: int) -> int:
 
 def step_weight_bytes(text: ModelArgs, layers: int, dtype: str) -> int:
     """Bytes of weights a batch-1 decode step reads, counted as for our paths: one embedding row, not the table."""
+    from pipeline.baseline import DTYPE_BYTES
+
     return (llama_parameters(text, layers) - text.vocab_size * text.dim + text.dim) * DTYPE_BYTES[dtype]
 
 
@@ -310,6 +310,8 @@ def run_peer(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], de
 
 def one_depth(app: BenchApp, layers: int, device: str, dtype: str, provider: str, graphs: list[bool], lengths: list[int],
               max_positions: int, log_dir: Path, stage) -> dict:
+    from pipeline.baseline import DTYPE_BYTES
+
     cfg, text = app.bench.peer, app.model.text
     weight_bytes = step_weight_bytes(text, layers, dtype)
     ckpt_parent, work_parent = plan_dirs(cfg, llama_parameters(text, layers) * DTYPE_BYTES[dtype])
