@@ -300,6 +300,9 @@ def run_peer(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], de
             except PeerSkipped as e:
                 log.warning("peer at %d layers: %s", layers, e)
                 depths.append({"layers": layers, "skipped": str(e)})
+            except Exception as e:  # noqa: BLE001 - out of memory writing the checkpoint, say: the other depths still count
+                log.warning("peer at %d layers failed: %s: %s", layers, type(e).__name__, e)
+                depths.append({"layers": layers, "skipped": f"it failed: {type(e).__name__}: {e}"})
             finally:
                 progress.remove_task(task)
     return {"implementation": f"{dist} {version}, model builder and generator (greedy, batch 1)", "package": dist, "version": version,

@@ -12,13 +12,14 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from model.tokenizer import ChatTokenizer
 from pipeline import peer as peer_module
 from pipeline.baseline import copy_bandwidth
 from pipeline.config import RooflineSettings
-from pipeline.peer import PeerSkipped, check_settings, installed_package, llama_parameters, run_peer
+from pipeline.peer import PeerSkipped, check_settings, installed_package, llama_parameters, plan_dirs, run_peer
 from pipeline.report import build_report, write_report
 from pipeline.workload import build_workload, fingerprint
 
@@ -27,6 +28,16 @@ from .test_bench import compose_bench, fake_environment, fake_modes, fake_report
 
 needs_genai = pytest.mark.skipif(find_spec("onnxruntime_genai") is None,
                                  reason="onnxruntime_genai is not installed (pip install -e '.[peer]')")
+
+
+def genai_cuda_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version("onnxruntime-genai-cuda")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +71,17 @@ def test_without_the_package_the_reason_is_given(monkeypatch):
         installed_package("cpu")
 
 
+def test_disk_plan(tmp_path):
+    cfg = compose_bench([f"bench.peer.workdir={tmp_path}"]).bench.peer
+    assert plan_dirs(cfg, 1 << 20) == (tmp_path, tmp_path)
+    with pytest.raises(PeerSkipped, match=rf"need .* GiB in {tmp_path}, which has .* GiB free: set bench.peer.workdir"):
+        plan_dirs(cfg, 1 << 60)
+
+
 @needs_genai
 def test_a_cpu_build_is_refused_for_a_gpu_run():
-    from importlib import metadata
-
-    try:
-        metadata.version("onnxruntime-genai-cuda")
+    if genai_cuda_installed():
         pytest.skip("onnxruntime-genai-cuda is installed here")
-    except metadata.PackageNotFoundError:
-        pass
     with pytest.raises(PeerSkipped, match=r"no CUDA provider: pip install -e '.\[peer-cuda\]'"):
         installed_package("cuda:0")
 
@@ -170,3 +183,21 @@ def test_peer_on_tiny_llama(tiny_manifest, tmp_path):
     for r in rows:
         assert r["tpot_s"] > 0 and r["roofline_s"] > 0 and r["fraction"] > 0 and all(v > 0 for v in r["ttft_s"].values())
     assert "| ORT GenAI, 24 layers | 24 |" in (out / "report.md").read_text()
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (genai_cuda_installed() and torch.cuda.is_available()),
+                    reason="needs a CUDA GPU and onnxruntime-genai-cuda (pip install -e '.[peer-cuda]')")
+def test_peer_on_cuda_with_and_without_graphs(tiny_manifest, tmp_path):
+    """The tiny model's dims on cuda:0 (the engines' fp32): one run with ORT's CUDA graphs, one without."""
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    work.mkdir(), logs.mkdir()
+    app = compose_bench(["bench=ci", "bench.peer.enabled=true", "bench.peer.layers=[6]", "bench.peer.decode_tokens=16",
+                         f"bench.peer.workdir={work}", "progress=false"])
+    peer = run_peer(app, tiny_manifest, build_workload(app.bench), "cuda:0", ChatTokenizer.builtin(), logs, Console(stderr=True, quiet=True))
+    (depth,) = peer["depths"]
+    assert "skipped" not in depth, depth.get("skipped")
+    assert [(r["provider"], r["cuda_graph"]) for r in depth["runs"]] == [("cuda", True), ("cuda", False)]
+    assert all("skipped" not in r and r["decode_step_s"]["median"] > 0 for r in depth["runs"]), depth["runs"]
+    assert depth["deleted"] and list(work.iterdir()) == []
