@@ -6,8 +6,9 @@
 - The roofline: the bytes of weights a decode step of a path must read, over the copy bandwidth
   of the device measured now (one large device-to-device copy, bytes read plus bytes written).
 
-Both run after the servers have stopped, so that the bench process's own CUDA context and
-allocations never show up in the servers' memory or energy figures.
+A third, ONNX Runtime GenAI on a Llama of the same dims, is in pipeline/peer.py. All of them run
+after the servers have stopped, so that the bench process's own CUDA context and allocations
+never show up in the servers' memory or energy figures.
 """
 from __future__ import annotations
 
@@ -37,23 +38,27 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # --- weight bytes per step ------------------------------------------------------------------
 
 
-def embedding_parameters(manifest: Manifest) -> int:
-    return manifest.engines["embed"].parameters if "embed" in manifest.engines else 0
+def gathers_tokens(manifest: Manifest, name: str) -> bool:
+    """Whether engine `name` takes the token ids, and so holds the token embedding table inside
+    (`embed`; a static graph that embeds for itself)."""
+    return any(t["name"] == "input_ids" for t in manifest.engines[name].inputs)
 
 
 def step_engine_bytes(manifest: Manifest, path: PathRecord) -> dict[str, int]:
     """Bytes of weights each engine of one decode step of `path` reads at batch 1.
 
     An engine's parameters, except the token embedding: a step gathers one row of that table, not
-    the table (151552 x 4096 in phone-9b, 8% of the model). static.decode holds the same table
-    inside, so it is taken out there too.
+    the table (151552 x 4096 in phone-9b, 8% of the model). The table is taken out of whichever
+    engines of the step take the token ids, so the count holds for any cut: a chain of embed,
+    segments and LM head, or one graph holding all of them.
     """
     per = DTYPE_BYTES[manifest.dtype]
-    table, row = embedding_parameters(manifest), manifest.model["config"]["text"]["dim"]
+    text = manifest.model["config"]["text"]
+    table, row = text["vocab_size"] * text["dim"], text["dim"]
     out = {}
     for name in path.step:
         params = manifest.engines[name].parameters
-        if name in ("embed", "static.decode"):
+        if gathers_tokens(manifest, name):
             params += row - table
         out[name] = params * per
     return out

@@ -40,6 +40,7 @@ from pipeline.config import BenchApp
 from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from pipeline import report as reporting
 from pipeline.manifest import Manifest, ManifestError
+from pipeline.peer import PeerSkipped, check_settings, run_peer
 from pipeline.workload import BenchRequest, WorkloadError, build_workload, fingerprint
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("static", "dynamic")
 MODEL_ID = "autoglm-phone-9b"
-LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "transformers", "numpy", "httpx", "hydra-core", "nvidia-ml-py", "fastapi", "uvicorn")
+LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnx", "transformers", "numpy", "httpx", "hydra-core", "nvidia-ml-py", "fastapi", "uvicorn")
 
 
 class BenchError(Exception):
@@ -373,6 +374,11 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
         raise BenchError(f"bench.concurrency={list(cfg.concurrency)} must list positive numbers of requests in flight")
     if cfg.request_rate is not None and cfg.request_rate <= 0:
         raise BenchError(f"bench.request_rate={cfg.request_rate} must be positive, or null for a closed loop")
+    if cfg.peer.enabled:
+        try:
+            check_settings(app.model.text, cfg.peer)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
     engines = Path(app.engines_dir).expanduser() / app.model.name / app.export.backend
     try:
         manifest = Manifest.load(engines)
@@ -414,7 +420,7 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
     finally:
         if nvml is not None:
             nvml.close()
-    yardsticks = measure_yardsticks(app, manifest, requests, modes, console)
+    yardsticks = measure_yardsticks(app, manifest, requests, modes, log_dir, console)
     name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{environment['device']['slug']}-{app.model.name}-{app.export.backend}"
     report_dir = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
     for f in log_dir.iterdir():
@@ -519,13 +525,15 @@ def git_state() -> dict:
 
 
 def measure_yardsticks(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], modes: dict[str, ModeResult],
-                       console: Console) -> dict:
-    """Transformers' eager generate and the copy bandwidth, on the devices the servers used.
+                       log_dir: Path, console: Console) -> dict:
+    """Transformers' eager generate, the copy bandwidth and the peer (ORT GenAI), on the devices the
+    servers used; the peer's builder and timing logs go to `log_dir`, beside the servers'.
 
     A failure here is recorded in the report rather than raised: it must not cost the servers'
     measurements, which took far longer to make."""
     labels = sorted({label for m in modes.values() for label in m.gpu_labels})
-    out: dict = {"transformers": None, "bandwidth": {}, "bandwidth_skipped": "bench.roofline.enabled=false"}
+    out: dict = {"transformers": None, "bandwidth": {}, "bandwidth_skipped": "bench.roofline.enabled=false",
+                 "peer": {"skipped": "bench.peer.enabled=false"}}
     cfg = app.bench
     if cfg.roofline.enabled:
         for device in labels or ["cpu"]:
@@ -549,4 +557,15 @@ def measure_yardsticks(app: BenchApp, manifest: Manifest, requests: list[BenchRe
         except Exception as e:  # noqa: BLE001 - recorded in the report with its type
             log.warning("transformers comparison failed: %s: %s", type(e).__name__, e)
             out["transformers"] = {"skipped": f"it failed: {type(e).__name__}: {e}"}
+    if cfg.peer.enabled:
+        device = labels[0] if labels else "cpu"
+        console.print(f"building and timing the peer (ORT GenAI) on {device}")
+        try:
+            out["peer"] = run_peer(app, manifest, requests, device, ChatTokenizer.builtin(), log_dir, console)
+        except PeerSkipped as e:
+            log.warning("peer skipped: %s", e)
+            out["peer"] = {"skipped": str(e)}
+        except Exception as e:  # noqa: BLE001 - recorded in the report with its type
+            log.warning("peer failed: %s: %s", type(e).__name__, e)
+            out["peer"] = {"skipped": f"it failed: {type(e).__name__}: {e}"}
     return out

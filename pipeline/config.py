@@ -81,6 +81,22 @@ class TransformersBaseline:
 
 
 @dataclass
+class PeerSettings:
+    """ONNX Runtime GenAI (ORT's own LLM runtime) on a random-weight Llama of the same decoder dims,
+    built by its model builder and timed at batch 1 (pipeline/peer.py). Skipped, with the reason,
+    where onnxruntime_genai is not installed."""
+
+    enabled: bool = True
+    layers: list[int] | None = None  # depths built and timed one at a time; null: the first exit and the full depth
+    decode_tokens: int = 128  # greedy tokens after each workload prompt length; the figure is the median step
+    cuda_graph: bool = True  # on CUDA, the headline run captures the decode step in ORT's CUDA graphs
+    also_without_graph: bool = True  # on CUDA, a second run without them (one more model load per depth)
+    workdir: str | None = None  # checkpoint and build (phone-9b at 24 layers: ~16 GB each); default the system temp dir
+    checkpoint_dir: str | None = None  # default workdir, or /dev/shm when workdir lacks room for both
+    timeout_s: float = 3600.0  # per builder and per timing subprocess
+
+
+@dataclass
 class RooflineSettings:
     enabled: bool = True
     copy_mib: int = 1024  # buffer copied device to device to measure the bandwidth (read + write)
@@ -101,6 +117,7 @@ class BenchConfig:
     sample_interval_s: float = 0.05  # memory sampling period (NVML, server RSS)
     transformers: TransformersBaseline = field(default_factory=TransformersBaseline)
     roofline: RooflineSettings = field(default_factory=RooflineSettings)
+    peer: PeerSettings = field(default_factory=PeerSettings)
 
 
 @dataclass

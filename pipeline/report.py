@@ -36,6 +36,8 @@ TARGETS = [
     ("ratio.energy_per_request", "dynamic/static energy per request", "<=", 0.55),
     ("roofline.full_depth_fraction", "full-depth decode at batch 1, fraction of roofline (exit 24 text path, else static)", ">=", 0.5),
     ("ratio.transformers_over_dynamic_tpot", "per-token speed-up over transformers' generate", ">=", 5.0),
+    ("ratio.over_peer.full_depth", "full-depth text decode at batch 1 over ORT GenAI's at the same depth", "<=", 1.0),
+    ("ratio.over_peer.first_exit", "first-exit text decode at batch 1 over ORT GenAI's at that depth", "<=", 1.0),
 ]
 
 
@@ -271,6 +273,86 @@ def transformers_block(hf: dict | None, modes: dict) -> dict:
             "prompt_ids_match": f"{sum(match)}/{len(match)}"}  # our template's ids against the server's usage.prompt_tokens
 
 
+# the rows of the batch-1 decode table at one depth, in this order
+ROW_ORDER = {"dynamic": 0, "static": 1, "peer": 2, "transformers": 3}
+
+
+def decode_batch1(modes: dict, paths: dict[str, dict], roof: dict, hf: dict, peer: dict, exit_layers: list[int], workload: dict) -> dict:
+    """Batch-1 decode of our text paths beside the peer (ORT GenAI), transformers and the roofline.
+
+    Ours: each path's mean time per output token at the lowest concurrency, as the roofline table
+    has it; the peer: its median decode step; transformers: its mean. Roofline: the weights each
+    decode step reads (one embedding row) over the bandwidth of the device it ran on. TTFT per
+    text-only workload group: the mean over that group's requests (for the peer: its time to
+    first token at each of those requests' prompt lengths)."""
+    c = base_concurrency(modes)
+    bandwidth = roof.get("bandwidth") or {}
+    roof_rows = {(r["mode"], r["path"]): r for r in roof.get("paths", [])}
+    text_groups = [g for g, info in workload["groups"].items() if list(info["modalities"]) == ["text"]]
+    first, full = exit_layers[0], exit_layers[-1]
+
+    def roofline_s(weight_bytes: int | None, device: str | None) -> float | None:
+        bw = bandwidth.get(device) if device else None
+        return weight_bytes / bw["bytes_per_s"] if bw and weight_bytes else None
+
+    def row(kind: str, label: str, layers: int, device: str | None, tpot: float | None, roof_s: float | None,
+            ttft: dict[str, float | None], note: str | None = None, **extra) -> dict:
+        return {"kind": kind, "label": label, "layers": layers, "device": device, "tpot_s": tpot, "roofline_s": roof_s,
+                "fraction": roof_s / tpot if roof_s and tpot else None, "ttft_s": ttft, "note": note, **extra}
+
+    rows = []
+    peer_depths = [d["layers"] for d in peer.get("depths", [])]
+    ours = [("dynamic", f"exit{layers}-text") for layers in sorted({first, full, *peer_depths}) if f"exit{layers}-text" in paths]
+    ours += [("static", name) for name, info in paths.items() if info["static"]]
+    for mode, name in ours:
+        block = modes.get(mode)
+        if block is None:
+            continue
+        run = next(r for r in block["runs"] if r["concurrency"] == c)
+        done = [r for r in run["requests"] if r["ok"] and r["path"] == name]
+        tpot = get(stats([r["tpot_s"] for r in done]), "mean")
+        ttft = {g: get(stats([r["ttft_s"] for r in done if r["group"] == g]), "mean") for g in text_groups}
+        devices = sorted(set((get(block, "paths", name, "devices") or {}).values()))
+        rows.append(row(mode, f"dyngraph {mode}, `{name}`", paths[name]["exit_layer"], ", ".join(devices) or None, tpot,
+                        get(roof_rows.get((mode, name)), "roofline_s"), ttft,
+                        None if done else f"no request took this path at concurrency {c}", path=name, requests=len(done),
+                        weight_bytes=paths[name]["step_weight_bytes"]))
+    lengths = peer.get("prompt_lengths") or {}
+    for depth in peer.get("depths", []):
+        label = f"ORT GenAI, {depth['layers']} layers"
+        if "skipped" in depth:
+            rows.append(row("peer", label, depth["layers"], peer["device"], None, None, {g: None for g in text_groups}, f"not run: {depth['skipped']}"))
+            continue
+        timed = [r for r in depth["runs"] if "skipped" not in r]
+        head = timed[0]  # the headline: CUDA graphs where on CUDA, unless they failed
+        failed = "; ".join(f"{'CUDA graphs' if r['cuda_graph'] else 'no CUDA graphs'}: {r['skipped']}" for r in depth["runs"] if "skipped" in r)
+        at = {p["prompt_tokens"]: p["ttft_s"] for p in head["prefill"]}
+        ttft = {g: float(np.mean([at[n] for n in lengths[g]])) if lengths.get(g) and all(n in at for n in lengths[g]) else None
+                for g in text_groups}
+        without = next((r["decode_step_s"]["median"] for r in timed[1:] if not r["cuda_graph"]), None)
+        rows.append(row("peer", label, depth["layers"], peer["device"], head["decode_step_s"]["median"],
+                        roofline_s(depth["step_weight_bytes"], peer["device"]), ttft, failed or None, cuda_graph=head["cuda_graph"],
+                        tpot_without_graph_s=without, weight_bytes=depth["step_weight_bytes"], prefill=head["prefill"]))
+    if "skipped" not in hf:
+        full_bytes = get(paths, f"exit{full}-text", "step_weight_bytes")
+        ttft = {g: get(stats([r["ttft_s"] for r in hf["requests"] if r["group"] == g]), "mean") for g in text_groups}
+        rows.append(row("transformers", "transformers `generate`", full, hf["device"], hf["tpot_s"], roofline_s(full_bytes, hf["device"]), ttft,
+                        weight_bytes=full_bytes))
+    rows.sort(key=lambda r: (r["layers"], ROW_ORDER[r["kind"]]))
+
+    def over_peer(layers: int) -> float | None:
+        ours_ = next((r["tpot_s"] for r in rows if r["kind"] == "dynamic" and r["layers"] == layers), None)
+        theirs = next((r["tpot_s"] for r in rows if r["kind"] == "peer" and r["layers"] == layers), None)
+        return ratio(ours_, theirs)
+
+    prompt_tokens = {g: sorted(set(lengths.get(g) or [r["prompt_tokens"] for block in modes.values() for run in block["runs"]
+                                                       for r in run["requests"] if r["group"] == g and r["prompt_tokens"]]))
+                     for g in text_groups}
+    return {"concurrency": c, "groups": prompt_tokens, "rows": rows,
+            "over_peer": {"first_exit": over_peer(first), "full_depth": over_peer(full)},
+            "roofline_skipped": roof.get("skipped"), "peer_skipped": peer.get("skipped")}
+
+
 def metric(value, unit: str, kind: str, scope: str, better: str, tolerance: str = "relative") -> dict:
     return {"value": value, "unit": unit, "kind": kind, "scope": scope, "better": better, "tolerance": tolerance}
 
@@ -319,6 +401,14 @@ def build_metrics(report: dict) -> dict[str, dict]:
         for row in roof["paths"]:
             m[f"roofline.{row['mode']}.{row['path']}.fraction"] = metric(row["fraction"], "of roofline", "time", "any", "higher")
         m["roofline.full_depth_fraction"] = metric(roof["full_depth_fraction"], "of roofline", "time", "any", "higher")
+    batch1 = report["decode_batch1"]
+    for row in batch1["rows"]:
+        if row["kind"] == "peer" and row["tpot_s"] is not None:
+            m[f"peer.l{row['layers']}.decode_s"] = metric(row["tpot_s"], "s", "time", "device_model", "lower")
+            m[f"peer.l{row['layers']}.roofline_fraction"] = metric(row["fraction"], "of roofline", "time", "any", "higher")
+    for key, value in batch1["over_peer"].items():
+        if value is not None:  # dyngraph's text path over the peer at the same depth, batch 1
+            m[f"ratio.over_peer.{key}"] = metric(value, "dyngraph/peer", "time", "any", "lower")
     return m
 
 
@@ -361,6 +451,9 @@ def build_report(app: BenchApp, manifest: Manifest, requests, workload_fingerpri
     report["transformers"] = transformers_block(yardsticks.get("transformers"), blocks)
     report["roofline"] = roofline(blocks, paths, yardsticks.get("bandwidth") or {}, exit_layers,
                                   yardsticks.get("bandwidth_skipped") or "bench.roofline.enabled=false")
+    report["peer"] = yardsticks.get("peer") or {"skipped": "bench.peer.enabled=false"}
+    report["decode_batch1"] = decode_batch1(blocks, paths, report["roofline"], report["transformers"], report["peer"], exit_layers,
+                                            report["workload"])
     report["metrics"] = build_metrics(report)
     return report
 
@@ -542,6 +635,8 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                 f"measured = mean time per output token at concurrency {roof['concurrency']}. {roof['note'].capitalize()}.", "",
                 table(["mode", "path", "weights per step", "roofline", "measured", "requests", "of roofline"], rows, "llrrrrr"), ""]
 
+    out += decode_markdown(report)
+
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if not any(p.startswith("energy") for p in plots):
@@ -557,6 +652,58 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     return "\n".join(out)
 
 
+def fmt_ms(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 1e3:.2f} ms" if x >= 1e-4 else f"{x * 1e6:.1f} µs"  # a tiny model's roofline is microseconds
+
+
+def fmt_fraction(x: float | None) -> str:
+    return fmt_share(x) if x is None or x >= 0.01 else f"{100 * x:.2f}%"
+
+
+def decode_markdown(report: dict) -> list[str]:
+    batch1, peer, roof = report["decode_batch1"], report["peer"], report["roofline"]
+    out = ["## Decode at batch 1 beside the peer and the roofline", ""]
+    groups = batch1["groups"]
+    header = ["", "layers", "ms/token", "roofline", "of roofline"]
+    header += [f"TTFT `{g}` ({fmt_range(n)} tokens)" for g, n in groups.items()] + ["notes"]
+    rows = []
+    for r in batch1["rows"]:
+        tpot = fmt_ms(r["tpot_s"])
+        if r.get("tpot_without_graph_s") is not None:
+            tpot += f" ({fmt_ms(r['tpot_without_graph_s'])} without CUDA graphs)"
+        rows.append([r["label"], str(r["layers"]), tpot, fmt_ms(r["roofline_s"]), fmt_fraction(r["fraction"]),
+                     *(fmt_ms(r["ttft_s"].get(g)) for g in groups), r["note"] or ""])
+    out += [table(header, rows, "lrrrr" + "r" * len(groups) + "l"), ""]
+    notes = [f"dyngraph: each path's mean time per output token at concurrency {batch1['concurrency']} through the real server "
+             "(client side of the HTTP stream), and the same requests' time to first token."]
+    if "skipped" in peer:
+        notes.append(f"ORT GenAI: not run: {peer['skipped']}.")
+    else:
+        built = [d for d in peer["depths"] if "skipped" not in d]
+        sizes = "; ".join(f"{d['layers']} layers: built in {d['build_s']:.0f} s, {fmt_bytes(d['build_bytes'])} on disk"
+                          f"{', deleted' if d['deleted'] else ', NOT deleted'}" for d in built)
+        notes.append(f"ORT GenAI: {peer['implementation']} on {peer['device']} ({peer['dtype']}, {peer['provider']} provider), "
+                     f"{peer['architecture']}, random weights from the model seed. Decode: the median step (generate_next_token and "
+                     f"the new id's copy to the host) over {peer['decode_tokens']} greedy tokens after each prompt length; TTFT: "
+                     f"append_tokens of the prompt and the first token. {sizes}.")
+    notes.append("transformers: its mean time per output token and time to first token (eager generate) on the full-depth decoder.")
+    notes.append(f"Roofline: not measured: {roof['skipped']}." if "skipped" in roof else
+                 "Roofline: the weights a decode step reads (one embedding row, not the table) over the copy bandwidth of its device, measured in this run.")
+    if any((r["fraction"] or 0) > 1 for r in batch1["rows"]):
+        notes.append("Above 100% of roofline: those weights were read from caches faster than the device's measured copy bandwidth "
+                     "(a model that fits in a CPU's caches); the bound does not apply to them.")
+    out += ["\n".join(f"- {n}" for n in notes), ""]
+    return out
+
+
+def fmt_range(values: list[int]) -> str:
+    if not values:
+        return "no"
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}–{values[-1]}"
+
+
 # --- plots ----------------------------------------------------------------------------------
 
 
@@ -567,7 +714,8 @@ def write_plots(report: dict, directory: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for name, draw in (("latency.png", plot_latency), ("memory.png", plot_memory), ("energy.png", plot_energy), ("exits.png", plot_exits)):
+    for name, draw in (("latency.png", plot_latency), ("memory.png", plot_memory), ("energy.png", plot_energy), ("exits.png", plot_exits),
+                       ("decode.png", plot_decode)):
         fig = draw(report, plt)
         if fig is None:
             continue
@@ -684,6 +832,34 @@ def plot_exits(report: dict, plt):
     ax.set_ylim(0, 110)
     ax.set_title("Exit depth per request", fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+KIND_COLORS = {"dynamic": COLORS["dynamic"], "static": COLORS["static"], "peer": "#55a868", "transformers": "#8172b2"}
+
+
+def plot_decode(report: dict, plt):
+    """Batch-1 ms/token per row of the decode table, the roofline of each as a tick."""
+    rows = [r for r in report["decode_batch1"]["rows"] if r["tpot_s"] is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
+    ys = np.arange(len(rows))[::-1]
+    values = [r["tpot_s"] * 1e3 for r in rows]
+    bars = ax.barh(ys, values, color=[KIND_COLORS[r["kind"]] for r in rows], height=0.6)
+    ax.bar_label(bars, labels=[f"{v:.2f}" + (f" ({fmt_fraction(r['fraction'])} of roofline)" if r["fraction"] else "") for v, r in zip(values, rows)],
+                 fontsize=8, padding=3)
+    roofs = [(y, r["roofline_s"] * 1e3) for y, r in zip(ys, rows) if r["roofline_s"]]
+    if roofs:
+        ax.scatter([v for _, v in roofs], [y for y, _ in roofs], marker="|", s=400, color="black", zorder=3, label="roofline")
+        ax.legend(fontsize=8, loc="best")
+    names = [r["label"].replace("`", "") + ("" if r["kind"] == "peer" else f" ({r['layers']} layers)") for r in rows]
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlabel("ms per output token, batch 1")
+    ax.set_xlim(0, max(values) * 1.35)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Decode at batch 1: dyngraph, ORT GenAI, transformers and the roofline", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -243,7 +243,7 @@ def fake_environment(gpu: bool, name: str) -> dict:
             "git": {"commit": None, "dirty": None}}
 
 
-def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3", slow: float = 1.0) -> dict:
+def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3", slow: float = 1.0, peer: dict | None = None) -> dict:
     app = compose_bench(["bench=ci"])
     requests = build_workload(app.bench)
     text = [r for r in requests if r.text_only][:2]
@@ -252,6 +252,7 @@ def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3",
         "transformers": {"implementation": "transformers (test)", "attn_implementation": "sdpa", "device": "cuda:0", "dtype": "fp32",
                          "requests": [{"index": r.index, "group": r.group, "prompt_tokens": 20 + r.index, "new_tokens": 8, "ttft_s": 0.1, "tpot_s": 0.06}
                                       for r in text], "tpot_s": 0.06},
+        "peer": peer,
     }
     modes = fake_modes(app, manifest, requests, gpu, slow)
     return build_report(app, manifest, requests, fingerprint(requests), modes, fake_environment(gpu, name), yardsticks, "test-report")
@@ -281,7 +282,7 @@ def test_step_weight_bytes(tiny_manifest):
 def test_report_renders(tiny_manifest, tmp_path):
     report = fake_report(tiny_manifest)
     files = write_report(report, tmp_path)
-    assert sorted(f.name for f in files) == ["energy.png", "exits.png", "latency.png", "memory.png", "report.json", "report.md"]
+    assert sorted(f.name for f in files) == ["decode.png", "energy.png", "exits.png", "latency.png", "memory.png", "report.json", "report.md"]
     for png in tmp_path.glob("*.png"):
         assert Image.open(png).size[0] > 400
     saved = json.loads((tmp_path / "report.json").read_text())
