@@ -11,7 +11,7 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -33,17 +33,16 @@ class EngineSet:
     """Sessions by engine name. `placement` maps an engine record to a device string.
 
     `budget_bytes` bounds the engine bytes resident per device (LRU eviction); `on_load(name,
-    device, bytes)` hears of every load; `cuda_graphs` asks the backend for sessions that capture
-    CUDA graphs of decode steps, for the engines whose decode shapes are fixed by the batch alone
-    (GRAPHABLE_AXES: a segment's cache capacity is fixed when the runtime allocates it; the
-    cross-attention blocks' media length is not). `reference` swaps the files for
+    device, bytes)` hears of every load; `cuda_graphs` names the engines whose sessions the backend
+    makes able to capture CUDA graphs (the decode step's: runtime.step.captured_engines; an encoder
+    graph may hold nodes the CUDA provider does not run, which capture refuses). `reference` swaps the files for
     the eager torch modules they were exported from (engine name -> module, see
     pipeline.engines.engine_specs): the reference backend, with nothing to verify.
     """
 
     def __init__(self, directory: str | Path, placement: Callable[[EngineRecord], str] = lambda e: "cpu", verify: bool = True,
                  budget_bytes: dict[str, int] | None = None, on_load: Callable[[str, str, int], None] | None = None,
-                 cuda_graphs: bool = False, reference: dict[str, nn.Module] | None = None):
+                 cuda_graphs: Collection[str] = (), reference: dict[str, nn.Module] | None = None):
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
         self.placement = placement
@@ -51,7 +50,7 @@ class EngineSet:
         self.verify = verify and reference is None
         self.budget_bytes = budget_bytes or {}
         self.on_load = on_load
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = set(cuda_graphs)
         self.exporter = get_exporter(ExportConfig(backend=self.manifest.backend["name"], dtype=self.manifest.dtype))
         self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
         self.verified: set[str] = set()  # engines whose files were hashed: an evicted one reloads without rehashing
@@ -94,7 +93,7 @@ class EngineSet:
         if self.reference is not None:
             return EagerSession(self.reference[record.name], inputs, outputs, device)
         return self.exporter.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
-                                  cuda_graphs=self.cuda_graphs and graphable(inputs))
+                                  cuda_graphs=record.name in self.cuda_graphs)
 
     def make_room(self, device: str, needed: int, key: str) -> None:
         budget = self.budget_bytes.get(device)
@@ -137,12 +136,6 @@ class EngineSet:
         # a CPU scalar (total_sequence_length) stays where the engine reads it
         return session.run({k: v if v.dim() == 0 else v.to(session.device, non_blocking=True).contiguous() for k, v in feeds.items()})
 
-
-GRAPHABLE_AXES = {"batch", "seq", "capacity"}
-
-
-def graphable(inputs: list[TensorSpec]) -> bool:
-    return all(isinstance(d, int) or d in GRAPHABLE_AXES for t in inputs for d in t.shape)
 
 
 def mib(n: int) -> str:

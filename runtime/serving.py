@@ -34,6 +34,7 @@ from runtime.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletio
                               CompletionTokensDetails, DeltaMessage, DyngraphInfo, ErrorBody, ErrorResponse, ModelCard,
                               ModelList, ResponseMessage, Usage)
 from runtime.sampling import SamplingParams
+from runtime.step import captured_engines
 
 log = logging.getLogger("dyngraph.serving")
 
@@ -476,7 +477,8 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
     metrics = Metrics(cfg.runtime.max_batch_size)
     offload = cfg.runtime.offload
     budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if offload.enabled and offload.gpu_memory_budget_gb > 0 else None
-    engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget, cuda_graphs=cfg.runtime.cuda_graphs,
+    engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget,
+                        cuda_graphs=captured_engines(manifest) if cfg.runtime.cuda_graphs else (),
                         on_load=lambda name, device, n: metrics.engine_loads.labels(name, device).inc(),
                         reference=reference_modules(cfg, manifest))
     tokenizer = load_tokenizer(cfg)

@@ -32,6 +32,14 @@ from runtime.kv import SegmentCache
 SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
 
 
+def captured_engines(manifest: Manifest) -> list[str]:
+    """The engines a decode step replays as CUDA graphs: their shapes are fixed by the batch alone
+    (a segment's cache capacity is fixed when the runtime allocates it; cross-attention's media
+    length is not)."""
+    n_segments = len(manifest.model["config"]["text"]["exit_layers"])
+    return ["embed", *(f"segment.{k}" for k in range(n_segments)), "lm_head"]
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """The batch sizes decode steps are captured at: powers of two, and max_batch itself."""
     sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]

@@ -17,12 +17,15 @@ import json
 import statistics
 import time
 
+from pathlib import Path
+
 import torch
 
 from pipeline.baseline import copy_bandwidth, step_weight_bytes
 from pipeline.config import RooflineSettings
+from pipeline.manifest import Manifest
 from runtime.engines import EngineSet
-from runtime.step import Row, Stepper, bucket_for
+from runtime.step import Row, Stepper, bucket_for, captured_engines
 
 
 def sync() -> None:
@@ -106,7 +109,8 @@ def main() -> None:
     report = {"bandwidth_bytes_per_s": bandwidth.bytes_per_s, "rows": []}
     with torch.inference_mode():
         for graphs in (True, False) if args.device.startswith("cuda") else (False,):
-            engines = EngineSet(args.engines, placement=lambda e: args.device, verify=False, cuda_graphs=graphs)
+            captured = captured_engines(Manifest.load(Path(args.engines))) if graphs else ()
+            engines = EngineSet(args.engines, placement=lambda e: args.device, verify=False, cuda_graphs=captured)
             manifest = engines.manifest
             exits = manifest.model["config"]["text"]["exit_layers"]
             stepper = Stepper(engines, max_batch, args.capacity, cuda_graphs=graphs)

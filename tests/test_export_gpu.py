@@ -37,10 +37,11 @@ def test_fp16_export_validates_on_cuda(cuda_export):
 
 
 def stepper_on_cuda(directory, graphs: bool, max_batch: int = 4):
+    from pipeline.manifest import Manifest
     from runtime.engines import EngineSet
-    from runtime.step import Stepper
+    from runtime.step import Stepper, captured_engines
 
-    engines = EngineSet(directory, placement=lambda e: "cuda:0", cuda_graphs=graphs)
+    engines = EngineSet(directory, placement=lambda e: "cuda:0", cuda_graphs=captured_engines(Manifest.load(directory)) if graphs else ())
     return Stepper(engines, max_batch=max_batch, capacity=128, cuda_graphs=graphs)
 
 
