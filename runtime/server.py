@@ -5,21 +5,26 @@ uvicorn server that drains on SIGTERM (new requests get 503, in-flight ones fini
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
 import signal
 import time
+import wave
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +41,8 @@ VERSION = "0.1.0"
 CHAT_ROUTE = "/v1/chat/completions"
 REF = "#/components/schemas/{model}"  # where the OpenAPI document keeps its schemas
 PROTECTED = ("/v1/", "/stats")  # /health and /metrics stay open to load balancers and scrapers
+# one server-sent event as OpenAPI 3.1 describes a stream's items: data is a ChatCompletionChunk's JSON, then "[DONE]"
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 ERROR_DESCRIPTIONS = {
     400: "a parameter the server cannot take; error.param names it", 401: "no API key, or a wrong one", 404: "an unknown model",
     408: "the request arrived too slowly (server.header_timeout_s, server.body_timeout_s)", 413: "the body is over server.max_body_bytes",
@@ -266,7 +273,7 @@ def create_app(service: ChatService) -> Guard:
 
     @app.post(CHAT_ROUTE, response_model=ChatCompletion, openapi_extra={"requestBody": {
                   "required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model="ChatCompletionRequest")}}}}},
-              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                                "description": "the completion, or with stream=true its chunks as server-sent events"},
                          **errors(400, 404, 429, 503, *protected)})
     async def chat_completions(request: Request):
@@ -282,6 +289,7 @@ def create_app(service: ChatService) -> Guard:
             error = ErrorResponse.model_json_schema(ref_template=REF)
             defs.update(error.pop("$defs"), ErrorResponse=error, ChatCompletionRequest=request)
             doc.setdefault("components", {}).setdefault("schemas", {}).update(defs)
+            doc["paths"][CHAT_ROUTE]["post"]["requestBody"]["content"]["application/json"]["examples"] = request_examples(service)
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -319,7 +327,39 @@ def request_schema(service: ChatService) -> tuple[dict, dict]:
                "maxItems": server.max_content_parts}, {"type": "null"}]}
     defs["TextPart"]["properties"]["text"] = text
     defs["InputAudio"]["properties"]["format"] = {"type": "string", "enum": ["wav"], "default": "wav"}
+    # media a client (or a fuzzer) can start from: random base64 is never an image, so without these
+    # no generated request would reach the encoders
+    image, audio = example_media()
+    defs["ImageURL"]["properties"]["url"]["examples"] = [image]
+    defs["InputAudio"]["properties"]["data"]["examples"] = [audio]
     return schema, defs
+
+
+def request_examples(service: ChatService) -> dict:
+    """A request per modality set, as the OpenAPI examples of the request body."""
+    image, audio = example_media()
+    parts = {"text": [], "image": [{"type": "image_url", "image_url": {"url": image}}],
+             "audio": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}
+    out = {}
+    for name, extra, options in (("text", [], {}), ("image", parts["image"], {"stream": True}),
+                                 ("audio", parts["audio"], {"temperature": 0.7, "seed": 1}),
+                                 ("image+audio", parts["image"] + parts["audio"], {"stream": True, "stream_options": {"include_usage": True}})):
+        content = [{"type": "text", "text": f"What is in this {name}?" if extra else "打开微信"}, *extra]
+        out[name] = {"value": {"model": service.server.model_id, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **options}}
+    return out
+
+
+def example_media() -> tuple[str, str]:
+    """An 8x8 PNG as a data URL and a quarter second of 16 kHz WAV as base64."""
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (40, 120, 200)).save(png, format="PNG")
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(4000) * 2 * np.pi * 440 / 16000) * 8000).astype("<i2").tobytes())
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(), base64.b64encode(wav.getvalue()).decode()
 
 
 class DrainingServer(uvicorn.Server):
