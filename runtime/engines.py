@@ -78,7 +78,8 @@ class EngineSet:
             if key in self.sessions:
                 self.sessions.move_to_end(key)
                 return self.sessions[key]
-        if self.verify and self.verified.get(name) != (stamp := file_stamp(self.directory, record)):
+        stamp = file_stamp(self.directory, record) if self.verify else None  # None also when a file is missing
+        if self.verify and (stamp is None or self.verified.get(name) != stamp):
             try:
                 self.check_files(record)
             except EngineMismatch as e:

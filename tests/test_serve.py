@@ -47,8 +47,8 @@ def free_port() -> int:
 class Server:
     """One `python -m runtime.serve` process; its log goes to a file the tests read."""
 
-    def __init__(self, engines_root: Path, log: Path, *overrides: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, engines_root: Path, log: Path, *overrides: str, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.log = open(log, "w")
