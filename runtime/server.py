@@ -19,6 +19,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
@@ -132,8 +133,10 @@ class Guard:
                                                   f"{self.buckets.burst}, per {'API key' if key else 'client address'} (server.rate_limit); "
                                                   f"retry in {wait:.1f} s", "rate_limit_error", code="rate_limit_exceeded",
                                              headers={"Retry-After": str(math.ceil(wait))}))
+        # the connection stays open: uvicorn reads the rest of the body and drops it (bounded by the header
+        # deadline of the next request), so that the client reads the 413 instead of a reset mid-upload
         too_large = APIError(413, f"the request body is larger than the server's limit of {self.limit} bytes (server.max_body_bytes)",
-                             code="request_too_large", headers={"Connection": "close"})
+                             code="request_too_large")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await refuse(too_large)
@@ -209,7 +212,8 @@ def timed_protocol(header_timeout_s: float, metrics: Metrics) -> type[H11Protoco
             if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
                 return
             metrics.client_timeouts.labels("headers").inc()
-            self.transport.write(reply)
+            if self.conn.their_state is h11.IDLE:  # else it still sends the body of a request already refused (413)
+                self.transport.write(reply)
             self.transport.close()
 
     return TimedH11Protocol
