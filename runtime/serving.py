@@ -388,7 +388,7 @@ class ChatService:
                 del data["dyngraph"]
             if not include_usage:
                 del data["usage"]
-            return json.dumps(data, ensure_ascii=False)
+            return sse_json(data)
 
         yield chunk(DeltaMessage(role="assistant", content=""))
         while True:
@@ -452,6 +452,14 @@ class ChatService:
         s = run.started
         return DyngraphInfo(path=s.path.name, exit_layer=s.path.exit_layer, modalities=list(run.generation.modalities),
                             engines=s.engines, devices=s.devices, mode=s.mode)
+
+
+def sse_json(data: dict) -> str:
+    """JSON for one SSE data line, UTF-8 as is except for the three characters that JSON leaves raw
+    but line splitters treat as line ends (NEL, U+2028, U+2029: httpx's aiter_lines, str.splitlines):
+    a sampled token that decodes to one of them would cut the chunk in two."""
+    text = json.dumps(data, ensure_ascii=False)
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def not_json(constant: str):

@@ -663,3 +663,16 @@ def test_slow_clients_are_cut_off_without_holding_a_slot(limits_server, phase):
         assert 1.4 < seconds < 4.0, seconds  # cut off at the deadline, not when the client gave up
     assert limits_server.metric("dyngraph_client_timeouts_total", phase=phase) == before + 2
     assert limits_server.metric("dyngraph_running_requests") == 0
+
+
+def test_stream_chunks_survive_line_splitters_whatever_the_text():
+    """A sampled token may decode to NEL, U+2028 or U+2029, which JSON leaves raw and httpx's
+    aiter_lines (like str.splitlines) takes for line ends: found by the soak, two chunks cut in half."""
+    from httpx._decoders import LineDecoder
+
+    from runtime.serving import sse_json
+
+    chunk = {"choices": [{"delta": {"content": "a\x85b\u2028c\u2029d\r\ne 打开微信"}}]}
+    lines = LineDecoder().decode(f"data: {sse_json(chunk)}\n\n")
+    assert lines[1:] == [""] and json.loads(lines[0].removeprefix("data: ")) == chunk
+    assert "打开微信" in sse_json(chunk)  # still UTF-8, not \\u-escaped throughout
