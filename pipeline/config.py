@@ -104,6 +104,30 @@ class RooflineSettings:
 
 
 @dataclass
+class SoakConfig:
+    """`pipeline bench bench=soak` (pipeline/soak.py): `streams` clients, each sending one streaming
+    request after another for `duration_s`, drawn from `mix`; the run fails on any 5xx, on any
+    answer other than the kind's, or on growth of the server's memory or open files past the tolerances."""
+
+    mode: str = "dynamic"
+    streams: int = 8
+    duration_s: float = 60.0
+    warmup_s: float = 10.0  # the same load before the start sample: encoders loaded, arenas and allocators settled
+    max_tokens: int = 24  # of a good request
+    # weights: good requests; good ones whose client leaves after disconnect_after chunks; malformed
+    # ones (broken JSON, wrong types, lone surrogates, decompression bombs, bad media); ones over the limits below
+    mix: dict[str, float] = field(default_factory=lambda: {"good": 0.7, "disconnect": 0.1, "malformed": 0.1, "over_limit": 0.1})
+    disconnect_after: int = 3
+    # the server runs with these limits (server.<name>=<value>) so that over_limit requests are over them
+    limits: dict[str, int] = field(default_factory=lambda: {"max_messages": 16, "max_stop": 4, "max_body_bytes": 1 << 20, "max_images": 1})
+    max_rss_growth: float = 0.10  # server RSS, end sample over start sample, as a fraction
+    max_gpu_growth: float = 0.05  # NVML's used memory of each GPU, likewise
+    max_fd_growth: int = 16  # the server's open file descriptors, end over start
+    sample_interval_s: float = 1.0  # RSS and GPU memory polled for the peaks between the samples
+    request_timeout_s: float = 300.0
+
+
+@dataclass
 class BenchConfig:
     name: str = "default"
     seed: int = 0  # the synthetic media and the arrival times derive from it
@@ -118,6 +142,7 @@ class BenchConfig:
     transformers: TransformersBaseline = field(default_factory=TransformersBaseline)
     roofline: RooflineSettings = field(default_factory=RooflineSettings)
     peer: PeerSettings = field(default_factory=PeerSettings)
+    soak: SoakConfig | None = None  # set (bench=soak): a soak of one server instead of the static/dynamic comparison
 
 
 @dataclass

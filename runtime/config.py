@@ -67,19 +67,42 @@ class RuntimeConfig:
 
 
 @dataclass
+class RateLimitConfig:
+    # a token bucket per API key (with no key configured: per client address) on /v1/chat/completions:
+    # `per_second` requests a second on average, bursts of up to `burst`; past that 429 with Retry-After
+    per_second: float | None = None  # null: no rate limit
+    burst: int = 10
+    max_clients: int = 10_000  # buckets kept; the least recently seen client's is dropped (it had refilled)
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_id: str = "autoglm-phone-9b"  # the name /v1/models lists and requests must use
     api_key: str | None = None  # Bearer key for /v1 and /stats; DYNGRAPH_API_KEY in the environment also sets it
+    api_keys: list[str] = field(default_factory=list)  # more accepted keys, one per user: each gets its own rate limit
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    # limits that bound the work of one request, checked before anything is decoded or tokenized:
+    # a body over max_body_bytes gets 413, the others 400 naming the parameter
     max_body_bytes: int = 32 << 20
-    max_image_pixels: int = 16_000_000  # width * height, read from the header before anything is decoded
+    max_messages: int = 256
+    max_content_parts: int = 64  # per message
+    max_characters: int = 1_000_000  # text characters over all messages (the context bounds the tokens anyway)
+    max_stop: int = 4  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 256  # characters per stop string
+    max_image_pixels: int = 16_000_000  # width * height, read from the header before anything is decoded (Pillow refuses > 179 M itself)
     max_images: int = 1  # image parts per request
     allowed_image_hosts: list[str] = field(default_factory=list)  # remote image URLs are fetched only from these
     image_fetch_timeout_s: float = 10.0
     max_audio_seconds: float | None = None  # default and upper bound: what the audio encoder was exported for
+    # slow clients: a request's headers must arrive within header_timeout_s of the connection opening
+    # (or of the previous response on it), its body within body_timeout_s of the headers; else 408 and
+    # the connection is closed. Neither holds a generation slot: one is taken only once the body is in
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     drain_timeout_s: float = 120.0  # after SIGTERM, how long in-flight requests may take before the server stops anyway
-    retry_after_s: int = 1  # the Retry-After of a 429
+    retry_after_s: int = 1  # the Retry-After of a 429 for a full queue, and of a 503 while draining
     access_log: bool = False
 
 

@@ -53,7 +53,8 @@ class EngineSet:
         self.cuda_graphs = set(cuda_graphs)
         self.exporter = get_exporter(ExportConfig(backend=self.manifest.backend["name"], dtype=self.manifest.dtype))
         self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
-        self.verified: set[str] = set()  # engines whose files were hashed: an evicted one reloads without rehashing
+        self.verified: dict[str, tuple] = {}  # engine -> its files' stat when hashed: an unchanged one reloads without rehashing
+        self.broken: dict[str, str] = {}  # engine -> why its last load failed verification (its paths are degraded)
         self.lock = threading.Lock()  # the engine thread loads and evicts while HTTP handlers read `loaded`
         if self.verify:
             self.check_versions()
@@ -76,9 +77,15 @@ class EngineSet:
             if key in self.sessions:
                 self.sessions.move_to_end(key)
                 return self.sessions[key]
-        if self.verify and name not in self.verified:
-            self.check_files(record)
-            self.verified.add(name)
+        stamp = file_stamp(self.directory, record) if self.verify else None  # None also when a file is missing
+        if self.verify and (stamp is None or self.verified.get(name) != stamp):
+            try:
+                self.check_files(record)
+            except EngineMismatch as e:
+                self.broken[name] = str(e)
+                raise
+            self.broken.pop(name, None)
+            self.verified[name] = stamp
         self.make_room(device, record.bytes, key)
         session = self.load(record, device)
         with self.lock:
@@ -124,10 +131,10 @@ class EngineSet:
         for f in record.files:
             path = self.directory / f.name
             if not path.is_file():
-                raise EngineMismatch(f"engine {record.name}: {path} is missing")
+                raise EngineMismatch(f"engine {record.name}: {path} is missing (manifest expects sha256 {f.sha256})")
             found = sha256_file(path)
             if found != f.sha256:
-                raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found[:16]}…, manifest expects {f.sha256[:16]}…")
+                raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found}, manifest expects {f.sha256}")
 
     def run(self, name: str, feeds: dict[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """One uncaptured run with session-allocated outputs (prefill, encoders)."""
@@ -136,6 +143,14 @@ class EngineSet:
         # a CPU scalar (total_sequence_length) stays where the engine reads it
         return session.run({k: v if v.dim() == 0 else v.to(session.device, non_blocking=True).contiguous() for k, v in feeds.items()})
 
+
+
+def file_stamp(directory: Path, record: EngineRecord) -> tuple | None:
+    """What changes when an engine's files are rewritten, replaced or deleted, short of hashing them."""
+    try:
+        return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in ((directory / f.name).stat() for f in record.files))
+    except OSError:
+        return None
 
 
 def mib(n: int) -> str:

@@ -23,7 +23,7 @@ import torch
 from model.tokenizer import ChatTokenizer
 from pipeline.manifest import PathRecord
 from runtime.config import RuntimeConfig
-from runtime.engines import EngineSet
+from runtime.engines import EngineMismatch, EngineSet
 from runtime.metrics import Metrics
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
@@ -283,8 +283,8 @@ class GenerationEngine:
         except Exception as e:  # noqa: BLE001 - reported to each client and logged with its traceback
             log.exception("generation failed for %s", ", ".join(s.request.request_id for s in seqs))
             for s in seqs:
-                if not s.done:
-                    s.handle.push(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                if not s.done:  # an engine file that changed on disk since start-up: this path is unavailable, not broken
+                    s.handle.push(Failed(f"generation failed: {type(e).__name__}: {e}", 503 if isinstance(e, EngineMismatch) else 500))
                     self.release(s)
 
     def admit(self, seq: Sequence) -> None:

@@ -1,6 +1,11 @@
 """Images and audio from request content parts into encoder inputs, refusing what cannot be decoded
 or is too large before it costs memory: an image's pixel count is read from its header before
 the pixels are decoded, a WAV's duration before its samples are read.
+
+The bytes come from clients and go through third-party parsers (Pillow's, the wave module's),
+which signal bad input with whatever exception their code happens to raise (struct.error,
+SyntaxError, IndexError, Pillow's DecompressionBombError...): every one of them is a MediaError,
+a 400 for the client, never a 500.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from model.multimodal.vision import IMAGE_MEAN, IMAGE_STD
 
 DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),(?P<payload>.*)", re.DOTALL)
 SAMPLE_SCALE = {1: 128.0, 2: 32768.0, 4: 2147483648.0}  # full scale of 8-, 16- and 32-bit PCM
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what Pillow may try: no parser of a format nobody sends
 
 
 class MediaError(ValueError):
@@ -41,6 +47,10 @@ class MediaLimits:
     fetch_timeout_s: float
 
 
+def why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 def decode_base64(payload: str, param: str) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
@@ -55,12 +65,16 @@ async def image_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
         if not m or ";base64" not in m["params"]:
             raise MediaError(f"{param} must be a base64 data URL (data:image/png;base64,...)", param)
         return decode_base64(m["payload"], param)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # an unclosed IPv6 bracket, a bad port
+        raise MediaError(f"{param} is not a valid URL", param) from None
+    if parts.scheme not in ("http", "https") or not host:
         raise MediaError(f"{param} must be a data: URL or an http(s) URL", param)
-    if parts.hostname.lower() not in limits.allowed_image_hosts:
+    if host.lower() not in limits.allowed_image_hosts:
         raise MediaError(f"{param}: remote image URLs are refused unless their host is in server.allowed_image_hosts; "
-                         f"{parts.hostname} is not (send the image as a data: URL)", param)
+                         f"{host} is not (send the image as a data: URL)", param)
     try:
         async with httpx.AsyncClient(timeout=limits.fetch_timeout_s, follow_redirects=False) as client:
             async with client.stream("GET", url) as response:
@@ -72,23 +86,29 @@ async def image_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
                     if len(data) > limits.max_fetch_bytes:
                         raise MediaError(f"{param}: {url} is larger than {limits.max_fetch_bytes} bytes", param)
                 return bytes(data)
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, ValueError) as e:  # InvalidURL and StreamError are no HTTPError
         raise MediaError(f"{param}: could not fetch {url}: {type(e).__name__}", param) from None
 
 
 def decode_image(data: bytes, limits: MediaLimits, size: int, param: str) -> torch.Tensor:
     """Encoded image -> normalised pixels [3, size, size]."""
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError, ValueError):
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except UnidentifiedImageError:
         raise MediaError(f"{param} is not an image format the server can decode (PNG, JPEG, WebP, GIF, BMP)", param) from None
+    except Image.DecompressionBombError as e:  # Pillow's own guard: a header declaring over twice Image.MAX_IMAGE_PIXELS
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        raise MediaError(f"{param} declares {declared[1] if declared else 'more'} pixels in its header, over the limit of {limits.max_image_pixels} "
+                         "(a decompression bomb?)", param) from None
+    except Exception as e:  # noqa: BLE001 - see the module docstring
+        raise MediaError(f"{param} could not be decoded: {why(e)}", param) from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
         raise MediaError(f"{param} is {width}x{height} = {width * height} pixels, over the limit of {limits.max_image_pixels}", param)
     try:
         image = image.convert("RGB")  # decodes
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise MediaError(f"{param} could not be decoded: {e}", param) from None
+    except Exception as e:  # noqa: BLE001 - see the module docstring
+        raise MediaError(f"{param} could not be decoded: {why(e)}", param) from None
     # squash rather than crop: a phone screenshot is tall, and a centre crop would drop most of the screen
     image = image.resize((size, size), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -108,8 +128,10 @@ def decode_audio(data: bytes, fmt: str, limits: MediaLimits, args: AudioArgs, pa
             if seconds > limits.max_audio_seconds:
                 raise MediaError(f"{param}.data is {seconds:.2f} s of audio, over the limit of {limits.max_audio_seconds:g} s", f"{param}.data")
             raw = w.readframes(frames)
-    except (wave.Error, EOFError) as e:
-        raise MediaError(f"{param}.data is not a PCM WAV file: {e}", f"{param}.data") from None
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - wave.Error, EOFError, struct.error...: see the module docstring
+        raise MediaError(f"{param}.data is not a PCM WAV file: {why(e)}", f"{param}.data") from None
     if frames == 0 or len(raw) < frames * channels * width:
         raise MediaError(f"{param}.data holds no audio, or fewer samples than its header announces", f"{param}.data")
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]

@@ -35,6 +35,10 @@ class Metrics:
         self.decode_batch = Histogram("dyngraph_decode_batch_size", "Sequences per decode step",
                                       buckets=tuple(range(1, max_batch + 1)), registry=r)
         self.engine_loads = Counter("dyngraph_engine_loads", "Engine loads (offloading reloads count again)", ["engine", "device"], registry=r)
+        self.rate_limited = Counter("dyngraph_rate_limited", "Chat completions refused by the per-client rate limit (429), "
+                                    "by how the client was told apart", ["client"], registry=r)  # key | address
+        self.client_timeouts = Counter("dyngraph_client_timeouts", "Connections cut off for sending their request too slowly (408)",
+                                       ["phase"], registry=r)  # headers | body
 
     def watch_memory(self, source: Callable[[], Mapping[str, Mapping[str, int | None]]]) -> None:
         """Expose `source()` (device -> {figure: bytes}) as dyngraph_device_memory_bytes{device, kind} at each scrape."""

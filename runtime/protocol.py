@@ -65,7 +65,7 @@ class ChatCompletionRequest(Lenient):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch.Generator takes
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -94,6 +94,12 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded", "draining"]
+    in_flight: int | None = None  # draining: requests still generating
+    degraded_paths: dict[str, str] | None = None  # degraded: path -> why it cannot run (an engine file failed verification)
 
 
 class ModelCard(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,8 +24,8 @@ from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
 from pipeline.engines import EXPORT_DTYPES, Limits, engine_specs
 from pipeline.manifest import Manifest, ManifestError
-from runtime.config import ServeApp
-from runtime.engines import EngineSet
+from runtime.config import ServeApp, ServerConfig
+from runtime.engines import EngineMismatch, EngineSet
 from runtime.generation import (Delta, Event, Failed, Finished, GenerationEngine, GenerationRequest, QueueFull,
                                 RequestHandle, Started)
 from runtime.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
@@ -42,6 +43,10 @@ BACKENDS = ("engines", "eager")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 DISCONNECT_POLL_S = 0.25
 UNION_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
+# a temperature or top_p this small is greedy (as in vLLM): logits / 1e-300 are inf, and a top_p of 1e-300 is 0 in
+# float32, which would drop every token; either way the probabilities become NaN
+GREEDY_BELOW = 1e-5
+SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -116,6 +121,21 @@ class ChatService:
                 "requests_per_path": dict(self.engine.path_counts), "mode": self.engine.mode,
                 "kv_cache": {"allocated_bytes": dict(self.engine.kv_bytes), "in_use_peak_bytes": dict(self.engine.kv_in_use_peak)}}
 
+    def degraded(self) -> dict[str, str]:
+        """The paths of this mode that cannot run now, each with the reason: an engine whose file
+        failed verification when it was (re)loaded after start-up (the others keep serving)."""
+        broken = self.engines.broken
+        if not broken:
+            return {}
+        manifest = self.engines.manifest
+        paths = [manifest.static_path] if self.engine.mode == "static" else [p for p in manifest.paths if not p.static]
+        out = {}
+        for path in paths:
+            bad = next((broken[n] for n in path.encode + path.step if n in broken), None)
+            if bad:
+                out[path.name] = bad
+        return out
+
     def reset_stats(self) -> dict:
         reset_peaks(self.engine.placement.devices)
         self.engine.reset_peaks()
@@ -151,11 +171,19 @@ class ChatService:
 
     def parse(self, body: bytes) -> ChatCompletionRequest:
         try:
-            data = json.loads(body)
+            data = json.loads(body, parse_constant=not_json)
+        except RecursionError:
+            raise APIError(400, "the request body nests arrays or objects deeper than the server parses") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+        # JSON's \ud800 escapes decode to lone surrogates, which are no characters: nothing downstream
+        # (the tokenizer, a UTF-8 response echoing them) can take them
+        where = surrogate_path(data)
+        if where is not None:
+            raise APIError(400, f"{where or 'the request body'}: a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                "escape), which is not a Unicode character", param=where or None)
         try:
             return ChatCompletionRequest.model_validate(data)
         except ValidationError as e:
@@ -168,6 +196,7 @@ class ChatService:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.server.model_id}`",
                            param="model", code="model_not_found")
         self.check_unsupported(req)
+        self.check_limits(req)
         thinking = bool(req.enable_thinking or (req.chat_template_kwargs or {}).get("enable_thinking"))
         if thinking and self.engine.think_end is None:
             raise APIError(400, "enable_thinking needs a tokenizer with </think>; this one has none", param="enable_thinking")
@@ -190,6 +219,8 @@ class ChatService:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p  # a top_p this small keeps the likeliest token only: greedy
         if req.exit_layer is not None:
             if not self.engine.cfg.policy.request_override:
                 raise APIError(400, "exit_layer is honoured only when the server runs with runtime.policy.request_override=true",
@@ -199,7 +230,7 @@ class ChatService:
         top_k = req.top_k if req.top_k and req.top_k > 0 else 0
         return GenerationRequest(
             prompt_ids=prompt, max_tokens=max_tokens, modalities=modalities, pixel_values=pixel_values, mel=mel,
-            sampling=SamplingParams(1.0 if req.temperature is None else req.temperature, 1.0 if req.top_p is None else req.top_p, top_k, req.seed),
+            sampling=SamplingParams(0.0 if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW else temperature, top_p, top_k, req.seed),
             stop=tuple(stop), ignore_eos=bool(req.ignore_eos), thinking=thinking, max_reasoning_steps=req.max_reasoning_steps if thinking else None,
             policy_text=next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""),
             exit_layer=req.exit_layer,
@@ -217,6 +248,31 @@ class ChatService:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise APIError(400, f"{name} is not supported by this server (send 0 or leave it out)", param=name)
+
+    def check_limits(self, req: ChatCompletionRequest) -> None:
+        """The server.max_* bounds on one request's work, before anything is tokenized or decoded."""
+        s = self.server
+        if len(req.messages) > s.max_messages:
+            raise APIError(400, f"the request has {len(req.messages)} messages; at most {s.max_messages} (server.max_messages)",
+                           param="messages", code="array_above_max_length")
+        characters = 0
+        for i, m in enumerate(req.messages):
+            parts = [m.content] if isinstance(m.content, str) else m.content or []
+            if len(parts) > s.max_content_parts:
+                raise APIError(400, f"messages.{i}.content has {len(parts)} parts; at most {s.max_content_parts} (server.max_content_parts)",
+                               param=f"messages.{i}.content", code="array_above_max_length")
+            characters += sum(len(p) if isinstance(p, str) else len(p.text) for p in parts if isinstance(p, str) or p.type == "text")
+        if characters > s.max_characters:
+            raise APIError(400, f"the messages hold {characters} characters of text; at most {s.max_characters} (server.max_characters)",
+                           param="messages", code="string_above_max_length")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > s.max_stop:
+            raise APIError(400, f"the request has {len(stop)} stop strings; at most {s.max_stop} (server.max_stop)",
+                           param="stop", code="array_above_max_length")
+        for i, text in enumerate(stop):
+            if len(text) > s.max_stop_chars:
+                raise APIError(400, f"stop string {i} has {len(text)} characters; at most {s.max_stop_chars} (server.max_stop_chars)",
+                               param="stop", code="string_above_max_length")
 
     def split_messages(self, messages: list[ChatMessage]) -> tuple[list[dict[str, str]], list[tuple[str, str]], list[tuple[str, str, str]]]:
         """Chat template messages, and the media parts with the parameter path each came from.
@@ -279,7 +335,7 @@ class ChatService:
                            headers={"Retry-After": str(self.server.retry_after_s)}) from None
         event = await self.next_event(handle, disconnected)
         if isinstance(event, Failed):
-            raise APIError(event.status, event.message, "server_error")
+            raise APIError(event.status, event.message, "server_error", code="engine_unavailable" if event.status == 503 else None)
         assert isinstance(event, Started), event
         return Run(run_id, request, generation, handle, event, arrival,
                    reasoning=bool(request.return_reasoning) and generation.thinking)
@@ -334,7 +390,7 @@ class ChatService:
                 del data["dyngraph"]
             if not include_usage:
                 del data["usage"]
-            return json.dumps(data, ensure_ascii=False)
+            return sse_json(data)
 
         yield chunk(DeltaMessage(role="assistant", content=""))
         while True:
@@ -400,6 +456,37 @@ class ChatService:
                             engines=s.engines, devices=s.devices, mode=s.mode)
 
 
+def sse_json(data: dict) -> str:
+    """JSON for one SSE data line, UTF-8 as is except for the three characters that JSON leaves raw
+    but line splitters treat as line ends (NEL, U+2028, U+2029: httpx's aiter_lines, str.splitlines):
+    a sampled token that decodes to one of them would cut the chunk in two."""
+    text = json.dumps(data, ensure_ascii=False)
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def surrogate_path(data) -> str | None:
+    """The parameter path of the first string holding a lone surrogate ("" for the body itself, the
+    object's path for a key), else None. A loop, not recursion: JSON nests as deep as json.loads allows."""
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and SURROGATES.search(value):
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if not k.isascii() and SURROGATES.search(k):
+                    return path  # the key itself cannot be echoed
+                stack.append((f"{path}.{k}" if path else k, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+    return None
+
+
 def validation_error(e: ValidationError) -> tuple[str, str]:
     """pydantic's most specific error as (parameter path, message). A union reports one error per
     member, labelled by the member's type (`str`, `list[tagged-union[...]]`); the deepest is the
@@ -416,6 +503,23 @@ def validation_error(e: ValidationError) -> tuple[str, str]:
 
 class ServeError(RuntimeError):
     """Serving cannot start; the message says what to do."""
+
+
+def check_server_config(server: ServerConfig) -> None:
+    """Limits and timeouts that would refuse everything, or nothing, are a configuration mistake."""
+    for name in ("max_body_bytes", "max_messages", "max_content_parts", "max_characters", "max_stop_chars", "max_image_pixels"):
+        if getattr(server, name) < 1:
+            raise ServeError(f"server.{name}={getattr(server, name)} must be at least 1")
+    for name in ("max_stop", "max_images"):
+        if getattr(server, name) < 0:
+            raise ServeError(f"server.{name}={getattr(server, name)} must not be negative")
+    for name in ("header_timeout_s", "body_timeout_s"):
+        if not getattr(server, name) > 0:
+            raise ServeError(f"server.{name}={getattr(server, name)} must be positive")
+    rate = server.rate_limit
+    if rate.per_second is not None and not (rate.per_second > 0 and rate.burst >= 1 and rate.max_clients >= 1):
+        raise ServeError(f"server.rate_limit: per_second={rate.per_second} must be positive (or null: off), "
+                         f"burst={rate.burst} and max_clients={rate.max_clients} at least 1")
 
 
 def engines_directory(cfg: ServeApp) -> Path:
@@ -465,6 +569,7 @@ def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.M
 
 def build_service(cfg: ServeApp, export_command: str) -> ChatService:
     """Everything behind the endpoint, loaded and verified; raises ServeError with a one-line reason."""
+    check_server_config(cfg.server)
     directory = engines_directory(cfg)
     try:
         manifest = Manifest.load(directory)

@@ -47,8 +47,8 @@ def free_port() -> int:
 class Server:
     """One `python -m runtime.serve` process; its log goes to a file the tests read."""
 
-    def __init__(self, engines_root: Path, log: Path, *overrides: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, engines_root: Path, log: Path, *overrides: str, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.log = open(log, "w")
@@ -525,3 +525,156 @@ def test_streaming_sends_a_chunk_per_token(server):
     token_chunks = [c for c in chunks if c["choices"] and "role" not in c["choices"][0]["delta"]
                     and "content" in c["choices"][0]["delta"]]
     assert len(token_chunks) == chunks[-1]["usage"]["completion_tokens"] == 7
+
+
+# --- request limits, rate limit per key, slow clients --------------------------------------------------------
+
+ALICE, BOB = {"authorization": "Bearer alice"}, {"authorization": "Bearer bob"}
+
+
+@pytest.fixture(scope="module")
+def limits_server(engines_dir, tmp_path_factory):
+    """Small limits, two users' keys with a rate limit each (bursts of 20, then one request per 5 s),
+    one generation slot and no queue, and short deadlines for slow clients."""
+    s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "limits.log", "server.api_keys=[alice,bob]",
+               "server.max_messages=4", "server.max_content_parts=3", "server.max_characters=2000", "server.max_stop=2",
+               "server.max_stop_chars=8", "server.max_audio_seconds=1.0",
+               "server.rate_limit.per_second=0.2", "server.rate_limit.burst=20",
+               "server.header_timeout_s=1.5", "server.body_timeout_s=1.5", "runtime.max_batch_size=1", "runtime.max_queue=0")
+    yield s
+    s.stop()
+
+
+OVER = {
+    "messages": ({"messages": [{"role": "user", "content": "hi"}] * 5}, "messages", "array_above_max_length", "5 messages; at most 4"),
+    "parts": ({"messages": user("a", "b", "c", "d")}, "messages.0.content", "array_above_max_length", "4 parts; at most 3"),
+    "characters": ({"messages": [{"role": "system", "content": "x" * 1500}, {"role": "user", "content": "y" * 501}]}, "messages",
+                   "string_above_max_length", "2001 characters of text; at most 2000"),
+    "stop count": ({"stop": ["a", "b", "c"]}, "stop", "array_above_max_length", "3 stop strings; at most 2"),
+    "stop length": ({"stop": ["123456789"]}, "stop", "string_above_max_length", "9 characters; at most 8"),
+    "images": ({"messages": user("a", image_part(png_url()), image_part(png_url()))}, "messages", None, "2 images; at most 1"),
+    "audio seconds": ({"messages": user("a", audio_part(wav_b64(1.5)))}, "messages.0.content.1.input_audio.data", "invalid_media",
+                      "1.50 s of audio, over the limit of 1 s"),
+    "max_tokens": ({"max_tokens": 2045}, "max_tokens", "context_length_exceeded", "maximum context length is 2048 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVER))
+def test_each_limit_is_configurable_and_answered_with_a_400(limits_server, case):
+    patch, param, code, words = OVER[case]
+    r = limits_server.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **patch}, ALICE)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == code, r.json()
+    assert words in r.json()["error"]["message"]
+
+
+def test_within_the_limits_the_same_server_answers(limits_server):
+    messages = [{"role": "system", "content": "x" * 1000}, *user("a", "b", image_part(png_url())), {"role": "assistant", "content": "c"},
+                *user("y" * 990, audio_part(wav_b64(0.9)))]
+    r = limits_server.post({"model": MODEL, "messages": messages, "max_tokens": 2, "stop": ["12345678", "z"]}, ALICE)
+    assert r.status_code == 200, r.text
+    assert r.json()["dyngraph"]["modalities"] == ["text", "image", "audio"]
+
+
+def test_each_key_has_its_own_rate_limit(limits_server):
+    before = limits_server.metric("dyngraph_rate_limited_total", client="key")
+    wrong_model = {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}  # answered at once: only the bucket matters
+    statuses = [limits_server.post(wrong_model, BOB).status_code for _ in range(21)]
+    assert statuses == [404] * 20 + [429]
+    r = limits_server.post(wrong_model, BOB)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded" and r.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(r.headers["retry-after"]) <= 5 and "per API key" in r.json()["error"]["message"]
+    assert limits_server.post(wrong_model, ALICE).status_code == 404  # alice's bucket is her own
+    assert limits_server.metric("dyngraph_rate_limited_total", client="key") == before + 2
+    assert limits_server.metric("dyngraph_requests_total", status="429") >= 2
+    time.sleep(int(r.headers["retry-after"]))
+    assert limits_server.post(wrong_model, BOB).status_code == 404  # refilled as Retry-After said
+
+
+def test_without_keys_the_rate_limit_is_per_client_address():
+    """The Guard middleware itself, in process: the same ASGI app behind it, two client addresses."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from runtime.config import RateLimitConfig, ServerConfig
+    from runtime.metrics import Metrics
+    from runtime.server import Guard
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", ok, methods=["POST"]), Route("/v1/models", ok)])
+    metrics = Metrics(1)
+    guard = Guard(app, ServerConfig(rate_limit=RateLimitConfig(per_second=0.01, burst=2)), metrics)
+
+    async def statuses(address: str, route: str = "/v1/chat/completions", method: str = "POST") -> list[int]:
+        transport = httpx.ASGITransport(app=guard, client=(address, 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [(await client.request(method, route)).status_code for _ in range(3)]
+
+    import asyncio
+
+    assert asyncio.run(statuses("10.0.0.1")) == [200, 200, 429]
+    assert asyncio.run(statuses("10.0.0.2")) == [200, 200, 429]
+    assert asyncio.run(statuses("10.0.0.1", "/v1/models", "GET")) == [200, 200, 200]  # only chat completions are limited
+    assert metrics.rate_limited.labels("address")._value.get() == 2
+
+
+def raw_request(port: int, chunks: list[bytes], pause_s: float) -> tuple[bytes, float]:
+    """Send `chunks` pausing between them, as a slow client would; return what came back and when the server closed."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+                time.sleep(pause_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server hung up on us: what it said is still in the socket
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except ConnectionResetError:
+            pass
+    return received, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_slow_clients_are_cut_off_without_holding_a_slot(limits_server, phase):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    head = [b"POST /v1/chat/completions HTTP/1.1\r\n", b"host: 127.0.0.1\r\n", b"authorization: Bearer alice\r\n",
+            b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body)]
+    # headers: one line every 0.4 s, the last never; body: the headers at once, then a byte every 0.4 s
+    chunks = [*head, b"x-slow: 1\r\n"] * 3 if phase == "headers" else [b"".join(head) + b"\r\n", *[body[i:i + 1] for i in range(10)]]
+    before = limits_server.metric("dyngraph_client_timeouts_total", phase=phase)
+    slow: list[tuple[bytes, float]] = []
+    threads = [threading.Thread(target=lambda: slow.append(raw_request(limits_server.port, chunks, 0.4))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    # the only slot and no queue: a slow client holding the slot would make this a 429
+    r = limits_server.post({"model": MODEL, "messages": [{"role": "user", "content": "quick"}], "max_tokens": 2}, ALICE, timeout=10)
+    assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(timeout=20)
+    for received, seconds in slow:
+        assert received.startswith(b"HTTP/1.1 408"), received[:200]
+        error = json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_timeout" and f"server.{phase.removesuffix('s')}_timeout_s" in error["message"]
+        assert 1.4 < seconds < 4.0, seconds  # cut off at the deadline, not when the client gave up
+    assert limits_server.metric("dyngraph_client_timeouts_total", phase=phase) == before + 2
+    assert limits_server.metric("dyngraph_running_requests") == 0
+
+
+def test_stream_chunks_survive_line_splitters_whatever_the_text():
+    """A sampled token may decode to NEL, U+2028 or U+2029, which JSON leaves raw and httpx's
+    aiter_lines (like str.splitlines) takes for line ends: found by the soak, two chunks cut in half."""
+    from httpx._decoders import LineDecoder
+
+    from runtime.serving import sse_json
+
+    chunk = {"choices": [{"delta": {"content": "a\x85b\u2028c\u2029d\r\ne 打开微信"}}]}
+    lines = LineDecoder().decode(f"data: {sse_json(chunk)}\n\n")
+    assert lines[1:] == [""] and json.loads(lines[0].removeprefix("data: ")) == chunk
+    assert "打开微信" in sse_json(chunk)  # still UTF-8, not \\u-escaped throughout
