@@ -129,7 +129,7 @@ class SegmentEngine(nn.Module):
     def forward(self, hidden, position_ids, kv_mask, kv):
         h, kv_out = self.segment(hidden, position_ids, kv_mask, kv)
         # the exit head needs only the last position: prefill and decode both sample from it
-        return h, self.segment.exit_norm(h[:, -1]), kv_out
+        return h, self.segment.exit(h[:, -1]), kv_out
 
 
 class CrossAttnEngine(nn.Module):
@@ -169,7 +169,7 @@ class StaticDecodeEngine(nn.Module):
             h, present = segment(h, position_ids, kv_mask, kv[first:end])
             presents.append(present)
             first = end
-        logits = self.text.lm_head(self.text.segments[-1].exit_norm(h[:, -1]))
+        logits = self.text.lm_head(self.text.segments[-1].exit(h[:, -1]))
         return logits, torch.cat(presents)
 
 
@@ -235,7 +235,7 @@ def engine_specs(model: AutoGLM, limits: Limits, static: bool = True) -> list[En
     if static:
         n_seg, M = len(t.exit_layers), cfg.vision.n_tokens + cfg.audio.max_frames // cfg.audio.frame_multiple
         static_kv = TensorSpec("cross_kv", (n_seg, 2, "batch", Hkv, M, hd), "float")
-        everything = {"model": asdict(cfg) | {"checkpoint": None}}
+        everything = {"model": asdict(cfg) | {"checkpoint": None, "exits": None}}  # weights are keyed by their hashes
         decoder = {**text_cfg, "media_tokens": M}
         specs += [
             EngineSpec("static.encode", "static.encode", StaticEncodeEngine(model),

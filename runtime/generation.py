@@ -222,7 +222,7 @@ class GenerationEngine:
         if self.mode == "static" and manifest.static_path is None:
             raise EngineConfigError(f"static mode needs the static engines, which the export in {engines.directory} "
                                     "left out (export.static=false): export again with export.static=true")
-        self.policy = DepthPolicy(cfg.policy, self.exit_layers)
+        self.policy = DepthPolicy(cfg.policy, self.exit_layers, manifest.exits)
         if tokenizer.vocab_size > text["vocab_size"]:
             raise EngineConfigError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of {text['vocab_size']}")
         self.sampler = Sampler(tokenizer.vocab_size)
@@ -440,7 +440,7 @@ class GenerationEngine:
             if decision.exit_layer is None:  # confidence: stop at the first exit sure enough of the next token
                 logits = runner.head(exit_hidden)
                 top1 = self.sampler.top1_probability(logits)
-                if self.policy.confident(top1) or stage is runner.stages[-1]:
+                if self.policy.confident(top1, stage.exit_layer) or stage is runner.stages[-1]:
                     decision = Decision(stage.exit_layer, f"{decision.reason}: top-1 probability {top1:.2f} at exit {stage.exit_layer}")
                     break
             elif stage is runner.stages[-1]:
