@@ -191,7 +191,7 @@ def calibrated_exits(model_cfg: ModelConfig, model: AutoGLM, weights: dict) -> E
     except ExitsError as e:
         raise ExportError(str(e)) from None
     # a checkpoint's decoder is its content hash; random weights are their seed on their generator's device
-    base = {k: weights[k] for k in (("checkpoint",) if weights["checkpoint"] else ("seed", "init_device"))}
+    base = {k: weights[k] for k in (("checkpoint",) if weights["checkpoint"] else ("checkpoint", "seed", "init_device"))}
     if {k: info.base_weights.get(k) for k in base} != base:
         raise ExportError(f"exits file {info.path} was calibrated on weights {info.base_weights}, this export's are {base}: "
                           f"calibrate again (python -m pipeline calibrate) or pass the calibration's model.seed/model.checkpoint/export.device")

@@ -3,7 +3,9 @@
 `heuristic` decides before any engine runs, from an input-complexity score: the length of the
 user's text (in characters, so that the score does not depend on the tokenizer: a byte-level one
 counts a Chinese character three times), question form and media. `confidence` decides during prefill: the prompt goes through one segment
-at a time and stops at the first exit whose head is sure enough of the next token. Either way
+at a time and stops at the first exit whose head is sure enough of the next token: its top-1
+probability reaches that exit's threshold, calibrated by `python -m pipeline calibrate` and read
+from the manifest, or `runtime.policy.confidence` at every exit. Either way
 the depth chosen at prefill holds for the whole request, so its cache covers the same layers at
 every step.
 """

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from model.autoglm import build_model
-from model.exits import EXITS_NAME, ExitsError, read_exits
+from model.exits import EXITS_NAME, ExitsError, read_exits, resolve_exits
 from model.tokenizer import ChatTokenizer
 from pipeline.calibrate import agreement_curve, choose_threshold, fit_heuristic
 from pipeline.manifest import Manifest
@@ -316,6 +316,24 @@ def test_exits_file_that_does_not_fit(calibrated, tmp_path):
     cfg.text.exit_adapter_rank = 4
     with pytest.raises(ExitsError, match=r"has shape \[8, 128\] but the model expects \[4, 128\]"):
         build_model(cfg)
+    # the export refuses heads calibrated on other weights (here: the checkpoint's, for random ones) before it builds anything
+    from pipeline.export import ExportError, run_export
+
+    from .conftest import compose_export
+
+    app = compose_export(["model=tiny", f"model.exits={calibrated / EXITS_NAME}", f"model.text.exit_adapter_rank={RANK}"])
+    with pytest.raises(ExportError, match="was calibrated on weights .*'checkpoint': '[0-9a-f]{64}'.* this export's are {'checkpoint': None, 'seed': 0, 'init_device': 'cpu'}"):
+        run_export(app.model, app.export, tmp_path / "engines")
+    assert not (tmp_path / "engines").exists()
+
+
+def test_exits_are_found_beside_the_checkpoint(tmp_path):
+    (tmp_path / "exits").mkdir()
+    (tmp_path / "exits" / EXITS_NAME).write_bytes(b"")
+    assert resolve_exits(tiny_config(checkpoint=str(tmp_path))) == tmp_path / "exits" / EXITS_NAME  # model.exits=auto
+    assert resolve_exits(tiny_config(checkpoint=str(tmp_path), exits=None)) is None
+    assert resolve_exits(tiny_config(checkpoint=str(tmp_path / "other"))) is None
+    assert resolve_exits(tiny_config(exits="elsewhere.safetensors")) == Path("elsewhere.safetensors")
 
 
 # --- the bench's quality column -----------------------------------------------------------------
