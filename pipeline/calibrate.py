@@ -494,6 +494,8 @@ def run_calibrate(app: CalibrateApp, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     cfg = app.calibrate
     check_request(app)
+    if threads := int(os.environ.get("DYNGRAPH_CPU_THREADS", "0")):
+        torch.set_num_threads(threads)  # as the runtime's ONNX Runtime sessions take it: a shared CPU
     out_dir = output_directory(app)
     try:
         check_writable(out_dir)

@@ -121,7 +121,7 @@ def test_calibration_lowers_kl_and_raises_agreement(calibrated):
     assert "runtime.policy.thresholds=[" in md  # the heuristic fitted to the held-out chats
 
 
-def test_thresholds_meet_the_target(calibrated, checkpoint, tmp_path):
+def test_thresholds_meet_the_target(calibrated, checkpoint, tmp_path, one_torch_thread):
     """On the held-out split the thresholds were chosen on, and on text calibration never saw,
     run through the model with the exits file loaded (model.exits)."""
     info, _ = read_exits(calibrated / EXITS_NAME)
@@ -136,19 +136,23 @@ def test_thresholds_meet_the_target(calibrated, checkpoint, tmp_path):
     cfg = tiny_config(checkpoint=str(checkpoint), exits=str(calibrated / EXITS_NAME))
     cfg.text.exit_adapter_rank = RANK
     model = build_model(cfg)
-    fresh = write_corpus(tmp_path / "fresh", seed=1, chats=120, notes=0)
+    fresh = write_corpus(tmp_path / "fresh", seed=1, chats=100, notes=0)
     rows = [TOK.apply_chat_template(json.loads(line)["messages"], add_generation_prompt=False)[:128]
             for line in (fresh / "chats.jsonl").read_text().splitlines()]
     conf = {e: [] for e in EXITS[:-1]}
     agree = {e: [] for e in EXITS[:-1]}
+    text = model.text
     with torch.no_grad():
-        for ids in rows:
-            x = torch.tensor([ids])
-            full = model(x, 24)[0, :, :TOK.vocab_size].argmax(-1)
-            for e in EXITS[:-1]:
-                probs = torch.softmax(model(x, e)[0, :, :TOK.vocab_size], -1)
-                conf[e].append(probs.max(-1).values)
-                agree[e].append(probs.argmax(-1) == full)
+        for ids in rows:  # one pass through the segments, each exit's head on the way, as the dynamic graph runs them
+            h, probs = text.embed_tokens(torch.tensor([ids])), []
+            positions, no_cache = torch.arange(len(ids))[None], torch.zeros(1, 0, dtype=torch.bool)
+            for segment in text.segments:
+                h, _ = segment(h, positions, no_cache, segment.empty_kv(1))
+                probs.append(torch.softmax(text.lm_head(segment.exit(h))[0, :, :TOK.vocab_size], -1))
+            full = probs[-1].argmax(-1)
+            for e, p in zip(EXITS[:-1], probs):
+                conf[e].append(p.max(-1).values)
+                agree[e].append(p.argmax(-1) == full)
     for e, t in info.thresholds.items():
         if t is None:
             continue
@@ -200,7 +204,7 @@ def test_confidence_policy_reads_the_manifests_thresholds():
     assert uncalibrated.thresholds == {6: 0.9, 12: 0.9, 18: 0.9}
 
 
-def test_export_and_serve_with_calibrated_exits(tiny_export, corpus, tmp_path):
+def test_export_and_serve_with_calibrated_exits(tiny_export, corpus, tmp_path, one_torch_thread):
     """The random tiny model's exits calibrated, exported over a copy of the shared export (only
     the segments before full depth rebuild), served with the confidence policy: each request
     exits where the calibrated heads and the manifest's thresholds say."""
@@ -243,7 +247,7 @@ def test_export_and_serve_with_calibrated_exits(tiny_export, corpus, tmp_path):
         server.stop()
 
 
-def test_adapter_exports_and_validates(tmp_path):
+def test_adapter_exports_and_validates(tmp_path, one_torch_thread):
     """A segment whose exit has a trained (non-zero) adapter, loaded from an exits file, through
     the real exporter and the export's validation against its eager module."""
     from exporters import get_exporter
