@@ -359,6 +359,12 @@ def choose_threshold(thresholds: np.ndarray, rates: np.ndarray, agreements: np.n
     return float(thresholds[passing[-1]]) if len(passing) else None
 
 
+def curve_points(curve: tuple[np.ndarray, np.ndarray, np.ndarray], n: int = 300) -> dict:
+    """At most n points of an agreement curve, evenly spread over its thresholds, for the report and the plots."""
+    keep = np.unique(np.linspace(0, len(curve[0]) - 1, n).astype(int))
+    return {key: [round(float(v), 6) for v in values[keep]] for key, values in zip(("threshold", "exit_rate", "agreement"), curve)}
+
+
 def at_threshold(confidence: np.ndarray, agree: np.ndarray, t: float | None) -> dict:
     exits = confidence >= t if t is not None else np.zeros(len(confidence), dtype=bool)
     return {"threshold": t, "exit_rate": float(exits.mean()), "agreement": float(agree[exits].mean()) if exits.any() else None,
@@ -552,6 +558,7 @@ def run_calibrate(app: CalibrateApp, console: Console | None = None) -> Path:
             "threshold_before": t_before, "at_threshold_before": at_threshold(before.confidence[k], before.agree[k], t_before),
             "grid": {"after": [at_threshold(after.confidence[k], after.agree[k], g) for g in GRID],
                      "before": [at_threshold(before.confidence[k], before.agree[k], g) for g in GRID]},
+            "curve": {"after": curve_points(curve), "before": curve_points(agreement_curve(before.confidence[k], before.agree[k]))},
             "train_loss": {"first": result.losses[k][0] if result.losses[k] else None, "last": result.losses[k][-1] if result.losses[k] else None},
         })
 
@@ -598,7 +605,7 @@ def requests_block(app: CalibrateApp, model: AutoGLM, tokenizer: ChatTokenizer, 
         prompts = [tokenizer.apply_chat_template(r.messages())[-cfg.seq_len:] for r in mix]
         conf_after = request_view(model, heads, distiller, prompts, [[]] * len(prompts), cfg.forward_batch)[0]
         conf_before = request_view(model, before_heads, distiller, prompts, [[]] * len(prompts), cfg.forward_batch)[0]
-        out["mix"] = {"bench": app.bench.name, "text_requests": len(mix), "note": "text requests only; media requests run the encoders and cross-attention too",
+        out["mix"] = {"bench": app.bench.name, "text_requests": len(mix), "note": "Text requests only: media requests also run the encoders and cross-attention",
                       "exit_share": {"after": policy_shares(conf_after, thresholds, exit_layers),
                                      "before": policy_shares(conf_before, [DEFAULT_CONFIDENCE] * len(thresholds), exit_layers)}}
     chats = [d for d in heldout_docs if d.prompt_len and len(d.ids) > d.prompt_len][:cfg.max_heldout_chats]
@@ -737,10 +744,10 @@ def write_plots(report: dict, result: TrainResult, directory: Path) -> list[Path
     for k, e in enumerate(report["exits"]):
         color = colors[k % len(colors)]
         for which, style in (("after", "-"), ("before", ":")):
-            grid = [g for g in e["grid"][which] if g["agreement"] is not None]
+            curve = e["curve"][which]
             label = f"exit {e['exit_layer']}" + (" (uncalibrated)" if which == "before" else "")
-            ax_t.plot([g["threshold"] for g in grid], [g["agreement"] for g in grid], style, color=color, label=label)
-            ax_r.plot([g["exit_rate"] for g in grid], [g["agreement"] for g in grid], style, color=color, label=label)
+            ax_t.plot(curve["threshold"], curve["agreement"], style, color=color, label=label)
+            ax_r.plot(curve["exit_rate"], curve["agreement"], style, color=color, label=label)
         at = e["at_threshold"]
         if e["threshold"] is not None:
             ax_t.plot([e["threshold"]], [at["agreement"]], "o", color=color)
