@@ -13,7 +13,8 @@ grows by concatenation; this graph gives it, per layer:
   MatMul                             down projection
 
 and after the last layer one more SkipSimplifiedLayerNormalization: the residual (hidden_out) and
-the exit norm of every position, of which the last is the exit's hidden state. GroupQueryAttention
+the exit norm of every position, of which the last is the exit's hidden state (plus the exit's
+calibrated low-rank adapter, two MatMuls and an Add, where the model has one). GroupQueryAttention
 has CUDA and CPU kernels, so CI runs the same graph as the GPU. Weights are stored transposed
 ([in, out]) as MatMul reads them; the inputs and outputs are exactly the segment's EngineSpec.
 """
@@ -138,7 +139,13 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
         (branch,) = node("MatMul", [act, weight(p + "down_proj.weight.T", layer.mlp.down_proj.weight.t())], [p + "mlp_out"])
     exit_w = weight("exit_norm.weight", segment.exit_norm.weight)
     node("SkipSimplifiedLayerNormalization", [branch, h, exit_w], ["exit_all", "", "", "hidden_out"], MS, epsilon=eps)
-    node("Gather", ["exit_all", "last_position"], ["exit_hidden"], axis=1)
+    if segment.exit_adapter is None:
+        node("Gather", ["exit_all", "last_position"], ["exit_hidden"], axis=1)
+    else:  # the calibrated low-rank adapter after the exit norm (model.glm.Segment.exit): n + up(down(n))
+        (last,) = node("Gather", ["exit_all", "last_position"], ["exit_normed"], axis=1)
+        (low,) = node("MatMul", [last, weight("exit_adapter.down.weight.T", segment.exit_adapter.down.weight.t())], ["exit_low"])
+        (delta,) = node("MatMul", [low, weight("exit_adapter.up.weight.T", segment.exit_adapter.up.weight.t())], ["exit_delta"])
+        node("Add", [last, delta], ["exit_hidden"])
 
     def value_info(t) -> onnx.ValueInfoProto:
         elem = float_type if t.dtype == "float" else ONNX_TYPES[{"int64": torch.int64, "int32": torch.int32, "bool": torch.bool}[t.dtype]]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .exits import load_exits, resolve_exits
 from .glm import ModelArgs, Transformer
 from .multimodal.audio import AudioArgs, AudioEncoder
 from .multimodal.cross_attention import GatedCrossAttention, MediaProjection
@@ -28,6 +29,8 @@ class ModelConfig:
     name: str = "tiny"
     seed: int = 0  # random weights are drawn per parameter from (seed, parameter name)
     checkpoint: str | None = None  # a Hugging Face GLM checkpoint directory for the decoder
+    # calibrated exit heads (python -m pipeline calibrate): a file; "auto": <checkpoint>/exits/exits.safetensors if present; null: none
+    exits: str | None = "auto"
     text: ModelArgs = field(default_factory=ModelArgs)
     vision: VisionArgs = field(default_factory=VisionArgs)
     audio: AudioArgs = field(default_factory=AudioArgs)
@@ -68,7 +71,7 @@ class AutoGLM(nn.Module):
                 h = self.cross_attn[k](h, self.cross_kv[k](media), media_mask)
             segment = self.text.segments[k]
             h, _ = segment(h, position_ids, kv_mask, segment.empty_kv(b, h.device, h.dtype))
-        return self.text.lm_head(segment.exit_norm(h))
+        return self.text.lm_head(segment.exit(h))
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -88,6 +91,8 @@ def init_weights(model: AutoGLM, seed: int, skip: set[str] = frozenset()) -> Non
                 p.fill_(1.0 if pname == "weight" else 0.0)
             elif pname.endswith("gate"):
                 p.fill_(model.cfg.text.cross_gate_init)
+            elif name.endswith("exit_adapter.up.weight"):
+                p.zero_()  # an untrained exit adapter adds nothing
             else:
                 g = torch.Generator(device=p.device).manual_seed(param_seed(seed, name))
                 p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, INIT_STD, generator=g))
@@ -116,6 +121,9 @@ def materialize(model: AutoGLM, device: str | torch.device, dtype: torch.dtype) 
         missing = sorted(n for n, _ in model.named_parameters() if n not in model.checkpoint_tensors)
         log.info("checkpoint %s: loaded %d tensors; initialised at random: %s", cfg.checkpoint, len(model.checkpoint_tensors), summarize_names(missing))
     init_weights(model, cfg.seed, skip=model.checkpoint_tensors)
+    if exits := resolve_exits(cfg):
+        info = load_exits(model, exits)
+        log.info("exits %s (sha256 %s): calibrated heads of exits %s loaded", info.path, info.sha256[:12], info.exit_layers)
     return model.eval().requires_grad_(False)
 
 

@@ -33,6 +33,7 @@ class ModelArgs:
     exit_layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     cross_ffn_dim: int = 4096  # width of the gated feed-forward behind each cross-attention
     cross_gate_init: float = 0.5  # tanh gate start; Flamingo uses 0, random weights need > 0 to be tested
+    exit_adapter_rank: int = 0  # low-rank adapter after each exit norm (python -m pipeline calibrate trains it); 0: none
 
     def check(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -48,6 +49,8 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if int(self.head_dim * self.partial_rotary_factor) % 2:
             raise ValueError("head_dim * partial_rotary_factor must be even")
+        if not 0 <= self.exit_adapter_rank <= self.dim:
+            raise ValueError(f"model.text.exit_adapter_rank={self.exit_adapter_rank} must lie in 0..dim={self.dim}")
 
     @property
     def segment_bounds(self) -> list[tuple[int, int]]:
@@ -163,14 +166,39 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
 
+class LowRankAdapter(nn.Module):
+    """up(down(x)), added to x by its owner: `up` starts at zero, so an untrained adapter adds nothing."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)  # weight [r, D]
+        self.up = nn.Linear(rank, dim, bias=False)  # weight [D, r], zero-initialised (model/autoglm.py init_weights)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
 class Segment(nn.Module):
-    """The layers between two exits, and the norm of the exit that closes them."""
+    """The layers between two exits, and the head of the exit that closes them: a norm and an
+    optional low-rank adapter, both trained by `python -m pipeline calibrate` (backbone frozen)."""
 
     def __init__(self, args: ModelArgs, n_layers: int):
         super().__init__()
         self.args = args
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(n_layers))
         self.exit_norm = RMSNorm(args.dim, args.norm_eps)
+        # every segment has one, the full-depth exit's included (left at identity), so that segments of equal depth share a graph
+        self.exit_adapter = LowRankAdapter(args.dim, args.exit_adapter_rank) if args.exit_adapter_rank else None
+
+    def exit(self, h: torch.Tensor) -> torch.Tensor:
+        """What the shared LM head reads at this exit: [..., D] -> [..., D].
+
+        Norm first, so that the adapter sees unit-RMS input whatever the residual stream's scale at
+        this depth (it grows by orders of magnitude over a real checkpoint's layers)."""
+        h = self.exit_norm(h)
+        if self.exit_adapter is not None:
+            h = h + self.exit_adapter(h)
+        return h
 
     def forward(self, h, position_ids, kv_mask, kv):
         # h [B, S, D], position_ids [B, S], kv_mask [B, P], kv [L, 2, B, Hkv, P, hd]

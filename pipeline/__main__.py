@@ -1,7 +1,7 @@
-"""python -m pipeline {export,bench,compare} [overrides]
+"""python -m pipeline {export,calibrate,bench,compare} [overrides]
 
 Each command is its own Hydra app with its own primary config in conf/ (export.yaml,
-bench.yaml); `python -m pipeline export --help` lists the groups and every option.
+calibrate.yaml, bench.yaml); `python -m pipeline export --help` lists the groups and every option.
 """
 from __future__ import annotations
 

@@ -78,6 +78,7 @@ class RequestResult:
     ttft_s: float | None = None  # sent -> first chunk carrying generated text
     latency_s: float | None = None  # sent -> [DONE]
     tpot_s: float | None = None  # (latency - ttft) / (completion tokens - 1)
+    tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (pipeline/quality.py)
 
 
 @dataclass
@@ -241,6 +242,8 @@ async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body:
                     delta = choice.get("delta") or {}
                     # the first generated token (a chunk per token, its text possibly empty), not the
                     # role-only opening chunk
+                    if "role" not in delta and ("content" in delta or "reasoning_content" in delta):
+                        result.tokens.append(delta.get("reasoning_content") or delta.get("content") or "")
                     if result.ttft_s is None and "role" not in delta and ("content" in delta or "reasoning_content" in delta):
                         result.ttft_s = now - t0
                     if choice.get("finish_reason"):

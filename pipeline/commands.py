@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import BenchApp, ExportApp, register_configs
+from pipeline.config import BenchApp, CalibrateApp, ExportApp, register_configs
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -108,4 +108,17 @@ def compare() -> None:
     compare_app()
 
 
-COMMANDS = {"export": export, "bench": bench, "compare": compare}
+@hydra.main(config_path=CONF_DIR, config_name="calibrate", version_base=None)
+def calibrate(cfg: DictConfig) -> None:
+    from pipeline.calibrate import CalibrateError, run_calibrate
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    app: CalibrateApp = OmegaConf.to_object(cfg)
+    try:
+        run_calibrate(app)
+    except CalibrateError as e:
+        log.error("calibrate failed: %s", e)
+        sys.exit(2)
+
+
+COMMANDS = {"export": export, "calibrate": calibrate, "bench": bench, "compare": compare}

@@ -53,6 +53,8 @@ def register_configs() -> None:
     cs.store(name="export_app_schema", node=ExportApp)
     cs.store(group="bench", name="bench_schema", node=BenchConfig)
     cs.store(name="bench_app_schema", node=BenchApp)
+    cs.store(group="calibrate", name="calibrate_schema", node=CalibrateConfig)
+    cs.store(name="calibrate_app_schema", node=CalibrateApp)
 
 
 # --- python -m pipeline bench / compare ---------------------------------------------------------
@@ -178,3 +180,40 @@ class BenchApp:
     output_dir: str = "bench_results"
     run_name: str | None = None  # report folder name; default <date>-<device>-<model>-<backend>
     progress: bool = True
+
+
+# --- python -m pipeline calibrate ---------------------------------------------------------------
+
+
+@dataclass
+class CalibrateConfig:
+    """Self-distilled exit heads and calibrated confidence thresholds (pipeline/calibrate.py)."""
+
+    corpus: str = ""  # a directory of .txt documents and .jsonl chats ({"messages": [...]} per line); nothing is downloaded
+    output_dir: str | None = None  # default <model.checkpoint>/exits (found by model.exits=auto), else <engines_dir>/<model>/exits
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "fp32"  # the frozen backbone's: fp32 | fp16 | bf16; the exit heads always train in float32
+    seq_len: int = 256  # tokens per forward
+    forward_batch: int = 8  # sequences per forward of the frozen backbone
+    heldout_fraction: float = 0.2  # of the corpus's tokens, whole documents, never trained on
+    max_train_tokens: int = 200_000  # their hidden states at every exit are kept on calibrate.device
+    max_heldout_tokens: int = 50_000
+    max_heldout_chats: int = 256  # held-out chats run as requests (request view, heuristic fit)
+    batch_tokens: int = 2048  # positions per training step
+    max_steps: int = 400
+    max_minutes: float = 0.0  # wall-clock limit of the training loop; 0: none
+    lr: float = 5e-3
+    warmup_steps: int = 20
+    target_agreement: float = 0.95  # share of exiting tokens whose top-1 must equal full depth's
+    min_exit_rate: float = 0.01  # thresholds that fewer held-out positions reach are not tested
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class CalibrateApp:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)  # the workload whose text requests the report sends through the policy
+    engines_dir: str = "engines"
+    tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one

@@ -162,7 +162,7 @@ class SegmentEngine(nn.Module):
         index = new_pos[None, None, :, None, :, None].expand_as(new)
         present = kv.scatter(4, index, new)  # the S new entries right after each row's own
         # the exit head needs only the last position: prefill and decode both sample from it
-        return (h, self.segment.exit_norm(h[:, -1]), *present.flatten(0, 1).unbind(0))
+        return (h, self.segment.exit(h[:, -1]), *present.flatten(0, 1).unbind(0))
 
 
 class CrossAttnEngine(nn.Module):

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from exporters import BackendUnavailable, Exporter, get_exporter
 from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, meta_model
+from model.exits import ExitsError, ExitsInfo, check_exits, read_exits, resolve_exits
 from pipeline.config import ExportConfig
 from pipeline.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
                               probe_sizes, random_inputs, tensor_dtype)
@@ -72,6 +73,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
     console.print(f"[bold]{model_cfg.name}[/]: {n_params:,} parameters ({n_params / 1e9:.2f} B); "
                   f"{len(specs)} engines, backend {exporter.name}, {cfg.dtype} on {cfg.device}")
     weights = weights_identity(model_cfg, cfg)
+    exits = calibrated_exits(model_cfg, model, weights)
     code = code_hash(exporter)
     keys = {s.name: engine_key(s, dims, weights, exporter, code) for s in specs}
 
@@ -95,6 +97,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
             engines={s.name: records[s.name] for s in specs},
             paths=[PathRecord(**asdict(p)) for p in path_specs(model_cfg.text.exit_layers)],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            exits=exits.record() if exits else None,
         )
         manifest.save(out_dir)
         remove_unreferenced(out_dir, manifest, exporter)
@@ -151,7 +154,7 @@ def ensure_weights(model: AutoGLM, cfg: ExportConfig) -> None:
         return
     try:
         materialize(model, cfg.device, EXPORT_DTYPES[cfg.dtype])
-    except CheckpointError as e:
+    except (CheckpointError, ExitsError) as e:
         raise ExportError(str(e)) from None
 
 
@@ -161,7 +164,7 @@ def ensure_weights(model: AutoGLM, cfg: ExportConfig) -> None:
 def weights_identity(model_cfg: ModelConfig, cfg: ExportConfig) -> dict:
     """What determines the weights: the seed and the generator's device for random ones (CPU and
     CUDA generators draw different numbers), the checkpoint's content hash for loaded ones."""
-    identity = {"seed": model_cfg.seed, "init_device": torch.device(cfg.device).type, "checkpoint": None}
+    identity = {"seed": model_cfg.seed, "init_device": torch.device(cfg.device).type, "checkpoint": None, "exits": None}
     if model_cfg.checkpoint:
         from model.checkpoint import CheckpointError, checkpoint_fingerprint
 
@@ -169,7 +172,30 @@ def weights_identity(model_cfg: ModelConfig, cfg: ExportConfig) -> dict:
             identity["checkpoint"] = checkpoint_fingerprint(model_cfg.checkpoint)
         except (CheckpointError, OSError) as e:
             raise ExportError(f"model.checkpoint={model_cfg.checkpoint}: {e}") from None
+    if path := resolve_exits(model_cfg):
+        try:
+            identity["exits"] = read_exits(path)[0].sha256  # calibrated exit heads (python -m pipeline calibrate)
+        except ExitsError as e:
+            raise ExportError(str(e)) from None
     return identity
+
+
+def calibrated_exits(model_cfg: ModelConfig, model: AutoGLM, weights: dict) -> ExitsInfo | None:
+    """The exits file the weights include, checked against the (meta) model's shapes and the base
+    weights it was calibrated on, before anything is built."""
+    if not weights.get("exits"):
+        return None
+    try:
+        info, shapes = read_exits(resolve_exits(model_cfg))
+        check_exits(model, info, shapes)
+    except ExitsError as e:
+        raise ExportError(str(e)) from None
+    # a checkpoint's decoder is its content hash; random weights are their seed on their generator's device
+    base = {k: weights[k] for k in (("checkpoint",) if weights["checkpoint"] else ("checkpoint", "seed", "init_device"))}
+    if {k: info.base_weights.get(k) for k in base} != base:
+        raise ExportError(f"exits file {info.path} was calibrated on weights {info.base_weights}, this export's are {base}: "
+                          f"calibrate again (python -m pipeline calibrate) or pass the calibration's model.seed/model.checkpoint/export.device")
+    return info
 
 
 def code_hash(exporter: Exporter) -> str:
@@ -189,10 +215,13 @@ def engine_key(spec: EngineSpec, dims: dict[str, Dim], weights: dict, exporter: 
     used_dims = {d.name: asdict(d) for d in dims.values() if any(d.name in u for u in used)}
     # loaded weights matter only to engines that hold decoder tensors; encoders stay random
     holds_checkpoint = weights["checkpoint"] and spec.graph not in ("vision", "audio", "cross_kv", "cross_attn")
+    # calibrated exit heads live in the segments that end before full depth
+    holds_exits = spec.graph.startswith("segment") and spec.layers[1] < spec.config["text"]["n_layers"]
     payload = {
         "engine": spec.name, "graph": spec.graph, "config": spec.config, "dims": used_dims,
         "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
-        "weights": {**weights, "checkpoint": weights["checkpoint"] if holds_checkpoint else None},
+        "weights": {**weights, "checkpoint": weights["checkpoint"] if holds_checkpoint else None,
+                    "exits": weights.get("exits") if holds_exits else None},
         "backend": exporter.name, "settings": exporter.settings(), "versions": exporter.versions(), "code": code,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

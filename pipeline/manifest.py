@@ -79,6 +79,7 @@ class Manifest:
     paths: list[PathRecord]
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    exits: dict | None = None  # the calibrated exit heads the segments hold (model/exits.py ExitsInfo.record), with their thresholds
 
     @property
     def static_path(self) -> PathRecord | None:

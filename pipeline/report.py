@@ -24,6 +24,7 @@ from rich.table import Table
 from pipeline.baseline import DTYPE_BYTES, encode_weight_bytes, step_engine_bytes
 from pipeline.config import BenchApp
 from pipeline.manifest import Manifest, write_atomic
+from pipeline.quality import quality_block
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "dyngraph-bench-report"
@@ -454,6 +455,7 @@ def build_report(app: BenchApp, manifest: Manifest, requests, workload_fingerpri
     report["peer"] = yardsticks.get("peer") or {"skipped": "bench.peer.enabled=false"}
     report["decode_batch1"] = decode_batch1(blocks, paths, report["roofline"], report["transformers"], report["peer"], exit_layers,
                                             report["workload"])
+    report["quality"] = quality_block(blocks, app.bench.temperature)
     report["metrics"] = build_metrics(report)
     return report
 
@@ -547,6 +549,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             [memory_label(report), fmt_bytes(s["peak_memory_bytes"]), fmt_bytes(d["peak_memory_bytes"]), fmt_ratio(ratios["peak_memory"]), fmt_change(ratios["peak_memory"])],
             ["Energy per request", fmt_j(s["energy_per_request_j"]), fmt_j(d["energy_per_request_j"]), fmt_ratio(ratios["energy_per_request"]), fmt_change(ratios["energy_per_request"])],
             ["Early exit (before the last layer)", fmt_share(s["early_exit_share"]), fmt_share(d["early_exit_share"]), "", ""],
+            ["Tokens equal to full-depth greedy", *(fmt_share(get(report, "quality", "modes", m, "token_agreement")) for m in ("static", "dynamic")), "", ""],
             ["Time to first token (mean)", fmt_s(s["mean_ttft_s"]), fmt_s(d["mean_ttft_s"]), fmt_ratio(ratios["mean_ttft"]), fmt_change(ratios["mean_ttft"])],
             ["Time per output token (mean)", fmt_s(s["mean_tpot_s"]), fmt_s(d["mean_tpot_s"]), fmt_ratio(ratios["mean_tpot"]), fmt_change(ratios["mean_tpot"])],
             ["Throughput", fmt_rate(s["tokens_per_s"], "tok/s"), fmt_rate(d["tokens_per_s"], "tok/s"), fmt_ratio(ratios["tokens_per_s"]), fmt_change(ratios["tokens_per_s"])],
@@ -556,6 +559,10 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         out += [table(["Metric", "Static graph", "Dynamic graph", "Dynamic/static", "Change"], rows), ""]
         notes = [f"Latency: request sent to `[DONE]`, over every request of every concurrency level ({', '.join(str(c) for c in report['workload']['concurrency'])})."]
         notes.append(f"{memory_label(report)}: {modes['dynamic']['memory']['method']}; the highest of the runs.")
+        q = report["quality"]
+        notes.append(f"Tokens equal to full-depth greedy: position by position against the {q['reference']} (pipeline/quality.py); dynamic per group: "
+                     + ", ".join(f"{g} {fmt_share(v)}" for g, v in q["modes"]["dynamic"]["per_group"].items()) + "." if "modes" in q else
+                     f"Tokens equal to full-depth greedy: n/a, {q['reason']}.")
         energy_reason = modes["dynamic"]["energy"]["reason"] or modes["static"]["energy"]["reason"]
         notes.append("Energy: unavailable, " + energy_reason + "." if energy_reason else
                      "Energy: NVML's total-energy counter of each GPU the server used, over each run, divided by its requests (idle time between requests included).")

@@ -39,8 +39,10 @@ class PolicyConfig:
     question_weight: float = 0.3  # reasoning cues ("why", "explain", "step by step") earn all, a plain question half
     image_weight: float = 0.3
     audio_weight: float = 0.2
-    # confidence: prefill one segment at a time, stopping at the first exit whose top-1 probability reaches this
-    confidence: float = 0.9
+    # confidence: prefill one segment at a time, stopping at the first exit whose top-1 probability reaches its
+    # threshold: null takes the per-exit thresholds calibrated into the engines (python -m pipeline calibrate),
+    # and 0.9 at every exit when they have none; a number is that threshold at every exit
+    confidence: float | None = None
 
 
 @dataclass

@@ -28,7 +28,7 @@ from runtime.metrics import Metrics
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
 from runtime.sampling import Sampler, SamplingParams, make_generator
-from runtime.step import Media, Row, Stepper
+from runtime.step import Row, Stepper
 from runtime.text import Delta, TextStream
 
 log = logging.getLogger("dyngraph.runtime")
@@ -145,7 +145,7 @@ class GenerationEngine:
         if cfg.mode not in MODES:
             raise EngineConfigError(f"runtime.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
         self.mode = cfg.mode
-        self.policy = DepthPolicy(cfg.policy, self.exit_layers)
+        self.policy = DepthPolicy(cfg.policy, self.exit_layers, manifest.exits)
         if tokenizer.vocab_size > text["vocab_size"]:
             raise EngineConfigError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of {text['vocab_size']}")
         self.sampler = Sampler(tokenizer.vocab_size)
@@ -316,12 +316,14 @@ class GenerationEngine:
             media = self.stepper.encode(req.pixel_values, req.mel, static)
         # the confidence policy starts towards full depth and stops at the first exit sure enough of the next token
         depth = self.exit_layers.index(decision.exit_layer or self.exit_layers[-1]) + 1
-        stop, reasons = None, []
-        if decision.exit_layer is None:
-            def stop(logits: torch.Tensor, depth: int) -> bool:
-                top1 = self.sampler.top1_probability(logits)
-                reasons.append(f"top-1 probability {top1:.2f} at exit {self.exit_layers[depth - 1]}")
-                return self.policy.confident(top1)
+        reasons = []
+
+        def confident(logits: torch.Tensor, depth: int) -> bool:
+            top1 = self.sampler.top1_probability(logits)
+            reasons.append(f"top-1 probability {top1:.2f} at exit {self.exit_layers[depth - 1]}")
+            return self.policy.confident(top1, self.exit_layers[depth - 1])
+
+        stop = confident if decision.exit_layer is None else None
         logits, depth = self.stepper.prefill(seq.number, req.prompt_ids, depth, media, stop)
         exit_layer = self.exit_layers[depth - 1]
         if decision.exit_layer is None:

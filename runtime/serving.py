@@ -25,7 +25,7 @@ from model.tokenizer import ChatTokenizer
 from pipeline.engines import EXPORT_DTYPES, Limits, engine_specs
 from pipeline.manifest import Manifest, ManifestError
 from runtime.config import ServeApp, ServerConfig
-from runtime.engines import EngineMismatch, EngineSet
+from runtime.engines import EngineSet
 from runtime.generation import (Delta, Event, Failed, Finished, GenerationEngine, GenerationRequest, QueueFull,
                                 RequestHandle, Started)
 from runtime.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes

@@ -462,6 +462,7 @@ def test_ci_bench_against_baseline(tiny_engines_dir, tmp_path):
     assert report["modes"]["static"]["summary"]["exit_histogram"] == {"6": 0, "12": 0, "18": 0, "24": 12}
     assert report["headline"]["dynamic"]["energy_per_request_j"] is None
     assert report["transformers"]["prompt_ids_match"] == "4/4"
+    assert report["quality"]["modes"]["dynamic"]["per_group"]["long"] == 1.0  # the dynamic graph at full depth: static's greedy tokens
     assert report["workload"]["fingerprint"] == load_report(BASELINE)["workload"]["fingerprint"]
     compare = run_cli("pipeline", "compare", str(BASELINE), str(out / "report.json"), CI_KINDS)
     assert compare.returncode == 0, compare.stdout + compare.stderr
