@@ -177,8 +177,8 @@ class GenerationEngine:
         for cache in self.stepper.caches:
             self.kv_bytes[str(cache.device)] += cache.buffer.numel() * cache.buffer.element_size()
         self.kv_peak = Counter(self.kv_bytes)
-        self.kv_in_use: Counter[str] = Counter()
-        self.kv_in_use_peak: Counter[str] = Counter()
+        self.kv_in_use: Counter[str] = Counter(dict.fromkeys(self.kv_bytes, 0))
+        self.kv_in_use_peak: Counter[str] = Counter(self.kv_in_use)
         self.thread = threading.Thread(target=self.loop, name="dyngraph-engine", daemon=True)
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -402,7 +402,7 @@ class GenerationEngine:
 
     def count_kv(self) -> None:
         """Cache bytes held by the requests in flight, per device: each holds a row of each segment it reaches."""
-        self.kv_in_use = Counter()
+        self.kv_in_use = Counter(dict.fromkeys(self.kv_bytes, 0))  # every device, zero when idle
         for cache in self.stepper.caches:
             self.kv_in_use[str(cache.device)] += len(cache.members) * cache.bytes_per_row
         for device, n in self.kv_in_use.items():

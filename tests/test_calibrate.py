@@ -219,7 +219,7 @@ def test_export_and_serve_with_calibrated_exits(tiny_export, corpus, tmp_path, o
     exits = f"model.exits={out / EXITS_NAME}"
     export = run_cli("pipeline", "export", f"engines_dir={root}", "export.progress=false", exits)
     assert export.returncode == 0, export.stderr[-3000:]
-    assert "3 built, 15 cached" in export.stderr  # segment.0..2: the full-depth segment holds no calibrated head
+    assert "3 built, 13 cached" in export.stderr  # segment.0..2: the full-depth segment holds no calibrated head
     manifest = Manifest.load(directory)
     info, _ = read_exits(out / EXITS_NAME)
     assert manifest.exits["sha256"] == info.sha256 == manifest.model["weights"]["exits"]
@@ -274,7 +274,7 @@ def test_adapter_exports_and_validates(tmp_path, one_torch_thread):
     torch.testing.assert_close(model.text.segments[0].exit(h), want)
 
     limits = Limits(2, 16, 32)
-    spec = next(s for s in engine_specs(model, limits, static=False) if s.name == "segment.0")
+    spec = next(s for s in engine_specs(model, limits) if s.name == "segment.0")
     dims, exporter = model_dims(model, limits), get_exporter(app.export)
     (tmp_path / "stage").mkdir()
     stem = tmp_path / "stage" / "segment.0-0000000000000001"

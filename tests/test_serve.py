@@ -400,7 +400,8 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
 
 def test_stats_and_metrics(server):
     stats = httpx.get(f"{server.url}/stats").json()
-    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode"}
+    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "kv_cache"}
+    assert stats["kv_cache"]["allocated_bytes"]["cpu"] >= stats["kv_cache"]["in_use_peak_bytes"]["cpu"] >= 0
     assert stats["mode"] == "dynamic" and {"embed", "segment.3", "vision"} <= set(stats["engines_loaded"])
     assert stats["requests_per_path"]["exit6-text"] >= 1
     assert stats["devices"]["cpu"]["nvml_used_bytes"] is None and stats["devices"]["cpu"]["torch_peak_allocated_bytes"] > 0
