@@ -206,9 +206,7 @@ class Stepper:
                 index, members = layout["media_rows"][k]
                 media = self.block_media(k, [by_key[m] for m in members])
                 x[index] = self.cross_attention(k, x[index], media["cross_kv"], media["media_mask"]).to(x.device)
-            self.run_captured(f"segment.{k}", {"hidden": x, "seqlens_k": cache.lengths[:b], "total_sequence_length": self.decode_total,
-                                              **cache.feeds(slice(0, b))},
-                              {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
+            self.run_segment(k, b, x)
             cache.lengths[:n] += 1
             if layout["exits"][k] is not None:
                 src, dst = layout["exits"][k]
@@ -219,6 +217,22 @@ class Stepper:
 
     def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         self.engines.session(name).run(feeds, outputs, graph=self.buckets is not None)
+
+    def run_segment(self, k: int, batch: int, hidden: torch.Tensor) -> None:
+        """Segment k's decode step over its first `batch` cache rows, from its buffers at that batch size."""
+        seg, cache = self.buffer(f"segment.{k}", batch), self.caches[k]
+        self.run_captured(f"segment.{k}", {"hidden": hidden, "seqlens_k": cache.lengths[:batch],
+                                          "total_sequence_length": self.decode_total, **cache.feeds(slice(0, batch))},
+                          {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
+
+    def replay(self, batch: int, depth: int) -> None:
+        """A decode step's engines alone at one batch size, on whatever their buffers hold: embed,
+        `depth` segments (each reading its own input buffer) and the head."""
+        embed, head = self.buffer("embed", batch), self.buffer("lm_head", batch)
+        self.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
+        for k in range(depth):
+            self.run_segment(k, batch, embed["hidden"] if k == 0 else self.buffer(f"segment.{k}", batch)["hidden"])
+        self.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
 
     def plan(self, rows: dict[Hashable, Row]) -> dict:
         """Index tensors of this membership (rebuilt only when a sequence joins or leaves): each
@@ -275,17 +289,9 @@ class Stepper:
         """Capture every bucket's decode graphs now, on spare rows, rather than in the first requests' steps."""
         if self.buckets is None:
             return
-        # ONNX Runtime runs a graph id uncaptured first and captures it at a later run: twice each
+        # ONNX Runtime may run a graph id uncaptured before it captures it: twice each
         for b in [b for b in self.buckets for _ in range(2)]:
-            embed, head = self.buffer("embed", b), self.buffer("lm_head", b)
-            self.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
-            for k, cache in enumerate(self.caches):
-                seg = self.buffer(f"segment.{k}", b)
-                self.run_captured(f"segment.{k}", {"hidden": embed["hidden"] if k == 0 else seg["hidden"],
-                                                  "seqlens_k": cache.lengths[:b], "total_sequence_length": self.decode_total,
-                                                  **cache.feeds(slice(0, b))},
-                                  {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
-            self.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
+            self.replay(b, self.n_segments)
         torch.cuda.synchronize()
 
 

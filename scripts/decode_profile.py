@@ -47,20 +47,9 @@ def synced_ms(fn, iters: int) -> list[float]:
 def engines_alone_ms(stepper: Stepper, depth: int, batch: int, iters: int) -> float:
     """The step's captured engine graphs replayed back to back, nothing between them."""
     b = bucket_for(batch, stepper.buckets)
-    embed, head = stepper.buffer("embed", b), stepper.buffer("lm_head", b)
-
-    def replay():
-        stepper.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
-        for k in range(depth):
-            seg, cache = stepper.buffer(f"segment.{k}", b), stepper.caches[k]
-            stepper.run_captured(f"segment.{k}", {"hidden": embed["hidden"] if k == 0 else seg["hidden"], "seqlens_k": cache.lengths[:b],
-                                                 "total_sequence_length": stepper.decode_total, **cache.feeds(slice(0, b))},
-                                 {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
-        stepper.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
-
     for _ in range(3):
-        replay()
-    return statistics.median(synced_ms(replay, iters))
+        stepper.replay(b, depth)
+    return statistics.median(synced_ms(lambda: stepper.replay(b, depth), iters))
 
 
 def profile(stepper: Stepper, depth: int, batch: int, prompt: int, steps: int, alone: bool) -> dict:
