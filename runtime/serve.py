@@ -27,7 +27,7 @@ from runtime.generation import EngineConfigError
 from runtime.placement import PlacementError
 from runtime.policy import PolicyError
 from runtime.server import run_server
-from runtime.serving import ServeError, build_service
+from runtime.serving import ServeError, build_service, open_export
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`
@@ -64,6 +64,10 @@ def main(cfg: DictConfig) -> None:
         if dynamic_graph_env() is False:
             app.runtime.mode = "static"
         app.server.api_key = app.server.api_key or os.environ.get("DYNGRAPH_API_KEY") or None
+        if app.cluster.name == "ray":
+            return serve_on_ray(app, export_command(app))
+        if app.cluster.name != "local":
+            raise ValueError(f"cluster.name={app.cluster.name!r}: use cluster=local or cluster=ray")
         service = build_service(app, export_command(app))
     except (ServeError, EngineMismatch, PlacementError, PolicyError, EngineConfigError, BackendUnavailable, ValueError, MemoryError) as e:
         log.error("cannot serve: %s", e)
@@ -72,6 +76,18 @@ def main(cfg: DictConfig) -> None:
     log.info("serving %s (%s, %s mode, placement %s) as %r on http://%s:%d", app.model.name, backend, service.engine.mode,
              app.runtime.placement.name, app.server.model_id, app.server.host, app.server.port)
     run_server(service)
+
+
+def serve_on_ray(app: ServeApp, command: str) -> None:
+    """cluster=ray: the same app behind Ray Serve; the export is checked here first when the
+    replicas run on this machine, so that a missing one gets the same one-line answer."""
+    try:
+        from runtime.cluster import serve_on_ray as deploy
+    except ImportError as e:
+        raise ServeError(f"cluster=ray needs Ray Serve ({e}): pip install 'ray[serve]'") from None
+    if app.cluster.address is None:
+        open_export(app, command)
+    deploy(app, command)
 
 
 if __name__ == "__main__":
