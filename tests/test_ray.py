@@ -13,13 +13,58 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 
 pytest.importorskip("ray.serve", reason="cluster=ray needs Ray Serve: pip install 'ray[serve]' (in the test extra)")
 
+from .conftest import CONF_DIR, ROOT  # noqa: E402
 from .test_serve import (DEPTH_POLICY, MODEL, TEXT, TOK, Server, audio_part, chat, eager_text, image_part, png_url, user,  # noqa: E402
                          wav_b64)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def compose_serve(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from runtime.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return OmegaConf.to_object(compose(config_name="serve", overrides=overrides))
+
+
+@pytest.mark.parametrize("placement, gpus", [("cpu", 0), ("one_gpu", 1), ("two_gpu", 2)])
+def test_replica_resources_follow_the_placement(placement, gpus):
+    from runtime.cluster import deployment_options
+
+    options = deployment_options(compose_serve(["cluster=ray", f"runtime={placement}", "cluster.num_replicas=3"]))
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": gpus}
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    assert options["max_ongoing_requests"] == 8 + 64  # the engine's slots and queue: past them its own 429 answers
+    scaled = deployment_options(compose_serve(["cluster=ray", "cluster.autoscaling.enabled=true", "cluster.autoscaling.max_replicas=5"]))
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 4.0}
+    assert "num_replicas" not in scaled
+    with pytest.raises(ValueError, match="min_replicas"):
+        deployment_options(compose_serve(["cluster=ray", "cluster.autoscaling.enabled=true", "cluster.autoscaling.min_replicas=3"]))
+
+
+def test_the_kuberay_example_composes_into_the_deployment_it_describes():
+    """The manifest is not run here (no Kubernetes): its Serve config must at least build."""
+    from ray import serve
+
+    from runtime.cluster import deployment_options
+    from runtime.serve import ray_app
+
+    manifest = yaml.safe_load((ROOT / "docs" / "kuberay-rayservice.yaml").read_text())
+    (application,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    assert application["import_path"] == "runtime.serve:ray_app"
+    assert isinstance(ray_app(application["args"]), serve.Application)
+    options = deployment_options(compose_serve(["cluster=ray", *application["args"]["overrides"]]))
+    assert options["ray_actor_options"]["num_gpus"] == 1 and options["autoscaling_config"]["max_replicas"] == 4
+    env = {e["name"]: e.get("value") for e in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "runtime.cluster.proxy_middlewares"
 
 
 def children() -> dict[int, list[int]]:
