@@ -40,26 +40,33 @@ PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "runtime.cluster.
 
 
 class ReplicaLost:
-    """Serve proxy middleware: a request whose replica died (or was cut off) mid-way ends with an
-    OpenAI error object rather than a bare 500 or a truncated stream.
+    """Serve proxy middleware: what the proxy would answer on its own becomes an OpenAI error object.
 
-    Before the status line: 503 with Retry-After (the openai client retries it on its own, and Serve
-    routes the retry to a live replica). Mid-stream: an SSE `data: {"error": ...}` event, which the
-    openai client raises as an APIError, then the stream's end."""
+    - A replica that dies (or is cut off) before the status line: 503 with Retry-After (the openai
+      client retries it by itself, and Serve routes the retry to a live replica), not a bare 500.
+    - Mid-stream: an SSE `data: {"error": ...}` event, which the openai client raises, then the
+      stream's end, not a truncated body.
+    - No application to route to (starting, or deleted while stopping): 503, not the proxy's 404."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = finished = stream = False
+        started = finished = stream = unrouted = False
 
         async def watched(message):
-            nonlocal started, finished, stream
+            nonlocal started, finished, stream, unrouted
             if message["type"] == "http.response.start":
+                headers = message.get("headers", [])
+                if message["status"] == 404 and not any(k.lower() == REPLICA_HEADER for k, _ in headers):
+                    unrouted = True  # the proxy's own 404: our application routes every path, so none is deployed
+                    return
                 started = True
-                stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in message.get("headers", []))
+                stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+            elif unrouted:
+                return
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finished = True
             await send(message)
@@ -70,8 +77,11 @@ class ReplicaLost:
             log.warning("%s %s failed in the proxy", scope.get("method"), scope["path"], exc_info=True)
         if finished:
             return
-        error = ErrorResponse(error=ErrorBody(message="the replica serving this request stopped before its response was complete; "
-                                                      "retry it (another replica takes it)", type="server_error", code="replica_unavailable"))
+        if unrouted:
+            error = proxy_error("no replica is serving: the application is starting or shutting down; retry shortly", "no_replica")
+        else:
+            error = proxy_error("the replica serving this request stopped before its response was complete; "
+                                "retry it (another replica takes it)", "replica_unavailable")
         if not started:
             body = error.model_dump_json().encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
@@ -81,6 +91,10 @@ class ReplicaLost:
             await send({"type": "http.response.body", "body": b"data: " + error.model_dump_json().encode() + b"\n\n"})
         else:
             await send({"type": "http.response.body", "body": b""})
+
+
+def proxy_error(message: str, code: str) -> ErrorResponse:
+    return ErrorResponse(error=ErrorBody(message=message, type="server_error", code=code))
 
 
 def proxy_middlewares() -> list[Middleware]:
@@ -188,6 +202,30 @@ def replica_count(app: ServeApp) -> str:
     return f"{a.min_replicas}-{a.max_replicas} replicas (autoscaling)" if a.enabled else f"{app.cluster.num_replicas} replica(s)"
 
 
+class ClusterError(ValueError):
+    """The deployment cannot run; the message says why."""
+
+
+def check_fits(app: ServeApp) -> None:
+    """On a Ray started here nothing will join later: a replica that does not fit would wait forever."""
+    have = ray.cluster_resources()
+    need = {"CPU": app.cluster.num_cpus, "GPU": gpus_per_replica(app)}
+    if any(n > have.get(k, 0.0) for k, n in need.items()):
+        raise ClusterError(f"one replica of the {app.runtime.placement.name} placement needs {need['CPU']:g} CPU and {need['GPU']:g} GPU, "
+                           f"the Ray started here has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU "
+                           "(cluster.num_cpus, cluster.num_gpus, cluster.local_cpus; or join a cluster with cluster.address)")
+
+
+def replica_failure() -> str | None:
+    """The last line of the error a failed replica reported to Serve (its exception)."""
+    try:
+        message = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].message
+    except Exception:  # noqa: BLE001 - nothing more to say than serve.run's own error
+        return None
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
 def serve_on_ray(app: ServeApp, export_command: str) -> None:
     """Deploy the chain on Ray (started here, or the cluster at cluster.address) and serve until
     SIGTERM/SIGINT; then delete the application and, if this process started Ray, stop it."""
@@ -197,20 +235,32 @@ def serve_on_ray(app: ServeApp, export_command: str) -> None:
     ray.init(address=c.address, num_cpus=c.local_cpus if here else None, include_dashboard=False,
              namespace=APP_NAME, log_to_driver=True)
     stop = threading.Event()
+
+    def on_signal(*_):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now, without waiting for the replicas
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # in place of Ray's, which abort the driver
+        signal.signal(sig, on_signal)
     try:
+        if here:
+            check_fits(app)
         serve.start(http_options={"host": app.server.host, "port": app.server.port})
-        serve.run(application(app, export_command), name=APP_NAME, route_prefix="/")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        try:
+            serve.run(application(app, export_command), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # a replica that could not start: say why, in one line
+            raise ClusterError(f"the Ray Serve deployment failed: {replica_failure() or e}") from None
         log.info("serving %s through Ray Serve: %s of the %s placement (%.3g CPU, %.3g GPU each) on http://%s:%d",
                  app.model.name, replica_count(app), app.runtime.placement.name, c.num_cpus, gpus_per_replica(app),
                  app.server.host, app.server.port)
         stop.wait()
-        log.info("stopping: replicas finish their requests (up to %.0f s)", app.server.drain_timeout_s)
+        log.info("stopping: replicas finish their requests (up to %.0f s, server.drain_timeout_s), new ones get 503",
+                 app.server.drain_timeout_s)
+        serve.delete(APP_NAME)  # the proxies stay up meanwhile, so in-flight streams reach their clients
     finally:
         if here:
             serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(APP_NAME)  # the cluster and its other applications stay
-            ray.shutdown()
+        elif APP_NAME in serve.status().applications:  # a failed deployment, or a second signal: leave no application behind
+            serve.delete(APP_NAME)
+        ray.shutdown()  # the Ray started here stops; a cluster at cluster.address stays
