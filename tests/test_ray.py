@@ -102,7 +102,15 @@ def alive(pid: int) -> bool:
 
 
 class RayServer(Server):
-    """The Ray-backed server; it stops with SIGTERM, as a supervisor stops it, so that Ray stops too."""
+    """The Ray-backed server; it stops with SIGTERM, as a supervisor stops it, so that Ray stops too.
+    Ready once every replica is (the first one answers /health before the second has loaded)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        deadline = time.monotonic() + 120
+        while "through Ray Serve" not in self.logs():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.logs()[-3000:]
+            time.sleep(0.2)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -270,10 +278,21 @@ def test_a_killed_replica_fails_its_requests_clearly_and_comes_back(ray_server):
     assert victim not in names
 
 
-def test_shutdown_leaves_no_ray_process_behind(ray_server):
+def test_sigterm_drains_then_leaves_no_ray_process_behind(ray_server):
     below = descendants(ray_server.proc.pid)
     assert any("raylet" in c for c in below.values()) and any("ServeReplica" in c for c in below.values()), below
-    ray_server.proc.send_signal(signal.SIGTERM)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "count"}], "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{ray_server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        ray_server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20  # the application goes; the proxy answers new requests with an OpenAI 503
+        hi = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        while (refused := ray_server.post(hi)).status_code == 200:
+            assert time.monotonic() < deadline
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_replica", refused.text
+        data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"  # the in-flight stream finished first
     assert ray_server.proc.wait(timeout=90) == 0, ray_server.logs()[-3000:]
     deadline = time.monotonic() + 20
     while any(alive(p) for p in below) and time.monotonic() < deadline:
