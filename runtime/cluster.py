@@ -179,6 +179,9 @@ def deployment_options(app: ServeApp) -> dict:
         "health_check_period_s": c.health_check_period_s,
         "graceful_shutdown_timeout_s": app.server.drain_timeout_s,  # a stopping replica finishes its requests first
         "max_constructor_retry_count": 3,  # a replica that cannot load its engines says so soon, not after 20 tries
+        # Serve's per-request access line, as the single server's server.access_log (off: on 2 cores, every line that
+        # Ray forwards to the driver costs the replicas CPU)
+        "logging_config": {"enable_access_log": app.server.access_log},
     }
     if c.autoscaling.enabled:
         a = c.autoscaling
