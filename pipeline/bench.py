@@ -121,7 +121,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "runtime.serve", *server_overrides, f"runtime={app.server.runtime}",
                         f"runtime.mode={mode}", f"server.port={self.port}",
-                        f"engines_dir={Path(app.engines_dir).expanduser().resolve()}", *app.server.args]
+                        f"engines_dir={Path(app.engines_dir).expanduser().resolve()}", f"cluster={app.server.cluster}",
+                        *([f"cluster.num_replicas={app.server.replicas}"] if app.server.cluster == "ray" else []), *app.server.args]
+        self.replicas = app.server.replicas if app.server.cluster == "ray" else 0  # replicas that must answer before it is ready
         self.env = server_env(mode)
         self.log_path = log_path
         self.startup_timeout_s = app.server.startup_timeout_s
@@ -142,13 +144,16 @@ class Server:
         return self
 
     def wait_ready(self, deadline: float) -> None:
+        replicas = set()  # cluster=ray: ready once every replica has answered (x-dyngraph-replica), not just the first
         with httpx.Client(timeout=5.0) as client:
             while True:
                 if self.process.poll() is not None:
                     raise BenchError(f"the server exited with code {self.process.returncode} before it was ready: "
                                      f"{last_line(self.log_path)} (log: {self.log_path})")
                 try:
-                    if client.get(self.url + "/health").status_code == 200:
+                    health = client.get(self.url + "/health")
+                    replicas.add(health.headers.get("x-dyngraph-replica"))
+                    if health.status_code == 200 and len(replicas - {None}) >= self.replicas:
                         return
                 except httpx.HTTPError:
                     pass

@@ -152,6 +152,8 @@ class ServerLaunch:
     """How the bench starts `python -m runtime.serve` for each mode."""
 
     runtime: str = "cpu"  # placement group of conf/runtime: cpu | one_gpu | two_gpu
+    cluster: str = "local"  # conf/cluster: local (one process) | ray (Ray Serve replicas)
+    replicas: int = 1  # with cluster=ray: replicas of the engine chain (cluster.num_replicas)
     port: int = 0  # 0: a free port
     args: list[str] = field(default_factory=list)  # further overrides for runtime.serve, e.g. ["runtime.max_batch_size=16"]
     startup_timeout_s: float = 900.0  # phone-9b's engines take minutes to load

@@ -109,11 +109,37 @@ class ServerConfig:
 
 
 @dataclass
+class AutoscalingConfig:
+    # on: Serve adds or removes replicas between min and max to keep each replica's in-flight
+    # requests near the target; off: cluster.num_replicas replicas
+    enabled: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+
+
+@dataclass
+class ClusterConfig:
+    """How many copies of the engine chain serve the endpoint (runtime/cluster.py)."""
+
+    name: str = "local"  # local: this process serves; ray: a Ray Serve deployment whose replicas each hold a whole engine chain
+    address: str | None = None  # an existing Ray cluster ("auto", "HOST:6379"); null: start one on this machine
+    local_cpus: int | None = None  # CPUs a Ray started here offers (null: every core); ignored with an address
+    num_replicas: int = 2
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    num_cpus: float = 1.0  # per replica; on the cpu placement also ONNX Runtime's intra-op threads (DYNGRAPH_CPU_THREADS wins)
+    num_gpus: float | None = None  # per replica; null: the GPUs its placement uses (cpu 0, one_gpu 1, two_gpu 2)
+    max_ongoing_requests: int | None = None  # per replica; null: runtime.max_batch_size + runtime.max_queue
+    health_check_period_s: float = 2.0  # a replica whose engine thread died is replaced after one failed check
+
+
+@dataclass
 class ServeApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     engines_dir: str = "engines"
     tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one
 
@@ -122,4 +148,5 @@ def register_configs() -> None:
     register_export_configs()
     cs = ConfigStore.instance()
     cs.store(group="runtime", name="runtime_schema", node=RuntimeConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(name="serve_app_schema", node=ServeApp)

@@ -134,6 +134,7 @@ class DyngraphInfo(BaseModel):
     engines: list[str]
     devices: dict[str, str]
     mode: str
+    replica: str | None = Field(default=None, exclude_if=lambda v: v is None)  # behind Ray Serve: which replica answered
 
 
 class ResponseMessage(BaseModel):

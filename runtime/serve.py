@@ -27,7 +27,7 @@ from runtime.generation import EngineConfigError
 from runtime.placement import PlacementError
 from runtime.policy import PolicyError
 from runtime.server import run_server
-from runtime.serving import ServeError, build_service
+from runtime.serving import ServeError, build_service, open_export
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`
@@ -45,13 +45,20 @@ def dynamic_graph_env() -> bool | None:
     return value.strip().lower() in TRUE
 
 
-def export_command(app: ServeApp) -> str:
+def export_command(app: ServeApp, overrides: list[str] | None = None) -> str:
     """The export that would write the engines this serve looks for: same model, backend and engines_dir."""
     wanted = ("model", "export", "engines_dir")
-    overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] in wanted]
+    given = HydraConfig.get().overrides.task if overrides is None else overrides
+    overrides = [o for o in given if o.lstrip("+~").split("=")[0].split(".")[0] in wanted]
     if not any(o.startswith("model=") for o in overrides):
         overrides.insert(0, f"model={app.model.name}")
     return " ".join(["python -m pipeline export", *map(shlex.quote, overrides)])
+
+
+def apply_environment(app: ServeApp) -> None:
+    if dynamic_graph_env() is False:
+        app.runtime.mode = "static"
+    app.server.api_key = app.server.api_key or os.environ.get("DYNGRAPH_API_KEY") or None
 
 
 @hydra.main(config_path=CONF_DIR, config_name="serve", version_base=None)
@@ -61,9 +68,11 @@ def main(cfg: DictConfig) -> None:
     # would contend with ONNX Runtime's for the same cores and make a 50 us copy take milliseconds
     torch.set_num_threads(1)
     try:
-        if dynamic_graph_env() is False:
-            app.runtime.mode = "static"
-        app.server.api_key = app.server.api_key or os.environ.get("DYNGRAPH_API_KEY") or None
+        apply_environment(app)
+        if app.cluster.name == "ray":
+            return serve_on_ray(app, export_command(app))
+        if app.cluster.name != "local":
+            raise ValueError(f"cluster.name={app.cluster.name!r}: use cluster=local or cluster=ray")
         service = build_service(app, export_command(app))
     except (ServeError, EngineMismatch, PlacementError, PolicyError, EngineConfigError, BackendUnavailable, ValueError, MemoryError) as e:
         log.error("cannot serve: %s", e)
@@ -72,6 +81,35 @@ def main(cfg: DictConfig) -> None:
     log.info("serving %s (%s, %s mode, placement %s) as %r on http://%s:%d", app.model.name, backend, service.engine.mode,
              app.runtime.placement.name, app.server.model_id, app.server.host, app.server.port)
     run_server(service)
+
+
+def serve_on_ray(app: ServeApp, command: str) -> None:
+    """cluster=ray: the same app behind Ray Serve; the export is checked here first when the
+    replicas run on this machine, so that a missing one gets the same one-line answer."""
+    try:
+        from runtime.cluster import serve_on_ray as deploy
+    except ImportError as e:
+        raise ServeError(f"cluster=ray needs Ray Serve ({e}): pip install 'ray[serve]'") from None
+    if app.cluster.address is None:
+        open_export(app, command)
+    deploy(app, command)
+
+
+def ray_app(args: dict):
+    """Serve's application builder, for a cluster that deploys from a Serve config (KubeRay's
+    RayService, `serve deploy`, `serve run runtime.serve:ray_app`): `args["overrides"]` are this
+    command line's overrides (a list, or one space-separated string), composed as
+    `python -m runtime.serve cluster=ray OVERRIDES` would compose them."""
+    from hydra import compose, initialize_config_dir
+
+    from runtime.cluster import application
+
+    overrides = args.get("overrides") or []
+    overrides = shlex.split(overrides) if isinstance(overrides, str) else [str(o) for o in overrides]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        app: ServeApp = OmegaConf.to_object(compose(config_name="serve", overrides=["cluster=ray", *overrides]))
+    apply_environment(app)
+    return application(app, export_command(app, overrides))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class ChatService:
         self.created = int(time.time())
         self.draining = False
         self.in_flight = 0
+        self.replica: str | None = None  # the cluster replica this service is, named in every response (runtime/cluster.py)
         metrics.watch_memory(self.memory)
 
     # --- small endpoints ------------------------------------------------------------------------------
@@ -453,7 +454,7 @@ class ChatService:
     def info(self, run: Run) -> DyngraphInfo:
         s = run.started
         return DyngraphInfo(path=s.path.name, exit_layer=s.path.exit_layer, modalities=list(run.generation.modalities),
-                            engines=s.engines, devices=s.devices, mode=s.mode)
+                            engines=s.engines, devices=s.devices, mode=s.mode, replica=self.replica)
 
 
 def sse_json(data: dict) -> str:
@@ -567,9 +568,8 @@ def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.M
     return {spec.name: spec.module for spec in engine_specs(model, limits)}
 
 
-def build_service(cfg: ServeApp, export_command: str) -> ChatService:
-    """Everything behind the endpoint, loaded and verified; raises ServeError with a one-line reason."""
-    check_server_config(cfg.server)
+def open_export(cfg: ServeApp, export_command: str) -> tuple[Path, Manifest]:
+    """The export's directory and manifest, checked against the composed model; raises ServeError."""
     directory = engines_directory(cfg)
     try:
         manifest = Manifest.load(directory)
@@ -578,6 +578,13 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
             raise ServeError(f"no engines at {directory}: export them first with `{export_command}`") from None
         raise ServeError(str(e)) from None
     check_model_config(cfg, manifest, directory)
+    return directory, manifest
+
+
+def build_service(cfg: ServeApp, export_command: str) -> ChatService:
+    """Everything behind the endpoint, loaded and verified; raises ServeError with a one-line reason."""
+    check_server_config(cfg.server)
+    directory, manifest = open_export(cfg, export_command)
     placement = Placement(cfg.runtime.placement, manifest)
     metrics = Metrics(cfg.runtime.max_batch_size)
     offload = cfg.runtime.offload
