@@ -39,10 +39,12 @@ def compose_serve(overrides: list[str]):
 def test_replica_resources_follow_the_placement(placement, gpus):
     from runtime.cluster import deployment_options
 
-    options = deployment_options(compose_serve(["cluster=ray", f"runtime={placement}", "cluster.num_replicas=3"]))
+    cfg = compose_serve(["cluster=ray", f"runtime={placement}", "cluster.num_replicas=3"])
+    options = deployment_options(cfg)
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": gpus}
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
-    assert options["max_ongoing_requests"] == 8 + 64  # the engine's slots and queue: past them its own 429 answers
+    # the engine's slots and queue (8 or 16, and 64): past them its own 429 answers
+    assert options["max_ongoing_requests"] == cfg.runtime.max_batch_size + cfg.runtime.max_queue
     scaled = deployment_options(compose_serve(["cluster=ray", "cluster.autoscaling.enabled=true", "cluster.autoscaling.max_replicas=5"]))
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 4.0}
     assert "num_replicas" not in scaled
