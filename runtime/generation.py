@@ -162,6 +162,9 @@ class GenerationEngine:
         if cfg.max_queue < 0:
             raise EngineConfigError("runtime.max_queue must not be negative")
         self.max_media_tokens = dims["media"]["max"]
+        if manifest.dtype == "fp32" and any(torch.device(d).type == "cuda" for d in placement.devices):
+            raise EngineConfigError("these engines are fp32, and GroupQueryAttention has no fp32 CUDA kernel: export for the GPU "
+                                    "with export.dtype=fp16 (or bf16) export.device=cuda, or serve them with runtime=cpu")
         cuda_graphs = cfg.cuda_graphs and any(torch.device(d).type == "cuda" for d in placement.devices)
         self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs)
 

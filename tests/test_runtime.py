@@ -384,3 +384,14 @@ def test_seeded_sampling_reproduces_whatever_it_is_batched_with(running, tok):
     assert batched[0] == alone[0]
     other_seed = r.tokens(request(tok, "roll the dice", 12, ignore_eos=True, sampling=SamplingParams(**{**sampled, "seed": 99})))
     assert other_seed[0][1] != alone[0][1]
+
+
+def test_fp32_engines_on_a_gpu_placement_are_refused_in_one_line(tiny_engines_dir, tok, monkeypatch):
+    from runtime.generation import EngineConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = PlacementConfig("one_gpu", ["cuda:0"], [0])
+    engines = EngineSet(tiny_engines_dir, Placement(cfg, Manifest.load(tiny_engines_dir)))
+    with pytest.raises(EngineConfigError, match="no fp32 CUDA kernel: export for the GPU with export.dtype=fp16"):
+        make_engine(engines, tok, placement=cfg)
