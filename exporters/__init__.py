@@ -42,6 +42,7 @@ class EngineSession(Protocol):
 class Exporter(Protocol):
     name: str
     artifacts: tuple[str, ...]  # glob patterns of the files it writes, for clean-up
+    sources: tuple[str, ...]  # its code files, relative to the repository: a change rebuilds its engines
 
     def versions(self) -> dict[str, str]:
         """Library versions: recorded in the manifest and part of every cache key."""

@@ -27,7 +27,7 @@ import torch
 from onnx import TensorProto, helper
 
 from model.glm import Segment
-from pipeline.engines import EngineSpec
+from pipeline.engines import EngineSpec, tensor_dtype
 
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
               torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL}
@@ -90,7 +90,6 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
     segment: Segment = spec.module.segment
     a = segment.args
     eps = a.norm_eps
-    float_type = ONNX_TYPES[dtype]
     nodes = []
 
     def weight(name: str, t: torch.Tensor) -> str:
@@ -148,8 +147,7 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
         node("Add", [last, delta], ["exit_hidden"])
 
     def value_info(t) -> onnx.ValueInfoProto:
-        elem = float_type if t.dtype == "float" else ONNX_TYPES[{"int64": torch.int64, "int32": torch.int32, "bool": torch.bool}[t.dtype]]
-        return helper.make_tensor_value_info(t.name, elem, [d if isinstance(d, int) else d.replace("+", "_") for d in t.shape])
+        return helper.make_tensor_value_info(t.name, ONNX_TYPES[tensor_dtype(t, dtype)], list(t.shape))
 
     graph = helper.make_graph(nodes, spec.graph, [value_info(t) for t in spec.inputs], [value_info(t) for t in spec.outputs],
                               [*weights.protos, *constants])

@@ -40,6 +40,7 @@ EXTERNAL_DATA_BYTES = 2 << 30
 class OnnxExporter:
     name = "onnx"
     artifacts = ("*.onnx", "*.onnx.data")
+    sources = ("exporters/onnx.py", "exporters/fused.py")  # what it builds with: part of every cache key
 
     def __init__(self, cfg: ExportConfig):
         self.cfg = cfg
@@ -69,9 +70,7 @@ class OnnxExporter:
                 path = Path(f"{stem}.onnx")
                 fused.write_segment(spec, self.dtype, dims["capacity"].max, self.cfg.opset, path,
                                     external=weight_bytes > EXTERNAL_DATA_BYTES)
-                for f in (path, Path(f"{path}.data")):
-                    if f.exists():
-                        fsync(f)
+                fsync_engine(path)
                 log.info("%s: wrote %.2f GB of fused graph in %.1f s", spec.name, weight_bytes / 1e9, time.perf_counter() - start)
             return
         start = time.perf_counter()
@@ -96,15 +95,20 @@ class OnnxExporter:
             weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
             path = Path(f"{stem}.onnx")
             program.save(path, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
-            for f in (path, Path(f"{path}.data")):
-                if f.exists():
-                    fsync(f)
+            fsync_engine(path)
         log.info("%s: wrote %d engine(s), %.2f GB, in %.1f s", first.graph, len(specs),
                  sum(f.stat().st_size for st in stems for f in st.parent.glob(f"{st.name}.onnx*")) / 1e9, time.perf_counter() - traced)
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
              built_with: dict | None = None, cuda_graphs: bool = False) -> "OrtSession":
         return OrtSession(path, inputs, outputs, device, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda")
+
+
+def fsync_engine(path: Path) -> None:
+    """An engine's .onnx and, past 2 GB, its .data, on disk before the stage commits them."""
+    for f in (path, Path(f"{path}.data")):
+        if f.exists():
+            fsync(f)
 
 
 def pretranspose_weights(program, state_dict: dict[str, torch.Tensor]) -> set[str]:

@@ -196,6 +196,7 @@ def last_error(logger) -> str:
 class TensorRTExporter:
     name = "tensorrt"
     artifacts = ("*.engine",)
+    sources = ("exporters/tensorrt.py", "exporters/onnx.py")  # it builds from the ONNX backend's traces
 
     def __init__(self, cfg: ExportConfig):
         self.cfg = cfg

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -557,27 +558,25 @@ def measure_yardsticks(app: BenchApp, manifest: Manifest, requests: list[BenchRe
                 out["bandwidth"] = {}  # a roofline on some devices only would be wrong for paths across them
                 out["bandwidth_skipped"] = f"the copy bandwidth of {device} could not be measured: {e}"
                 break
+    device = labels[0] if labels else "cpu"
     if cfg.transformers.enabled:
-        device = labels[0] if labels else "cpu"
         console.print(f"running transformers' generate on {device}")
-        try:
-            out["transformers"] = transformers_baseline(requests, manifest, app.model, app.export, cfg.transformers, device,
-                                                        ChatTokenizer.builtin())
-        except BaselineSkipped as e:
-            log.warning("transformers comparison skipped: %s", e)
-            out["transformers"] = {"skipped": str(e)}
-        except Exception as e:  # noqa: BLE001 - recorded in the report with its type
-            log.warning("transformers comparison failed: %s: %s", type(e).__name__, e)
-            out["transformers"] = {"skipped": f"it failed: {type(e).__name__}: {e}"}
+        out["transformers"] = yardstick("transformers comparison", BaselineSkipped, lambda: transformers_baseline(
+            requests, manifest, app.model, app.export, cfg.transformers, device, ChatTokenizer.builtin()))
     if cfg.peer.enabled:
-        device = labels[0] if labels else "cpu"
         console.print(f"building and timing the peer (ORT GenAI) on {device}")
-        try:
-            out["peer"] = run_peer(app, manifest, requests, device, ChatTokenizer.builtin(), log_dir, console)
-        except PeerSkipped as e:
-            log.warning("peer skipped: %s", e)
-            out["peer"] = {"skipped": str(e)}
-        except Exception as e:  # noqa: BLE001 - recorded in the report with its type
-            log.warning("peer failed: %s: %s", type(e).__name__, e)
-            out["peer"] = {"skipped": f"it failed: {type(e).__name__}: {e}"}
+        out["peer"] = yardstick("peer", PeerSkipped, lambda: run_peer(
+            app, manifest, requests, device, ChatTokenizer.builtin(), log_dir, console))
     return out
+
+
+def yardstick(what: str, skipped: type[Exception], measure: Callable[[], dict]) -> dict:
+    """One yardstick's record: its measurement, or why it was skipped or failed."""
+    try:
+        return measure()
+    except skipped as e:
+        log.warning("%s skipped: %s", what, e)
+        return {"skipped": str(e)}
+    except Exception as e:  # noqa: BLE001 - recorded in the report with its type
+        log.warning("%s failed: %s: %s", what, type(e).__name__, e)
+        return {"skipped": f"it failed: {type(e).__name__}: {e}"}

@@ -61,7 +61,7 @@ class Dim:
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple[int | str, ...]  # ints are fixed; strings name a Dim or an expression of Dims ("past+seq", "audio_frames/8")
+    shape: tuple[int | str, ...]  # ints are fixed; strings name a Dim or an expression of Dims ("audio_frames/8")
     dtype: str  # "float" (the export dtype), "int64", "int32" or "bool"
     fill: str = "normal"  # how validation draws it: normal | tokens | media_mask | seqlens | total_length
     high: int = 0  # exclusive upper bound of "tokens"

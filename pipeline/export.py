@@ -200,7 +200,7 @@ def calibrated_exits(model_cfg: ModelConfig, model: AutoGLM, weights: dict) -> E
 
 def code_hash(exporter: Exporter) -> str:
     root = Path(__file__).resolve().parent.parent
-    files = sorted(f for pattern in (*CODE_FILES, f"exporters/{exporter.name}.py") for f in root.glob(pattern))
+    files = sorted(f for pattern in (*CODE_FILES, *exporter.sources) for f in root.glob(pattern))
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(root).as_posix().encode())

@@ -20,8 +20,8 @@ class PlacementConfig:
     name: str = "cpu"
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     # devices[i] holds the decoder layers from first_layers[i] up to first_layers[i + 1]; the
-    # embedding, the encoders, the static engines and the shared LM head live on devices[0], and
-    # the LM head also runs beside any exit that another device holds
+    # embedding, the encoders and the shared LM head live on devices[0]: an exit on another device
+    # sends its hidden state back to the head
     first_layers: list[int] = field(default_factory=lambda: [0])
 
 
@@ -60,7 +60,7 @@ class RuntimeConfig:
     mode: str = "dynamic"  # dynamic | static (also forced by ENABLE_DYNAMIC_GRAPH=False)
     backend: str = "engines"  # engines: the export's files, verified; eager: the torch modules they were exported from (the reference)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    max_batch_size: int = 8  # requests generating at once (one KV slot each); a decode step batches those on one path
+    max_batch_size: int = 8  # requests generating at once (a cache row each in the segments they reach); one decode step runs them all
     max_queue: int = 64  # requests waiting for a slot; one more is refused with 429
     max_context: int | None = None  # prompt + completion tokens; default and upper bound: the export's context
     cuda_graphs: bool = False  # decode steps replay ONNX Runtime CUDA graphs, one per batch size (the GPU placements turn it on)

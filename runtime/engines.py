@@ -163,7 +163,7 @@ class EagerSession:
     def __init__(self, module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str):
         self.device = torch.device(device)
         here = next(module.parameters()).device
-        # engines share modules (the static graph holds every layer): a module wanted on a second device gets its own copy
+        # the reference modules live where the model was built: one wanted on another device gets its own copy
         self.module = module if here == self.device else copy.deepcopy(module).to(self.device)
         self.inputs, self.outputs = inputs, outputs
 

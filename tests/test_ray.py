@@ -18,7 +18,7 @@ import yaml
 pytest.importorskip("ray.serve", reason="cluster=ray needs Ray Serve: pip install 'ray[serve]' (in the test extra)")
 
 from .conftest import CONF_DIR, ROOT  # noqa: E402
-from .test_serve import (DEPTH_POLICY, MODEL, TEXT, TOK, Server, audio_part, chat, eager_text, image_part, png_url, user,  # noqa: E402
+from .test_serve import (DEPTH_POLICY, MODEL, TEXT, Server, audio_part, chat, eager_text, image_part, langchain_round_trip, png_url, user,  # noqa: E402
                          wav_b64)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,18 +181,7 @@ def test_thinking_image_and_audio(ray_server):
 
 
 def test_langchain_chat_openai_as_the_seed_configures_it(ray_server):
-    from langchain_openai import ChatOpenAI
-
-    llm = ChatOpenAI(model="autoglm-phone-9b", base_url=f"{ray_server.url}/v1", api_key="EMPTY",
-                     extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True,
-                     max_tokens=6, temperature=0, stream_usage=True)
-    chunks = list(llm.stream("Open WeChat and say hi to Alice"))
-    total = chunks[0]
-    for c in chunks[1:]:
-        total = total + c
-    prompt = TOK.apply_chat_template([{"role": "user", "content": "Open WeChat and say hi to Alice"}], enable_thinking=True)
-    assert total.usage_metadata["input_tokens"] == len(prompt) and 1 <= total.usage_metadata["output_tokens"] <= 6
-    assert llm.invoke("Open WeChat").response_metadata["finish_reason"] in ("stop", "length")
+    langchain_round_trip(ray_server.url)
 
 
 def test_errors_are_the_single_servers_and_name_the_replica(ray_server):

@@ -286,9 +286,14 @@ def test_thinking_is_returned_as_reasoning_content_and_capped(server):
 
 
 def test_langchain_chat_openai_as_the_seed_configures_it(server):
+    langchain_round_trip(server.url)
+
+
+def langchain_round_trip(url: str) -> None:
+    """ChatOpenAI as the seed documents configure it: a stream with usage, then a plain call (also run through Ray Serve)."""
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model="autoglm-phone-9b", base_url=f"{server.url}/v1", api_key="EMPTY",
+    llm = ChatOpenAI(model="autoglm-phone-9b", base_url=f"{url}/v1", api_key="EMPTY",
                      extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True,
                      max_tokens=6, temperature=0, stream_usage=True)
     chunks = list(llm.stream("Open WeChat and say hi to Alice"))
