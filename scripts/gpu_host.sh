@@ -7,6 +7,9 @@
 #   scripts/gpu_host.sh probe PLACEMENT     serve it (one_gpu | two_gpu), one request per path, /stats
 #   scripts/gpu_host.sh bench PLACEMENT [OVERRIDES]  start the default-mix benchmark detached (it outlives the call)
 #   scripts/gpu_host.sh wait [SECONDS]      wait for it, then pack the report into $OUT/bench.tgz
+#   scripts/gpu_host.sh soak                64 streams x 5 min against one_gpu (issue 11's GPU form), into $OUT/soak.tgz
+#   scripts/gpu_host.sh calibrate           a corpus from the installed packages, phone-9b's exits calibrated, into $OUT/calibration.tgz
+#   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 ENGINES=${ENGINES:-/tmp/engines}
@@ -68,6 +71,19 @@ wait)
   tail -n 40 /tmp/bench.log
   cp /tmp/bench.log "$OUT/"
   [ -d /tmp/bench_results ] && tar czf "$OUT/bench.tgz" -C /tmp/bench_results . ;;
+soak)
+  rm -rf /tmp/soak_results
+  python3 -m pipeline bench bench=soak "${MODEL[@]}" server.runtime=one_gpu output_dir=/tmp/soak_results progress=false \
+    bench.soak.streams=64 bench.soak.duration_s=300 bench.soak.warmup_s=60 2>&1 | tail -n 60 | tee "$OUT/soak.log"
+  tar czf "$OUT/soak.tgz" -C /tmp/soak_results . ;;
+calibrate)
+  rm -rf /tmp/corpus /tmp/calibration
+  python3 scripts/build_corpus.py /tmp/corpus 2>&1 | tail -n 3 | tee "$OUT/calibrate.log"
+  python3 -m pipeline calibrate model=phone-9b calibrate=gpu calibrate.corpus=/tmp/corpus calibrate.output_dir=/tmp/calibration \
+    model.text.exit_adapter_rank=16 calibrate.max_minutes=3 calibrate.progress=false 2>&1 | tail -n 60 | tee -a "$OUT/calibrate.log"
+  tar czf "$OUT/calibration.tgz" -C /tmp/calibration . ;;
+matmulnbits)
+  python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 *)
-  sed -n 2,10p "$0"; exit 2 ;;
+  sed -n 2,13p "$0"; exit 2 ;;
 esac

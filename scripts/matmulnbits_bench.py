@@ -1,0 +1,100 @@
+"""ONNX Runtime's MatMulNBits (int8 / int4 weights, block 32, symmetric) against an fp16 MatMul, per
+decoder matrix of a model's dims, on the CUDA provider with CUDA graphs: what weight-only
+quantization can buy a decode step before it is built into the engines.
+
+Each case is a one-node model, quantized with ONNX Runtime's own quantizer kernel, run through I/O
+binding on torch buffers and replayed as a CUDA graph; the figure is the median of `--iters` replays
+timed with CUDA events, and the achieved bandwidth is the weight bytes stored over that time.
+
+    python3 scripts/matmulnbits_bench.py --out matmulnbits.json            # phone-9b's matrices, M = 1 and 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+BLOCK = 32
+# phone-9b: hidden 4096, 32 query heads and 2 KV heads of 128, FFN 13696, vocabulary 151552
+SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096), "lm_head": (4096, 151552)}
+
+
+def model(k: int, n: int, bits: int | None, weight: np.ndarray) -> tuple[onnx.ModelProto, int]:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["m", k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["m", n])
+    if bits is None:
+        inits = [helper.make_tensor("w", TensorProto.FLOAT16, [k, n], weight.tobytes(), raw=True)]
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        stored = weight.nbytes
+    else:
+        quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, bits=bits))
+        packed, scales, _ = quantizer.qbits_block_quant(weight)
+        inits = [helper.make_tensor("wq", TensorProto.UINT8, list(packed.shape), packed.tobytes(), raw=True),
+                 helper.make_tensor("scales", TensorProto.FLOAT16, list(scales.shape), scales.tobytes(), raw=True)]
+        node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK)
+        stored = packed.nbytes + scales.nbytes
+    graph = helper.make_graph([node], "m", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=10), stored
+
+
+def time_case(proto: onnx.ModelProto, m: int, k: int, n: int, iters: int) -> tuple[float, torch.Tensor]:
+    stream = torch.cuda.Stream()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=[
+        ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1", "user_compute_stream": str(stream.cuda_stream)})])
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    y = torch.empty(m, n, dtype=torch.float16, device="cuda")
+    binding = session.io_binding()
+    binding.bind_input("x", "cuda", 0, np.float16, (m, k), x.data_ptr())
+    binding.bind_output("y", "cuda", 0, np.float16, (m, n), y.data_ptr())
+    run = ort.RunOptions()
+    run.add_run_config_entry("gpu_graph_id", "1")
+    torch.cuda.synchronize()
+    for _ in range(3):  # the first run captures
+        session.run_with_iobinding(binding, run)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        session.run_with_iobinding(binding, run)
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), y.float().cpu()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    results = []
+    for name, (k, n) in SHAPES.items():
+        weight = (rng.standard_normal((k, n), dtype=np.float32) * 0.02).astype(np.float16)
+        for bits in (None, 8, 4):
+            proto, stored = model(k, n, bits, weight)
+            for m in args.batches:
+                ms, y = time_case(proto, m, k, n, args.iters)
+                if bits is None:
+                    reference = y
+                err = float((y - reference).abs().max() / reference.abs().max())
+                row = {"matrix": name, "k": k, "n": n, "bits": bits or 16, "m": m, "ms": round(ms, 4),
+                       "stored_bytes": stored, "gb_per_s": round(stored / ms / 1e6, 1), "max_rel_error_vs_fp16": round(err, 5)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"onnxruntime": ort.__version__, "device": torch.cuda.get_device_name(), "block_size": BLOCK, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
