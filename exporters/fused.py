@@ -14,7 +14,9 @@ grows by concatenation; this graph gives it, per layer:
 
 and after the last layer one more SkipSimplifiedLayerNormalization: the residual (hidden_out) and
 the exit norm of every position, of which the last is the exit's hidden state (plus the exit's
-calibrated low-rank adapter, two MatMuls and an Add, where the model has one). GroupQueryAttention
+calibrated low-rank adapter, two MatMuls and an Add, where the model has one). With weight-only
+quantization (exporters/quantize.py) the four projections of each layer are MatMulNBits instead of
+MatMul; the adapter, tiny, stays in the export dtype. GroupQueryAttention
 has CUDA and CPU kernels, so CI runs the same graph as the GPU. Weights are stored transposed
 ([in, out]) as MatMul reads them; the inputs and outputs are exactly the segment's EngineSpec.
 """
@@ -26,11 +28,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from exporters.quantize import WeightQuant
 from model.glm import Segment
 from pipeline.engines import EngineSpec, tensor_dtype
 
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
-              torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL}
+              torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL,
+              torch.uint8: TensorProto.UINT8}
 MS = "com.microsoft"
 
 
@@ -76,17 +80,20 @@ def rotary_caches(segment: Segment, positions: int, dtype: torch.dtype) -> tuple
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def write_segment(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int, path: Path, external: bool) -> None:
-    """The segment's fused graph at `path` (+ `.data` beside it when `external`)."""
+def write_segment(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int, path: Path, external: bool,
+                  quant: WeightQuant | None = None) -> None:
+    """The segment's fused graph at `path` (+ `.data` beside it when `external`); with `quant`, its
+    projections as MatMulNBits."""
     weights = Weights(Path(f"{path}.data") if external else None)
     try:
-        model = segment_graph(spec, dtype, max_positions, opset, weights)
+        model = segment_graph(spec, dtype, max_positions, opset, weights, quant)
     finally:
         weights.close()
     onnx.save_model(model, str(path))
 
 
-def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int, weights: Weights) -> onnx.ModelProto:
+def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opset: int, weights: Weights,
+                  quant: WeightQuant | None = None) -> onnx.ModelProto:
     segment: Segment = spec.module.segment
     a = segment.args
     eps = a.norm_eps
@@ -98,6 +105,14 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
     def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
         nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0] or f"{op}_{len(nodes)}", domain=domain or None, **attrs))
         return outputs
+
+    def linear(x: str, name: str, w: torch.Tensor, out: str) -> str:
+        """x @ w (w [in, out]): a MatMul, or with `quant` a MatMulNBits over the packed weight."""
+        if quant is None:
+            return node("MatMul", [x, weight(name, w)], [out])[0]
+        packed, scales = quant.pack(w, dtype)
+        return node("MatMulNBits", [x, weights.add(f"{name}.q{quant.bits}", packed), weights.add(f"{name}.scales", scales)], [out],
+                    MS, **quant.attributes(w))[0]
 
     cos, sin = rotary_caches(segment, max_positions, dtype)
     weight("cos_cache", cos)
@@ -117,7 +132,7 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
             x, _, _, h = node("SkipSimplifiedLayerNormalization", [branch, h, ln1], [p + "attn_in", "", "", p + "residual_in"],
                               MS, epsilon=eps)
         w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t()  # [D, (H + 2 Hkv) hd]
-        (qkv,) = node("MatMul", [x, weight(p + "qkv_proj.weight.T", w_qkv)], [p + "qkv"])
+        qkv = linear(x, p + "qkv_proj.weight.T", w_qkv, p + "qkv")
         if attn.q_proj.bias is not None:
             b_qkv = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             (qkv,) = node("Add", [qkv, weight(p + "qkv_proj.bias", b_qkv)], [p + "qkv_biased"])
@@ -127,15 +142,15 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
                            [p + "attn", f"present_key.{i}", f"present_value.{i}"], MS,
                            num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1, rotary_interleaved=1,
                            scale=a.head_dim ** -0.5)
-        (o,) = node("MatMul", [ctx, weight(p + "o_proj.weight.T", attn.o_proj.weight.t())], [p + "attn_out"])
+        o = linear(ctx, p + "o_proj.weight.T", attn.o_proj.weight.t(), p + "attn_out")
         ln2 = weight(p + "post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
         x, _, _, h = node("SkipSimplifiedLayerNormalization", [o, h, ln2], [p + "mlp_in", "", "", p + "residual_mid"], MS, epsilon=eps)
-        (gu,) = node("MatMul", [x, weight(p + "gate_up_proj.weight.T", layer.mlp.gate_up_proj.weight.t())], [p + "gate_up"])
+        gu = linear(x, p + "gate_up_proj.weight.T", layer.mlp.gate_up_proj.weight.t(), p + "gate_up")
         gate, up = node("Split", [gu, "gate_up_split"], [p + "gate", p + "up"], axis=-1)
         (sig,) = node("Sigmoid", [gate], [p + "gate_sigmoid"])
         (silu,) = node("Mul", [gate, sig], [p + "gate_silu"])
         (act,) = node("Mul", [silu, up], [p + "act"])
-        (branch,) = node("MatMul", [act, weight(p + "down_proj.weight.T", layer.mlp.down_proj.weight.t())], [p + "mlp_out"])
+        branch = linear(act, p + "down_proj.weight.T", layer.mlp.down_proj.weight.t(), p + "mlp_out")
     exit_w = weight("exit_norm.weight", segment.exit_norm.weight)
     node("SkipSimplifiedLayerNormalization", [branch, h, exit_w], ["exit_all", "", "", "hidden_out"], MS, epsilon=eps)
     if segment.exit_adapter is None:

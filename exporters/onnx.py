@@ -25,6 +25,7 @@ import torch
 from torch.onnx._internal.exporter._core import TorchTensor
 
 from exporters import EngineIncompatible, device_stream, fused
+from exporters.quantize import BITS, WeightQuant, engine_quant, quantize_program
 from pipeline.config import ExportConfig
 from pipeline.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
 from pipeline.manifest import fsync
@@ -40,11 +41,13 @@ EXTERNAL_DATA_BYTES = 2 << 30
 class OnnxExporter:
     name = "onnx"
     artifacts = ("*.onnx", "*.onnx.data")
-    sources = ("exporters/onnx.py", "exporters/fused.py")  # what it builds with: part of every cache key
+    sources = ("exporters/onnx.py", "exporters/fused.py", "exporters/quantize.py")  # what it builds with: part of every cache key
+    quantizations = tuple(BITS)  # export.quantize values it builds (MatMulNBits)
 
     def __init__(self, cfg: ExportConfig):
         self.cfg = cfg
         self.dtype = EXPORT_DTYPES[cfg.dtype]
+        self.quant = WeightQuant.of(cfg.quantize, cfg.quantize_block)
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": ort.__version__}
@@ -56,20 +59,24 @@ class OnnxExporter:
                                      f"found {ort.__version__} here: export again on this machine")
 
     def settings(self) -> dict:
-        return {"dtype": self.cfg.dtype, "opset": self.cfg.opset, "device": torch.device(self.cfg.device).type}
+        settings = {"dtype": self.cfg.dtype, "opset": self.cfg.opset, "device": torch.device(self.cfg.device).type}
+        if self.quant:  # absent when off, so that unquantized engines keep their keys
+            settings |= {"quantize": self.cfg.quantize, "quantize_block": self.cfg.quantize_block, "quantize_head": self.cfg.quantize_head}
+        return settings
 
     def engine_files(self, stem: str) -> list[str]:
         return [f"{stem}.onnx", f"{stem}.onnx.data"]
 
     def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path], engines_dir: Path | None = None) -> None:
         first = specs[0]
+        quant = engine_quant(first.graph, self.quant, self.cfg.quantize_head)
         if first.fused:  # built from fused operators, no trace
             for spec, stem in zip(specs, stems):
                 start = time.perf_counter()
                 weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
                 path = Path(f"{stem}.onnx")
                 fused.write_segment(spec, self.dtype, dims["capacity"].max, self.cfg.opset, path,
-                                    external=weight_bytes > EXTERNAL_DATA_BYTES)
+                                    external=weight_bytes > EXTERNAL_DATA_BYTES, quant=quant)
                 fsync_engine(path)
                 log.info("%s: wrote %.2f GB of fused graph in %.1f s", spec.name, weight_bytes / 1e9, time.perf_counter() - start)
             return
@@ -94,7 +101,13 @@ class OnnxExporter:
                 apply_weights(program, spec.module.state_dict(), transposed)
             weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
             path = Path(f"{stem}.onnx")
-            program.save(path, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+            if quant is None:
+                program.save(path, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+            else:  # a copy: the traced program keeps its float weights for the next engine of the graph
+                model = ir.serde.deserialize_model(ir.serde.serialize_model(program.model))
+                count = quantize_program(model, quant, self.dtype)
+                log.info("%s: %d MatMul(s) as %d-bit MatMulNBits", spec.name, count, quant.bits)
+                ir.save(model, path, external_data=f"{path.name}.data" if weight_bytes > EXTERNAL_DATA_BYTES else None)
             fsync_engine(path)
         log.info("%s: wrote %d engine(s), %.2f GB, in %.1f s", first.graph, len(specs),
                  sum(f.stat().st_size for st in stems for f in st.parent.glob(f"{st.name}.onnx*")) / 1e9, time.perf_counter() - traced)

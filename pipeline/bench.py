@@ -38,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from model.tokenizer import ChatTokenizer
 from pipeline.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
 from pipeline.config import BenchApp
+from pipeline.engines import engines_path
 from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from pipeline import report as reporting
 from pipeline.manifest import Manifest, ManifestError
@@ -388,11 +389,12 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
             check_settings(app.model.text, cfg.peer)
         except ValueError as e:
             raise BenchError(str(e)) from None
-    engines = Path(app.engines_dir).expanduser() / app.model.name / app.export.backend
+    engines = engines_path(app.engines_dir, app.model.name, app.export.backend, app.export.quantize)
     try:
         manifest = Manifest.load(engines)
     except ManifestError as e:
-        raise BenchError(f"{e}; export first: python -m pipeline export model={app.model.name} export={app.export.backend} "
+        quantize = f" export.quantize={app.export.quantize}" if app.export.quantize else ""
+        raise BenchError(f"{e}; export first: python -m pipeline export model={app.model.name} export={app.export.backend}{quantize} "
                          f"engines_dir={app.engines_dir}") from None
     if "static" in cfg.modes and manifest.static_path is None:
         raise BenchError(f"the engines in {engines} have no static path (exported with export.static=false): export it, or bench.modes=[dynamic]")

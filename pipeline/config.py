@@ -35,6 +35,15 @@ class ExportConfig:
     # validation fails past max|engine - eager| / max|eager| for the export dtype; fp16 measured on
     # phone-9b (H100): ~3e-3 through a 6-layer segment
     tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "fp16": 3e-2, "bf16": 8e-2})
+    # weight-only quantization (exporters/quantize.py): null | int8 | int4. The decoder's and the
+    # cross-attention's matrices become ONNX Runtime MatMulNBits (symmetric, `quantize_block` weights
+    # per scale); activations, norms, embeddings and encoders keep `dtype`. Engines go to <backend>-<quantize>/
+    quantize: str | None = None
+    quantize_block: int = 32
+    quantize_head: bool = True  # the LM head too: read at every step, 1.2 GB of phone-9b's 2.5 GB exit-6 step
+    # a quantized engine is validated against its eager module in `dtype` with this tolerance instead
+    # (same measure as `tolerance`); measured on the tiny model and phone-9b (random weights), see README
+    quantize_tolerance: dict[str, float] = field(default_factory=lambda: {"int8": 0.1, "int4": 0.5})
     progress: bool = True
     tensorrt: TensorRTSettings = field(default_factory=TensorRTSettings)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -269,6 +270,12 @@ def chain(n_segments: int, media: bool) -> tuple[list[str], list[str]]:
 
 def path_name(exit_layer: int, modalities: tuple[str, ...]) -> str:
     return f"exit{exit_layer}-" + "+".join(modalities)
+
+
+def engines_path(engines_dir: str | Path, model: str, backend: str, quantize: str | None = None) -> Path:
+    """Where one export's engines and manifest live: <engines_dir>/<model>/<backend>[-<quantize>],
+    so that an int8 export sits beside the fp16 one instead of replacing it."""
+    return Path(engines_dir).expanduser() / model / (f"{backend}-{quantize}" if quantize else backend)
 
 
 # --- inputs ---------------------------------------------------------------------------------

@@ -29,13 +29,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from exporters import BackendUnavailable, Exporter, get_exporter
+from exporters.quantize import BITS, BLOCKS, WeightQuant, engine_quant
 from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, meta_model
 from model.exits import ExitsError, ExitsInfo, check_exits, read_exits, resolve_exits
 from pipeline.config import ExportConfig
-from pipeline.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
+from pipeline.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, engines_path, model_dims, path_specs,
                               probe_sizes, random_inputs, tensor_dtype)
-from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, fsync, sha256_file,
-                               write_atomic)
+from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, ManifestError, PathRecord, fsync,
+                               sha256_file, write_atomic)
+from pipeline.quantization import path_agreement
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
     start = time.perf_counter()
     console = console or Console(stderr=True)
     exporter = check_request(model_cfg, cfg)
-    out_dir = Path(engines_dir).expanduser() / model_cfg.name / exporter.name
+    out_dir = engines_path(engines_dir, model_cfg.name, exporter.name, cfg.quantize)
     check_writable(out_dir)
 
     model = meta_model(model_cfg)  # structure only: planning needs no weights
@@ -88,6 +90,8 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
         if todo:
             ensure_weights(model, cfg)
         build_missing(todo, records, keys, dims, exporter, cfg, out_dir, console)
+        paths = path_specs(model_cfg.text.exit_layers)
+        quantization = quantization_record(specs, records, out_dir, exporter, cfg, paths, model, bool(todo), console)
         manifest = Manifest(
             model={"name": model_cfg.name, "config": asdict(model_cfg), "parameters": n_params, "weights": weights,
                    "weights_hash": hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()},
@@ -95,9 +99,10 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
             dtype=cfg.dtype,
             dims={n: {"min": d.min, "max": d.max, "multiple": d.multiple} for n, d in dims.items()},
             engines={s.name: records[s.name] for s in specs},
-            paths=[PathRecord(**asdict(p)) for p in path_specs(model_cfg.text.exit_layers)],
+            paths=[PathRecord(**asdict(p)) for p in paths],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             exits=exits.record() if exits else None,
+            quantization=quantization,
         )
         manifest.save(out_dir)
         remove_unreferenced(out_dir, manifest, exporter)
@@ -118,12 +123,20 @@ def check_request(model_cfg: ModelConfig, cfg: ExportConfig) -> Exporter:
         raise ExportError(str(e)) from None
     if cfg.max_batch < 1 or cfg.max_seq < 1 or cfg.max_context < 1:
         raise ExportError("export.max_batch, export.max_seq and export.max_context must be positive")
+    if cfg.quantize is not None and cfg.quantize not in BITS:
+        raise ExportError(f"export.quantize={cfg.quantize!r} is not one of {', '.join(BITS)} (or null: no quantization)")
+    if cfg.quantize is not None and cfg.quantize_block not in BLOCKS:
+        raise ExportError(f"export.quantize_block={cfg.quantize_block} is not one of {', '.join(map(str, BLOCKS))}")
     try:
         exporter = get_exporter(cfg)
-        if check := getattr(exporter, "check_export", None):
-            check()
     except KeyError as e:
         raise ExportError(e.args[0]) from None
+    if cfg.quantize is not None and cfg.quantize not in getattr(exporter, "quantizations", ()):
+        raise ExportError(f"the {exporter.name} backend cannot build export.quantize={cfg.quantize} "
+                          f"(it builds: {', '.join(getattr(exporter, 'quantizations', ())) or 'no weight quantization'}); use export=onnx")
+    try:
+        if check := getattr(exporter, "check_export", None):
+            check()
     except BackendUnavailable as e:
         raise ExportError(str(e)) from None
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
@@ -285,7 +298,8 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
     session = exporter.load(files[0], spec.inputs, spec.outputs, device)
     loaded = time.perf_counter()
     advance("validating")
-    tolerance = cfg.tolerance[cfg.dtype]
+    quantized = engine_quant(spec.graph, WeightQuant.of(cfg.quantize, cfg.quantize_block), cfg.quantize_head) is not None
+    tolerance = cfg.quantize_tolerance[cfg.quantize] if quantized else cfg.tolerance[cfg.dtype]
     checks, worst_abs, worst_rel = [], 0.0, 0.0
     generator = torch.Generator().manual_seed(int(key, 16) % (2**31))  # fresh inputs per build, reproducible per key
     for sizes in probe_sizes(dims, spec):
@@ -310,7 +324,8 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
             worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
             if not rel_err <= tolerance:
                 raise ExportError(f"engine {spec.name} failed validation: output {t.name} at {used_sizes(spec, sizes)} has "
-                                  f"max relative error {rel_err:.3g} (max abs {abs_err:.3g}) > tolerance {tolerance:g} for {cfg.dtype}")
+                                  f"max relative error {rel_err:.3g} (max abs {abs_err:.3g}) > tolerance {tolerance:g} for "
+                                  f"{cfg.quantize + ' weights' if quantized else cfg.dtype}")
         checks.append({"sizes": used_sizes(spec, sizes), "errors": errors})
     del session
     log.info("%s: loaded in %.1f s, validated in %.1f s", spec.name, loaded - start, time.perf_counter() - loaded)
@@ -326,6 +341,33 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
         parameters=count_parameters(spec.module), layers=list(spec.layers) if spec.layers else None,
         validation=checks, max_abs_error=worst_abs, max_rel_error=worst_rel, build_seconds=time.perf_counter() - start,
     )
+
+
+def quantization_record(specs: list[EngineSpec], records: dict[str, EngineRecord], out_dir: Path, exporter: Exporter,
+                        cfg: ExportConfig, paths, model: AutoGLM, built: bool, console: Console) -> dict | None:
+    """The manifest's quantization block: what was quantized and, per path, the agreement with the
+    eager model (measured again whenever an engine was rebuilt, else the last export's)."""
+    if cfg.quantize is None:
+        return None
+    quant = WeightQuant.of(cfg.quantize, cfg.quantize_block)
+    record = {"scheme": cfg.quantize, "bits": quant.bits, "block_size": quant.block, "symmetric": True, "head": cfg.quantize_head,
+              "engines": [s.name for s in specs if engine_quant(s.graph, quant, cfg.quantize_head)],
+              "keys": {s.name: records[s.name].key for s in specs}}
+    if not built:
+        try:
+            previous = Manifest.load(out_dir).quantization or {}
+        except ManifestError:
+            previous = {}
+        if previous.get("keys") == record["keys"] and "agreement" in previous:
+            return previous
+    ensure_weights(model, cfg)
+    start = time.perf_counter()
+    record["agreement"] = path_agreement(specs, records, out_dir, exporter, cfg, paths, model.cfg.text.vocab_size)
+    worst = min(record["agreement"].items(), key=lambda kv: kv[1]["top1_agreement"])
+    console.print(f"{cfg.quantize} against the eager model in {cfg.dtype}: top-1 agreement {worst[1]['top1_agreement']:.1%} on the "
+                  f"worst path ({worst[0]}), largest logit error {max(a['max_logit_error'] for a in record['agreement'].values()):.3g} "
+                  f"({time.perf_counter() - start:.1f} s)")
+    return record
 
 
 def used_sizes(spec: EngineSpec, sizes: dict[str, int]) -> dict[str, int]:

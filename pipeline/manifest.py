@@ -80,6 +80,9 @@ class Manifest:
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     exits: dict | None = None  # the calibrated exit heads the segments hold (model/exits.py ExitsInfo.record), with their thresholds
+    # weight-only quantization: scheme, bits, block, head, the engines quantized, and per path the
+    # agreement with the eager model in `dtype` on fixed random prompts (pipeline/quantization.py)
+    quantization: dict | None = None
 
     @property
     def static_path(self) -> PathRecord | None:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from model.autoglm import build_model
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
-from pipeline.engines import EXPORT_DTYPES, Limits, engine_specs
+from pipeline.engines import EXPORT_DTYPES, Limits, engine_specs, engines_path
 from pipeline.manifest import Manifest, ManifestError
 from runtime.config import ServeApp, ServerConfig
 from runtime.engines import EngineSet
@@ -524,7 +524,7 @@ def check_server_config(server: ServerConfig) -> None:
 
 
 def engines_directory(cfg: ServeApp) -> Path:
-    return Path(cfg.engines_dir).expanduser() / cfg.model.name / cfg.export.backend
+    return engines_path(cfg.engines_dir, cfg.model.name, cfg.export.backend, cfg.export.quantize)
 
 
 def check_model_config(cfg: ServeApp, manifest: Manifest, directory: Path) -> None:

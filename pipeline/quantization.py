@@ -1,0 +1,96 @@
+"""How far a quantized export is from its model: per path, the next-token agreement of the engines
+with the eager modules in the export dtype, on fixed random prompts.
+
+Validation bounds each engine's error on its own; this measures what a user sees through a whole
+path: embed, each segment (after its cross-attention block, on media paths), the exit and the LM
+head, as a prompt's prefill. The prompts and media are drawn from a fixed seed, so two exports of
+the same weights report the same figures; the encoders are not quantized, so media paths start
+from random media tokens instead of running them (and the three media paths of one exit, which
+then run the same engines on the same tokens, are measured once).
+"""
+from __future__ import annotations
+
+import torch
+
+from exporters import Exporter
+from pipeline.config import ExportConfig
+from pipeline.engines import EXPORT_DTYPES, EngineSpec, PathSpec, concrete_shape, tensor_dtype
+from pipeline.manifest import EngineRecord
+
+PROMPTS = 64  # per path; with random weights the top-1 margins are small, so fewer would be noisy
+PROMPT_TOKENS = 16
+MEDIA_TOKENS = 8
+
+
+def path_agreement(specs: list[EngineSpec], records: dict[str, EngineRecord], directory, exporter: Exporter,
+                   cfg: ExportConfig, paths: list[PathSpec], vocab: int) -> dict[str, dict]:
+    """{path name: {"top1_agreement", "max_logit_error", "max_logit_rel_error", "prompts"}} for
+    every dynamic path (the static path is the full-depth path with every block)."""
+    device = "cuda:0" if cfg.device == "cuda" else cfg.device
+    dtype = EXPORT_DTYPES[cfg.dtype]
+    by_name = {s.name: s for s in specs}
+    sessions = {}
+
+    def engine(name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        spec = by_name[name]
+        if name not in sessions:
+            sessions[name] = exporter.load(directory / records[name].path, spec.inputs, spec.outputs, device)
+        out = sessions[name].run({t.name: x for t, x in zip(spec.inputs, inputs)})
+        return [out[t.name] for t in spec.outputs]
+
+    def eager(name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            out = by_name[name].module(*inputs)
+        return list(out) if isinstance(out, tuple) else [out]
+
+    generator = torch.Generator().manual_seed(0)
+    batch = min(cfg.max_batch, 16)
+    ids = torch.randint(0, vocab, (PROMPTS, PROMPT_TOKENS), generator=generator)
+    dim = by_name["embed"].outputs[0].shape[-1]
+    media = torch.randn(PROMPTS, MEDIA_TOKENS, dim, generator=generator)
+    results, measured = {}, {}
+    for path in paths:
+        if path.static:
+            continue
+        chain = (path.exit_layer, len(path.modalities) > 1)
+        if chain in measured:
+            results[path.name] = measured[chain]
+            continue
+        agree, worst, worst_rel = 0, 0.0, 0.0
+        for start in range(0, PROMPTS, batch):
+            rows = slice(start, start + batch)
+            feeds = {"ids": ids[rows].to(device), "media": media[rows].to(device, dtype)}
+            got = forward(path, engine, feeds, by_name, dtype, device)
+            ref = forward(path, eager, feeds, by_name, dtype, device)
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            err = float((got.float() - ref.float()).abs().max())
+            worst, worst_rel = max(worst, err), max(worst_rel, err / max(float(ref.float().abs().max()), 1e-6))
+        results[path.name] = measured[chain] = {"top1_agreement": agree / PROMPTS, "max_logit_error": worst,
+                                                "max_logit_rel_error": worst_rel, "prompts": PROMPTS, "prompt_tokens": PROMPT_TOKENS}
+    return results
+
+
+def forward(path: PathSpec, run, feeds: dict[str, torch.Tensor], specs: dict[str, EngineSpec], dtype: torch.dtype,
+            device: str) -> torch.Tensor:
+    """One path's prefill of fresh prompts (an empty cache of the prompt's length), through `run`
+    (engine or eager): the last position's logits [B, V]."""
+    ids = feeds["ids"]
+    b, s = ids.shape
+    sizes = {"batch": b, "seq": s, "capacity": s, "media": MEDIA_TOKENS}
+    (hidden,) = run("embed", [ids])
+    kv = {}
+    for name in path.encode:
+        if name.startswith("cross_kv."):
+            kv[name.split(".")[1]] = run(name, [feeds["media"]])[0]
+    mask = torch.ones(b, MEDIA_TOKENS, dtype=torch.bool, device=device)
+    exit_hidden = None
+    for name in path.step:
+        k = name.split(".")[-1]
+        if name.startswith("cross_attn."):
+            (hidden,) = run(name, [hidden, kv[k], mask])
+        elif name.startswith("segment."):
+            spec = specs[name]
+            cache = [torch.zeros(concrete_shape(t, sizes), dtype=tensor_dtype(t, dtype), device=device) for t in spec.inputs[3:]]
+            seqlens = torch.full((b,), s - 1, dtype=torch.int32, device=device)  # no past: the prompt is each row's whole cache
+            hidden, exit_hidden, *_ = run(name, [hidden, seqlens, torch.tensor(s, dtype=torch.int32), *cache])
+    return run("lm_head", [exit_hidden])[0]
