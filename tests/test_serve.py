@@ -405,19 +405,29 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
 
 def test_stats_and_metrics(server):
     stats = httpx.get(f"{server.url}/stats").json()
-    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "kv_cache"}
-    assert stats["kv_cache"]["allocated_bytes"]["cpu"] >= stats["kv_cache"]["in_use_peak_bytes"]["cpu"] >= 0
-    assert stats["mode"] == "dynamic" and {"embed", "segment.3", "vision"} <= set(stats["engines_loaded"])
+    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "kv_cache", "on_demand", "engine_loads",
+                          "resident_engine_bytes"}
+    kv = stats["kv_cache"]
+    assert kv["allocated_peak_bytes"]["cpu"] >= kv["in_use_peak_bytes"]["cpu"] > 0 and kv["in_use_bytes"]["cpu"] == 0
+    assert stats["mode"] == "dynamic" and stats["on_demand"] and {"embed", "segment.0", "lm_head"} <= set(stats["engines_loaded"])
+    # earlier tests ran every depth and both encoders: each loaded once at least, timed
+    for name in ("segment.3", "vision", "audio", "cross_attn.0"):
+        assert stats["engine_loads"][name]["loads"] >= 1 and stats["engine_loads"][name]["load_seconds"] > 0, name
+    manifest = Manifest.load(server.engines_dir / "tiny" / "onnx")
+    assert stats["resident_engine_bytes"]["cpu"] == sum(manifest.engines[n.partition("@")[0]].bytes for n in stats["engines_loaded"])
+    per_request = kv["per_request_bytes"]
+    assert per_request["exit24-text"] == 4 * per_request["exit6-text"] > 0  # a row in each segment reached, nothing more
     assert stats["requests_per_path"]["exit6-text"] >= 1
     assert stats["devices"]["cpu"]["nvml_used_bytes"] is None and stats["devices"]["cpu"]["torch_peak_allocated_bytes"] > 0
     reset = httpx.post(f"{server.url}/stats/reset").json()
-    # on the CPU the runtime's torch memory is its KV caches, allocated once
-    allocated = stats["kv_cache"]["allocated_bytes"]["cpu"]
+    # on the CPU the runtime's torch memory is its KV caches, allocated by need
+    allocated = reset["kv_cache"]["allocated_bytes"]["cpu"]
     assert reset["devices"]["cpu"]["torch_peak_allocated_bytes"] == reset["devices"]["cpu"]["torch_allocated_bytes"] == allocated
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("dyngraph_requests_total", "dyngraph_request_latency_seconds_bucket", "dyngraph_time_to_first_token_seconds_count",
                  'dyngraph_tokens_total{kind="completion"}', 'dyngraph_path_requests_total{path="exit24-text"}', "dyngraph_queue_depth",
-                 "dyngraph_running_requests", 'dyngraph_device_memory_bytes{device="cpu",kind="torch_allocated"}'):
+                 "dyngraph_running_requests", 'dyngraph_device_memory_bytes{device="cpu",kind="torch_allocated"}',
+                 'dyngraph_engine_load_seconds_count{engine="vision"}', 'dyngraph_engine_loads_total{device="cpu",engine="segment.3"}'):
         assert name in text, name
     assert server.metric("dyngraph_requests_total", status="400") >= len(BAD)
 
