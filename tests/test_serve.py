@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from model.tokenizer import ChatTokenizer
+from pipeline.manifest import Manifest
 
 from .conftest import ROOT, run_cli
 
@@ -49,6 +50,7 @@ class Server:
 
     def __init__(self, engines_root: Path, log: Path, *overrides: str, env: dict | None = None, port: int | None = None):
         self.port = port or free_port()
+        self.engines_dir = engines_root
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.log = open(log, "w")
@@ -118,7 +120,7 @@ def static_server(engines_dir, tmp_path_factory):
 def strict_server(engines_dir, tmp_path_factory):
     """One slot, one queue place, a key and a small body limit."""
     s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "strict.log", "server.api_key=sekret", "server.max_body_bytes=65536",
-               "runtime.max_batch_size=1", "runtime.max_queue=1", "runtime.policy.force_exit=6")
+               "runtime.max_batch_size=1", "runtime.max_queue=1", "runtime.policy.force_exit=6", "runtime.offload.enabled=false")
     yield s
     s.stop()
 
@@ -430,6 +432,49 @@ def test_stats_and_metrics(server):
                  'dyngraph_engine_load_seconds_count{engine="vision"}', 'dyngraph_engine_loads_total{device="cpu",engine="segment.3"}'):
         assert name in text, name
     assert server.metric("dyngraph_requests_total", status="400") >= len(BAD)
+
+
+def test_encoders_and_deep_segments_load_on_first_need_and_unload_when_idle(engines_dir, tmp_path):
+    s = Server(engines_dir, tmp_path / "ondemand.log", "runtime.offload.idle_unload_s=1", "runtime.policy.request_override=true")
+    try:
+        stats = httpx.get(f"{s.url}/stats").json()
+        assert set(stats["engines_loaded"]) == {"embed", "segment.0", "lm_head"} and stats["on_demand"]
+        assert stats["kv_cache"]["allocated_bytes"]["cpu"] == 0  # no buffer before a request needs it
+        body, _ = chat(s, user("What is this?", image_part(png_url())), max_tokens=3, temperature=0, extra_body={"exit_layer": 24})
+        assert body["dyngraph"]["path"] == "exit24-text+image"
+        assert "[DYNAMIC GRAPH] Loading ViT encoder for image processing" in s.logs()
+        assert "[DYNAMIC GRAPH] Loading decoder segment 3 (layers 18-23)" in s.logs()
+        stats = httpx.get(f"{s.url}/stats").json()
+        full = stats["kv_cache"]["allocated_bytes"]["cpu"]
+        assert {"vision", "cross_attn.3", "segment.3"} <= set(stats["engines_loaded"]) and full > 0
+        assert stats["engine_loads"]["vision"]["loads"] == 1 and s.metric("dyngraph_engine_load_seconds_count", engine="vision") == 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(httpx.get(f"{s.url}/stats").json()["engines_loaded"]) > 3:
+            time.sleep(0.2)
+        stats = httpx.get(f"{s.url}/stats").json()
+        assert set(stats["engines_loaded"]) == {"embed", "segment.0", "lm_head"}
+        assert stats["kv_cache"]["allocated_bytes"]["cpu"] == full // 4  # segment 0's buffer only: it stays with its engine
+        assert s.metric("dyngraph_engine_unloads_total", engine="vision", reason="idle") == 1
+        assert stats["resident_engine_bytes"]["cpu"] == sum(Manifest.load(engines_dir / "tiny" / "onnx").engines[n].bytes
+                                                            for n in ("embed", "segment.0", "lm_head"))
+        again, _ = chat(s, user("What is this?", image_part(png_url())), max_tokens=3, temperature=0, extra_body={"exit_layer": 24})
+        assert again["choices"][0]["message"] == body["choices"][0]["message"]  # reloaded: the same greedy answer
+        assert httpx.get(f"{s.url}/stats").json()["engine_loads"]["vision"]["loads"] == 2
+    finally:
+        s.stop()
+
+
+def test_a_budget_smaller_than_an_engine_is_refused_at_start_up(engines_dir):
+    out = run_cli("runtime.serve", f"engines_dir={engines_dir}", "runtime.offload.gpu_memory_budget_gb=0.0001", timeout=120)
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "cannot serve" in ln]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    line = lines[0]
+    assert re.search(r"gpu_memory_budget_gb=0\.0001 \(0\.1 MiB on cpu\) is smaller than engine \S+ \(\d+\.\d MiB\)", line), line
+
+
+def test_offload_off_loads_every_engine_at_start(strict_server):
+    stats = httpx.get(f"{strict_server.url}/stats", headers={"Authorization": "Bearer sekret"}).json()
+    assert not stats["on_demand"] and {"vision", "audio", "segment.3", "cross_attn.3"} <= set(stats["engines_loaded"])
 
 
 # --- static mode ---------------------------------------------------------------------------------------------
