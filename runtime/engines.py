@@ -234,10 +234,15 @@ class EngineSet:
         with self.lock:
             idle = [k for k, t in self.last_used.items() if t < cutoff and k.partition("@")[0] not in keep
                     and k.partition("@")[0] not in self.protected]
-        with self.load_lock:
+        # never wait for a load in progress (the caller is the engine thread, between decode steps): the next check will do
+        if not idle or not self.load_lock.acquire(blocking=False):
+            return []
+        try:
             for key in idle:
                 self.unload(key, "idle")
-                log.info("[DYNAMIC GRAPH] Unloaded %s: unused for %.0f s", key, idle_s)
+                log.info("[DYNAMIC GRAPH] Unloaded %s: unused for %g s", key, idle_s)
+        finally:
+            self.load_lock.release()
         return idle
 
     def key_device(self, key: str) -> str:
