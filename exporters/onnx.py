@@ -43,6 +43,7 @@ class OnnxExporter:
     artifacts = ("*.onnx", "*.onnx.data")
     sources = ("exporters/onnx.py", "exporters/fused.py", "exporters/quantize.py")  # what it builds with: part of every cache key
     quantizations = tuple(BITS)  # export.quantize values it builds (MatMulNBits)
+    loads_from_memory = True  # load(host_files=...): a reload from host copies of the files, not the disk
 
     def __init__(self, cfg: ExportConfig):
         self.cfg = cfg
@@ -113,8 +114,9 @@ class OnnxExporter:
                  sum(f.stat().st_size for st in stems for f in st.parent.glob(f"{st.name}.onnx*")) / 1e9, time.perf_counter() - traced)
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None, cuda_graphs: bool = False) -> "OrtSession":
-        return OrtSession(path, inputs, outputs, device, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda")
+             built_with: dict | None = None, cuda_graphs: bool = False, host_files: dict | None = None) -> "OrtSession":
+        return OrtSession(path, inputs, outputs, device, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
+                          host_files=host_files)
 
 
 def fsync_engine(path: Path) -> None:
@@ -198,11 +200,16 @@ class OrtSession:
     With `cuda_graphs`, `run(..., graph=True)` replays one ONNX Runtime CUDA graph per set of bound
     addresses and shapes, captured at its first run: the caller keeps those tensors (a decode step's
     buffers for one batch size) and rewrites their contents between steps. Other runs (a prompt's
-    prefill) go through the same session uncaptured.
+    prefill) go through the same session uncaptured. The graphs live and die with the session: a
+    session made again (an engine reloaded) captures anew.
+
+    `host_files` (file name -> its contents) builds the session from memory instead of `path`: the
+    .onnx's bytes, and its external .onnx.data as any buffer (a pinned torch tensor's numpy view),
+    which ONNX Runtime copies from during session creation.
     """
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, host_files: dict | None = None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -223,8 +230,15 @@ class OrtSession:
             options.intra_op_num_threads = int(os.environ.get("DYNGRAPH_CPU_THREADS", "0"))
             providers = ["CPUExecutionProvider"]
         self.run_options = self.options("-1" if cuda_graphs else None)
+        model = str(path)
+        if host_files is not None:
+            data = {name: buf for name, buf in host_files.items() if name != path.name}
+            if data:
+                options.add_external_initializers_from_files_in_memory(list(data), list(data.values()),
+                                                                       [memoryview(b).nbytes for b in data.values()])
+            model = host_files[path.name]
         with device_context(self.device):  # ONNX Runtime makes its CUDA events on the current device
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(model, options, providers=providers)
         self.output_dtypes = {o.name: ONNX_DTYPES[o.type] for o in self.session.get_outputs()}
 
     def options(self, graph_id: str | None) -> ort.RunOptions:

@@ -47,11 +47,18 @@ class PolicyConfig:
 
 @dataclass
 class OffloadConfig:
-    # off: every engine the mode can use is loaded at start. on: only the text path's first segment,
-    # the embedding and the head are; the rest load when a request needs them, evicting the least
-    # recently used engines of that device to stay under the budget
-    enabled: bool = False
+    # Modules on demand, dynamic mode only (static keeps every engine resident: it is the baseline).
+    # on: only what every request needs (embedding, segment.0, head) loads at start; the encoders,
+    # cross-attention blocks and deep segments load on a background thread when a request needs them
+    # (the request waits, the others keep decoding), and unload after `idle_unload_s` unused or, under
+    # `gpu_memory_budget_gb`, least recently used first. off: every engine of the mode loads at start.
+    enabled: bool = True
     gpu_memory_budget_gb: float = 0.0  # engine weights per device (on the cpu placement: host memory); 0 = no limit
+    idle_unload_s: float = 30.0  # an on-demand engine unused this long unloads (with its segment's KV buffer); 0 = never
+    # where a reload reads the engine files from: true keeps them in (pinned, for a GPU) host memory after the first
+    # read, false rereads the files (the page cache); null: pinned copies for CUDA devices, the files on the CPU
+    # (where a host copy would double the very memory that offloading frees)
+    host_copy: bool | None = None
 
 
 @dataclass

@@ -2,15 +2,26 @@
 
 Sessions are keyed by engine name, or "name@device" for a replica on another device than the
 placement's (the shared LM head beside a deep exit). With a memory budget, loading an engine
-first evicts the least recently used ones of its device until its weights fit; each load and
-eviction is logged, since on a GPU host they are what a slow request's latency is made of.
+first evicts the least recently used ones of its device until its weights fit, sparing those in
+use by requests in flight (`protected`) while others can go; `unload_idle` drops the on-demand
+engines nobody used for a while. Each load is timed and reported (`on_load`), each unload too
+(`on_unload`, with its reason: idle | budget), since on a GPU host they are what a slow request's
+latency is made of. With `host_copy`, an engine's files are read once into host memory (pinned
+for a CUDA device, so that the copy to the device is a DMA) and every later load of that engine
+builds its session from there: an evicted engine comes back without touching the disk.
+
+Loads are serialised by `load_lock`, which the decode step also holds while ONNX Runtime captures
+a CUDA graph (a capture must see no allocation on the device from another thread); a load may
+run on a background thread while the engine thread decodes with what is resident.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -24,24 +35,41 @@ from pipeline.manifest import EngineRecord, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
+UNLOAD_REASONS = ("idle", "budget")
+
 
 class EngineMismatch(RuntimeError):
     """An engine file or library differs from what the manifest recorded."""
+
+
+def describe(record: EngineRecord) -> str:
+    """What an engine is for, as the load log says it."""
+    kind, _, k = record.name.partition(".")
+    layers = f"layers {record.layers[0]}-{record.layers[1] - 1}" if record.layers else ""
+    return {"vision": "ViT encoder for image processing", "audio": "audio encoder for audio processing",
+            "cross_kv": f"cross-attention keys/values of block {k} ({layers}) for media",
+            "cross_attn": f"cross-attention block {k} ({layers}) for media",
+            "segment": f"decoder segment {k} ({layers})", "embed": "token embedding", "lm_head": "LM head"}.get(kind, record.name)
 
 
 class EngineSet:
     """Sessions by engine name. `placement` maps an engine record to a device string.
 
     `budget_bytes` bounds the engine bytes resident per device (LRU eviction); `on_load(name,
-    device, bytes)` hears of every load; `cuda_graphs` names the engines whose sessions the backend
-    makes able to capture CUDA graphs (the decode step's: runtime.step.captured_engines; an encoder
-    graph may hold nodes the CUDA provider does not run, which capture refuses). `reference` swaps the files for
-    the eager torch modules they were exported from (engine name -> module, see
-    pipeline.engines.engine_specs): the reference backend, with nothing to verify.
+    device, bytes, seconds)` hears of every load, `on_unload(name, device, reason)` of every
+    unload; `announce` logs each load at INFO as `[DYNAMIC GRAPH] Loading ...` (modules on demand);
+    `host_copy(device) -> bool` says whether loads for that device keep the files in host memory;
+    `cuda_graphs` names the engines whose sessions the backend makes able to capture CUDA graphs
+    (the decode step's: runtime.step.captured_engines; an encoder graph may hold nodes the CUDA
+    provider does not run, which capture refuses). `reference` swaps the files for the eager torch
+    modules they were exported from (engine name -> module, see pipeline.engines.engine_specs): the
+    reference backend, with nothing to verify.
     """
 
     def __init__(self, directory: str | Path, placement: Callable[[EngineRecord], str] = lambda e: "cpu", verify: bool = True,
-                 budget_bytes: dict[str, int] | None = None, on_load: Callable[[str, str, int], None] | None = None,
+                 budget_bytes: dict[str, int] | None = None, on_load: Callable[[str, str, int, float], None] | None = None,
+                 on_unload: Callable[[str, str, str], None] | None = None, announce: bool = False,
+                 host_copy: Callable[[str], bool] = lambda device: False,
                  cuda_graphs: Collection[str] = (), reference: dict[str, nn.Module] | None = None):
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
@@ -49,13 +77,20 @@ class EngineSet:
         self.reference = reference
         self.verify = verify and reference is None
         self.budget_bytes = budget_bytes or {}
-        self.on_load = on_load
-        self.cuda_graphs = set(cuda_graphs)
+        self.on_load, self.on_unload, self.announce = on_load, on_unload, announce
         self.exporter = get_exporter(ExportConfig(backend=self.manifest.backend["name"], dtype=self.manifest.dtype))
+        self.host_copy = host_copy if getattr(self.exporter, "loads_from_memory", False) and reference is None else lambda d: False
+        self.cuda_graphs = set(cuda_graphs)
         self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
+        self.last_used: dict[str, float] = {}  # key -> monotonic time of its last session() call
+        self.protected: set[str] = set()  # engine names in use by requests in flight: evicted only when nothing else can go
+        self.host: dict[str, dict[str, object]] = {}  # engine -> file name -> contents, verified when read
         self.verified: dict[str, tuple] = {}  # engine -> its files' stat when hashed: an unchanged one reloads without rehashing
         self.broken: dict[str, str] = {}  # engine -> why its last load failed verification (its paths are degraded)
+        self.loads: dict[str, list] = {}  # engine -> [loads, seconds]
+        self.unloads: Counter[tuple[str, str]] = Counter()  # (engine, reason) -> unloads
         self.lock = threading.Lock()  # the engine thread loads and evicts while HTTP handlers read `loaded`
+        self.load_lock = threading.RLock()  # one load at a time (budget arithmetic), and none during a CUDA graph capture
         if self.verify:
             self.check_versions()
 
@@ -68,39 +103,105 @@ class EngineSet:
     def device(self, name: str) -> torch.device:
         return torch.device(self.placement(self.manifest.engines[name]))
 
-    def session(self, name: str, device: str | torch.device | None = None) -> EngineSession:
-        record = self.manifest.engines[name]
-        home = self.placement(record)
+    def key(self, name: str, device: str | torch.device | None = None) -> tuple[str, str]:
+        home = self.placement(self.manifest.engines[name])
         device = home if device is None else str(torch.device(device))
-        key = name if device == home else f"{name}@{device}"
+        return (name if device == home else f"{name}@{device}"), device
+
+    def resident(self, name: str, device: str | torch.device | None = None) -> bool:
+        key, _ = self.key(name, device)
+        with self.lock:
+            return key in self.sessions
+
+    def session(self, name: str, device: str | torch.device | None = None) -> EngineSession:
+        key, device = self.key(name, device)
         with self.lock:
             if key in self.sessions:
                 self.sessions.move_to_end(key)
+                self.last_used[key] = time.monotonic()
                 return self.sessions[key]
-        stamp = file_stamp(self.directory, record) if self.verify else None  # None also when a file is missing
-        if self.verify and (stamp is None or self.verified.get(name) != stamp):
-            try:
-                self.check_files(record)
-            except EngineMismatch as e:
-                self.broken[name] = str(e)
-                raise
-            self.broken.pop(name, None)
-            self.verified[name] = stamp
+        with self.load_lock:
+            with self.lock:  # loaded by another thread while this one waited
+                if key in self.sessions:
+                    self.last_used[key] = time.monotonic()
+                    return self.sessions[key]
+            return self.load_session(name, key, device)
+
+    def load_session(self, name: str, key: str, device: str) -> EngineSession:
+        record = self.manifest.engines[name]
+        if self.announce:
+            log.info("[DYNAMIC GRAPH] Loading %s on %s", describe(record), device)
+        start = time.perf_counter()
+        host = None
+        if self.host_copy(device):
+            host = self.host.get(name) or self.read_host(record)
+        elif self.verify:
+            stamp = file_stamp(self.directory, record)  # None also when a file is missing
+            if stamp is None or self.verified.get(name) != stamp:
+                self.verified_or_broken(record, lambda: self.check_files(record))
+                self.verified[name] = stamp
         self.make_room(device, record.bytes, key)
-        session = self.load(record, device)
+        session = self.load(record, device, host)
+        seconds = time.perf_counter() - start
         with self.lock:
             self.sessions[key] = session
+            self.last_used[key] = time.monotonic()
+            entry = self.loads.setdefault(name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
         if self.on_load:
-            self.on_load(name, device, record.bytes)
-        log.log(logging.INFO if self.budget_bytes else logging.DEBUG, "loaded %s on %s (%s)", name, device, mib(record.bytes))
+            self.on_load(name, device, record.bytes, seconds)
+        log.log(logging.INFO if self.budget_bytes or self.announce else logging.DEBUG, "loaded %s on %s (%s) in %.3f s%s",
+                name, device, mib(record.bytes), seconds, " from host memory" if host is not None else "")
         return session
 
-    def load(self, record: EngineRecord, device: str) -> EngineSession:
+    def verified_or_broken(self, record: EngineRecord, check: Callable[[], object]):
+        try:
+            out = check()
+        except EngineMismatch as e:
+            self.broken[record.name] = str(e)
+            raise
+        self.broken.pop(record.name, None)
+        return out
+
+    def read_host(self, record: EngineRecord) -> dict[str, object]:
+        """The engine's files in host memory, hashed as they are read: the .onnx as bytes (ONNX
+        Runtime parses the protobuf from bytes only), every other file (external weights) into a
+        pinned buffer where CUDA is available."""
+        def read() -> dict[str, object]:
+            files = {}
+            for f in record.files:
+                path = self.directory / f.name
+                if not path.is_file():
+                    raise EngineMismatch(f"engine {record.name}: {path} is missing (manifest expects sha256 {f.sha256})")
+                if f.name == record.path:
+                    data = path.read_bytes()
+                    view = data
+                else:
+                    size = path.stat().st_size
+                    buf = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                    data = buf.numpy()
+                    with open(path, "rb") as fh:
+                        fh.readinto(memoryview(data))
+                    view = memoryview(data)
+                if self.verify:
+                    found = hashlib.sha256(view).hexdigest()
+                    if found != f.sha256:
+                        raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found}, manifest expects {f.sha256}")
+                files[f.name] = data
+            return files
+
+        files = self.verified_or_broken(record, read)
+        self.host[record.name] = files
+        return files
+
+    def load(self, record: EngineRecord, device: str, host: dict | None = None) -> EngineSession:
         inputs, outputs = record.input_specs(), record.output_specs()
         if self.reference is not None:
             return EagerSession(self.reference[record.name], inputs, outputs, device)
+        extra = {"host_files": host} if host is not None else {}
         return self.exporter.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
-                                  cuda_graphs=record.name in self.cuda_graphs)
+                                  cuda_graphs=record.name in self.cuda_graphs, **extra)
 
     def make_room(self, device: str, needed: int, key: str) -> None:
         budget = self.budget_bytes.get(device)
@@ -110,9 +211,39 @@ class EngineSet:
             raise MemoryError(f"engine {key} needs {mib(needed)}, more than the whole budget of {mib(budget)} on {device}")
         while self.resident_bytes(device) + needed > budget:
             with self.lock:
-                victim = next(k for k in self.sessions if self.key_device(k) == device)
-                del self.sessions[victim]
+                mine = [k for k in self.sessions if self.key_device(k) == device]
+                spare = [k for k in mine if k.partition("@")[0] not in self.protected]
+                victim = (spare or mine)[0]  # the least recently used, sparing what requests in flight use while others can go
+            self.unload(victim, "budget")
             log.info("evicted %s from %s to make room for %s (budget %s)", victim, device, key, mib(budget))
+
+    def unload(self, key: str, reason: str) -> None:
+        """Drop a session (its CUDA graphs with it); a run in progress keeps its own reference until it returns."""
+        with self.lock:
+            if self.sessions.pop(key, None) is None:
+                return
+            self.last_used.pop(key, None)
+            name = key.partition("@")[0]
+            self.unloads[name, reason] += 1
+        if self.on_unload:
+            self.on_unload(name, self.key_device(key), reason)
+
+    def unload_idle(self, idle_s: float, keep: Collection[str]) -> list[str]:
+        """Unload every engine unused for idle_s seconds, except those named in `keep` and the protected ones."""
+        cutoff = time.monotonic() - idle_s
+        with self.lock:
+            idle = [k for k, t in self.last_used.items() if t < cutoff and k.partition("@")[0] not in keep
+                    and k.partition("@")[0] not in self.protected]
+        # never wait for a load in progress (the caller is the engine thread, between decode steps): the next check will do
+        if not idle or not self.load_lock.acquire(blocking=False):
+            return []
+        try:
+            for key in idle:
+                self.unload(key, "idle")
+                log.info("[DYNAMIC GRAPH] Unloaded %s: unused for %g s", key, idle_s)
+        finally:
+            self.load_lock.release()
+        return idle
 
     def key_device(self, key: str) -> str:
         name, _, device = key.partition("@")
@@ -122,6 +253,19 @@ class EngineSet:
         with self.lock:
             keys = list(self.sessions)
         return sum(self.manifest.engines[k.partition("@")[0]].bytes for k in keys if self.key_device(k) == device)
+
+    def resident_by_device(self) -> dict[str, int]:
+        with self.lock:
+            keys = list(self.sessions)
+        out: Counter[str] = Counter()
+        for k in keys:
+            out[self.key_device(k)] += self.manifest.engines[k.partition("@")[0]].bytes
+        return dict(out)
+
+    def load_stats(self) -> dict[str, dict]:
+        with self.lock:
+            return {name: {"loads": n, "load_seconds": round(sec, 6),
+                           **{f"unloads_{r}": self.unloads[name, r] for r in UNLOAD_REASONS}} for name, (n, sec) in self.loads.items()}
 
     def loaded(self) -> list[str]:
         with self.lock:
@@ -142,7 +286,6 @@ class EngineSet:
         # tensors cross devices here, device to device (two-GPU placement), never through the host;
         # a CPU scalar (total_sequence_length) stays where the engine reads it
         return session.run({k: v if v.dim() == 0 else v.to(session.device, non_blocking=True).contiguous() for k, v in feeds.items()})
-
 
 
 def file_stamp(directory: Path, record: EngineRecord) -> tuple | None:

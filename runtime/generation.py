@@ -3,7 +3,11 @@
 Each loop iteration admits at most one waiting request (choose its path, encode its media,
 prefill its rows of the segment caches, sample its first token) and then runs one decode step
 for every sequence in flight, whatever its path (runtime.step): requests join after their
-prefill and leave when they finish, between steps. Handlers receive events on their own asyncio
+prefill and leave when they finish, between steps. With modules on demand (dynamic mode,
+runtime.offload), a request whose engines are not resident first waits in a loading state while
+a background thread loads them, and the engine thread keeps decoding the others; between steps
+the engine thread unloads the on-demand engines left idle, and frees the KV buffers of segments
+whose engine is gone and whose rows nobody holds. Handlers receive events on their own asyncio
 loop; cancelling a handle frees the request's rows before the next step.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -23,7 +28,7 @@ import torch
 from model.tokenizer import ChatTokenizer
 from pipeline.manifest import PathRecord
 from runtime.config import RuntimeConfig
-from runtime.engines import EngineMismatch, EngineSet
+from runtime.engines import EngineMismatch, EngineSet, mib
 from runtime.metrics import Metrics
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
@@ -121,6 +126,9 @@ class Sequence:
     text: TextStream
     path: PathRecord | None = None
     row: Row | None = None  # set once prefilled: what the decode step reads of it
+    decision: Decision | None = None  # the path decision, made when it leaves the queue
+    needs: tuple[str, ...] = ()  # the engines its path needs (what is known of them before prefill)
+    loading: Future | None = None  # its missing engines, loading on the background thread
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     reasoning_tokens: int = 0
@@ -175,13 +183,21 @@ class GenerationEngine:
         self.numbers = itertools.count()
         self.stopping = False
         self.path_counts: Counter[str] = Counter()
-        # the caches are allocated once (what a device holds for them); the rows in flight are what requests use of it
+        # modules on demand: what every request needs is resident from the start, the rest loads when a
+        # request needs it (on a background thread) and unloads when idle or under the budget
+        self.on_demand = cfg.offload.enabled and self.mode == "dynamic"
+        self.base = tuple(manifest.path(self.exit_layers[0], ["text"]).step)
+        self.loading: list[Sequence] = []  # admitted, waiting for their engines (engine thread only)
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="dyngraph-loader") if self.on_demand else None
+        if not self.on_demand:  # every cache allocated once, at start: what a device holds for them
+            for cache in self.stepper.caches:
+                cache.allocate()
+        # KV bytes allocated per device now and at most; held by the requests in flight now and at most
         self.kv_bytes: Counter[str] = Counter()
-        for cache in self.stepper.caches:
-            self.kv_bytes[str(cache.device)] += cache.buffer.numel() * cache.buffer.element_size()
-        self.kv_peak = Counter(self.kv_bytes)
-        self.kv_in_use: Counter[str] = Counter(dict.fromkeys(self.kv_bytes, 0))
-        self.kv_in_use_peak: Counter[str] = Counter(self.kv_in_use)
+        self.kv_peak: Counter[str] = Counter()
+        self.kv_in_use: Counter[str] = Counter()
+        self.kv_in_use_peak: Counter[str] = Counter()
+        self.count_kv()
         self.thread = threading.Thread(target=self.loop, name="dyngraph-engine", daemon=True)
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -190,25 +206,44 @@ class GenerationEngine:
         paths = [self.manifest.static_path] if self.mode == "static" else [p for p in self.manifest.paths if not p.static]
         return list(dict.fromkeys(n for p in paths for n in p.encode + p.step))
 
+    def check_budget(self) -> None:
+        """A budget that cannot hold the largest engine some path needs is refused; one that cannot
+        hold a whole path's engines at once is allowed, its requests reloading engines every step."""
+        engines = self.manifest.engines
+        for device, budget in self.engines.budget_bytes.items():
+            here = [n for n in self.mode_engines() if str(self.engines.device(n)) == device]
+            if not here or not budget:
+                continue
+            largest = max(here, key=lambda n: engines[n].bytes)
+            if engines[largest].bytes > budget:
+                raise EngineConfigError(
+                    f"runtime.offload.gpu_memory_budget_gb={budget / 2**30:.4g} ({mib(budget)} on {device}) is smaller than "
+                    f"engine {largest} ({mib(engines[largest].bytes)}), which its paths need there: raise the budget or set it to 0")
+            biggest = max((p for p in self.manifest.paths if not p.static),
+                          key=lambda p: sum(engines[n].bytes for n in p.encode + p.step if n in here))
+            need = sum(engines[n].bytes for n in biggest.encode + biggest.step if n in here)
+            if need > budget:
+                log.warning("[DYNAMIC GRAPH] path %s needs %s of engines on %s, over the %s budget: "
+                            "its requests will reload engines at every step", biggest.name, mib(need), device, mib(budget))
+
     def warm_up(self) -> None:
-        """Verify and load what the mode needs up front (with offload, only what every text request
-        needs), and capture the decode graphs of every batch size."""
-        names = self.mode_engines()
-        if self.cfg.offload.enabled and self.mode == "dynamic":
-            names = self.manifest.path(self.exit_layers[0], ["text"]).step
-            biggest = max((p for p in self.manifest.paths if not p.static), key=lambda p: sum(self.manifest.engines[n].bytes for n in p.encode + p.step))
-            for device, budget in self.engines.budget_bytes.items():
-                need = sum(self.manifest.engines[n].bytes for n in biggest.encode + biggest.step if str(self.engines.device(n)) == device)
-                if need > budget:
-                    log.warning("[DYNAMIC GRAPH] path %s needs %.1f MiB of engines on %s, over the %.1f MiB budget: "
-                                "its requests will reload engines at every step", biggest.name, need / 2**20, device, budget / 2**20)
+        """Verify and load what the mode needs up front (with modules on demand, only what every text
+        request needs), and capture the decode graphs of every batch size for what is loaded."""
+        if self.on_demand:
+            self.check_budget()
+            names = self.base
+        else:
+            names = self.mode_engines()
         for name in names:
             self.engines.session(name)
-        if not self.cfg.offload.enabled:
-            with torch.inference_mode():
-                self.stepper.capture()
+        with torch.inference_mode():
+            self.stepper.capture(1 if self.on_demand else None)
         if self.mode == "static":
             log.info("[DYNAMIC GRAPH] Static mode: every request runs the full graph (%d layers, every encoder)", self.n_layers)
+        elif self.on_demand:
+            log.info("[DYNAMIC GRAPH] Modules on demand: %s resident; encoders, cross-attention and deeper segments load when "
+                     "a request needs them and unload after %s s idle%s", ", ".join(names), self.cfg.offload.idle_unload_s or "never",
+                     "".join(f", budget {mib(b)} on {d}" for d, b in self.engines.budget_bytes.items() if b))
 
     def start(self) -> None:
         self.thread.start()
@@ -218,6 +253,8 @@ class GenerationEngine:
             self.stopping = True
             self.cond.notify()
         self.thread.join(timeout=30)
+        if self.loader is not None:
+            self.loader.shutdown(wait=False, cancel_futures=True)
 
     # --- the HTTP side --------------------------------------------------------------------------------
 
@@ -256,8 +293,10 @@ class GenerationEngine:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not self.stopping and not self.running and not (self.waiting and self.active < self.cfg.max_batch_size):
-                        self.cond.wait()
+                    while not self.stopping and not self.running and not self.loaded_ready() \
+                            and not (self.waiting and self.active < self.cfg.max_batch_size):
+                        if not self.cond.wait(self.idle_wait()):
+                            break  # time to look for idle engines
                     if self.stopping:
                         break
                     seq = None
@@ -267,17 +306,48 @@ class GenerationEngine:
                         self.metrics.queue_depth.set(len(self.waiting))
                         self.metrics.running.set(self.active)
                 if seq is not None:
-                    self.guarded(partial(self.admit, seq), [seq])
-                for s in [s for s in self.running if s.handle.cancelled]:
+                    self.guarded(partial(self.enter, seq), [seq])
+                for s in [s for s in self.loading if s.loading.done()]:
+                    self.loading.remove(s)
+                    self.guarded(partial(self.loaded, s), [s])
+                for s in [s for s in self.running + self.loading if s.handle.cancelled]:
                     log.info("%s cancelled after %d tokens: slot freed", s.request.request_id, len(s.token_ids))
                     self.release(s)
+                if self.on_demand:
+                    self.protect()
                 if self.running:
                     self.guarded(self.decode, list(self.running))
+                if self.on_demand:
+                    self.unload_idle()
         with self.cond:
-            leftover = list(self.waiting) + self.running
+            leftover = list(self.waiting) + self.running + self.loading
             self.waiting.clear()
         for seq in leftover:
             seq.handle.push(Failed("the server shut down before this request finished", 503))
+
+    def loaded_ready(self) -> bool:
+        return any(s.loading.done() for s in self.loading)
+
+    def idle_wait(self) -> float | None:
+        """How long the idle engine thread may sleep before an on-demand engine's idle time runs out."""
+        idle_s = self.cfg.offload.idle_unload_s
+        if not self.on_demand or not idle_s:
+            return None
+        with self.engines.lock:
+            used = [t for k, t in self.engines.last_used.items() if k.partition("@")[0] not in self.base]
+        return None if not used else max(0.05, min(used) + idle_s - time.monotonic() + 0.01)
+
+    def protect(self) -> None:
+        """Tell the engine set which engines the requests in flight use: budget eviction spares them while others can go."""
+        self.engines.protected = set(self.base).union(*(s.needs for s in self.running + self.loading),
+                                                       *((s.path.encode + s.path.step) for s in self.running if s.path))
+
+    def unload_idle(self) -> None:
+        idle_s = self.cfg.offload.idle_unload_s
+        if idle_s:
+            self.engines.unload_idle(idle_s, keep=self.base)
+        if self.stepper.free_unloaded():
+            self.count_kv()
 
     def guarded(self, work: Callable[[], None], seqs: list[Sequence]) -> None:
         """A failing engine call fails the requests it served, never the engine thread."""
@@ -290,6 +360,42 @@ class GenerationEngine:
                     s.handle.push(Failed(f"generation failed: {type(e).__name__}: {e}", 503 if isinstance(e, EngineMismatch) else 500))
                     self.release(s)
 
+    def enter(self, seq: Sequence) -> None:
+        """A request leaves the queue: decide its path; prefill it now, or once its engines are loaded."""
+        if seq.handle.cancelled:
+            self.release(seq)
+            return
+        seq.decision = self.decide(seq.request)
+        req = seq.request
+        if self.on_demand:
+            # the confidence policy's depth is known only after prefill: it waits for its first segment
+            # (and its media engines) here, and deeper segments load in its prefill as it reaches them
+            exit_layer = seq.decision.exit_layer or self.exit_layers[0]
+            path = self.manifest.path(exit_layer, list(req.modalities))
+            seq.needs = tuple(path.encode + path.step)
+            missing = [n for n in seq.needs if not self.engines.resident(n)]
+            if missing:
+                log.info("[DYNAMIC GRAPH] %s waits for %s to load; %d request(s) keep decoding", req.request_id,
+                         ", ".join(missing), len(self.running))
+                seq.loading = self.loader.submit(self.load_engines, missing)
+                seq.loading.add_done_callback(lambda _: self.wake())
+                self.loading.append(seq)
+                return
+        self.admit(seq)
+
+    def load_engines(self, names: list[str]) -> None:
+        """On the loader thread: make these engines resident (the engine set serialises loads)."""
+        for name in names:
+            self.engines.session(name)
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def loaded(self, seq: Sequence) -> None:
+        seq.loading.result()  # a load that failed (a file that no longer verifies) fails its request here
+        self.admit(seq)
+
     def admit(self, seq: Sequence) -> None:
         if seq.handle.cancelled:
             self.release(seq)
@@ -300,22 +406,25 @@ class GenerationEngine:
         if not seq.done:
             self.running.append(seq)
 
+    def decide(self, req: GenerationRequest) -> Decision:
+        if self.mode == "static":
+            return Decision(self.n_layers, "static mode")
+        if req.exit_layer:
+            return Decision(req.exit_layer, "requested by the client")
+        return self.policy.decide(PolicyInput(req.policy_text, req.modalities))
+
     def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Choose the path, encode the media and fill the sequence's cache rows; logits [1, V] of the prompt's last position."""
+        """Encode the media and fill the sequence's cache rows along its path; logits [1, V] of the prompt's last position."""
         req = seq.request
         static = self.mode == "static"
-        if static:
-            decision = Decision(self.n_layers, "static mode")
-        elif req.exit_layer:
-            decision = Decision(req.exit_layer, "requested by the client")
-        else:
-            decision = self.policy.decide(PolicyInput(req.policy_text, req.modalities))
+        decision = seq.decision or self.decide(req)
         has_media = static or len(req.modalities) > 1
         media = None
         if has_media:
-            for encoder, modality in (("vision", "image"), ("audio", "audio")):
-                if static or modality in req.modalities:
-                    log.info("[DYNAMIC GRAPH] Loading %s (%s)", ENCODER_NAMES[encoder], req.request_id)
+            if not self.on_demand:  # on demand, the engine set logs each load as it happens
+                for encoder, modality in (("vision", "image"), ("audio", "audio")):
+                    if static or modality in req.modalities:
+                        log.info("[DYNAMIC GRAPH] Loading %s (%s)", ENCODER_NAMES[encoder], req.request_id)
             media = self.stepper.encode(req.pixel_values, req.mel, static)
         # the confidence policy starts towards full depth and stops at the first exit sure enough of the next token
         depth = self.exit_layers.index(decision.exit_layer or self.exit_layers[-1]) + 1
@@ -395,6 +504,8 @@ class GenerationEngine:
         seq.done = True
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self.loading:
+            self.loading.remove(seq)
         self.stepper.release(seq.number)  # also the rows of a prefill that failed half-way
         seq.row = None
         self.count_kv()
@@ -404,12 +515,25 @@ class GenerationEngine:
             self.cond.notify()
 
     def count_kv(self) -> None:
-        """Cache bytes held by the requests in flight, per device: each holds a row of each segment it reaches."""
-        self.kv_in_use = Counter(dict.fromkeys(self.kv_bytes, 0))  # every device, zero when idle
+        """Cache bytes per device: allocated (a segment's buffer exists from its first row until its
+        engine unloads with no row held), and held by the requests in flight (a row of each segment
+        each reaches)."""
+        devices = dict.fromkeys(str(c.device) for c in self.stepper.caches)
+        self.kv_bytes = Counter(dict.fromkeys(devices, 0))  # every device, zero when nothing is allocated
+        self.kv_bytes.update(self.stepper.kv_allocated())
+        self.kv_in_use = Counter(dict.fromkeys(devices, 0))
         for cache in self.stepper.caches:
             self.kv_in_use[str(cache.device)] += len(cache.members) * cache.bytes_per_row
-        for device, n in self.kv_in_use.items():
-            self.kv_in_use_peak[device] = max(self.kv_in_use_peak[device], n)
+        for device in devices:
+            self.kv_peak[device] = max(self.kv_peak[device], self.kv_bytes[device])
+            self.kv_in_use_peak[device] = max(self.kv_in_use_peak[device], self.kv_in_use[device])
+
+    def kv_per_request(self) -> dict[str, int]:
+        """KV bytes one request holds, per path served so far."""
+        paths = {p.name: p for p in self.manifest.paths}
+        return {name: self.stepper.kv_bytes_per_request(self.exit_layers.index(paths[name].exit_layer) + 1)
+                for name in self.path_counts if name in paths}
 
     def reset_peaks(self) -> None:
         self.kv_in_use_peak = Counter(self.kv_in_use)
+        self.kv_peak = Counter(self.kv_bytes)

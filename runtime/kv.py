@@ -1,13 +1,20 @@
 """The KV cache: one fixed buffer per segment, written in place by the segment's engine.
 
 A segment of L layers keeps keys and values [L * 2, rows, kv_heads, capacity, head_dim] on its
-device, allocated once: layer i's keys are plane 2i, its values plane 2i + 1, bound to the
-engine's `past_key.i`/`present_key.i` (and `_value`) as one memory (pipeline.engines.cache_names).
+device: layer i's keys are plane 2i, its values plane 2i + 1, bound to the engine's
+`past_key.i`/`present_key.i` (and `_value`) as one memory (pipeline.engines.cache_names).
 Each sequence that reaches the segment holds one row; rows [0, n) are in use, so a decode step of
 n sequences binds the first n rows (or a few more, for a captured batch size: spare rows are
 harmless, their writes land where no sequence reads). `lengths` [rows] int32, on the device, is
 each row's number of cached entries, which is exactly GroupQueryAttention's `seqlens_k` for a
 decode step. A departing sequence's row is filled by the last row's, so rows stay contiguous.
+
+The buffer is allocated when the segment is first needed (a text-only shallow workload never
+holds the deep segments' caches) and may be freed again once no row is held: the runtime does so
+when the segment's engine unloads, since the engine's CUDA graphs are keyed by the buffer's
+address and go with it. Its shape never changes while it exists: a row spans the whole capacity
+(rows of several capacities cannot share one GroupQueryAttention call, whose past is one
+[batch, kv_heads, capacity, head_dim] tensor).
 
 This module is the only one that knows the layout.
 """
@@ -25,21 +32,36 @@ class SegmentCache:
                  device: torch.device):
         self.layers, self.rows, self.capacity = layers, rows, capacity
         self.names = cache_names(layers)
-        # zeroed: spare rows of a captured batch read their (masked) entries, and NaN would survive a zero weight
-        self.buffer = torch.zeros(layers * 2, rows, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.shape = (layers * 2, rows, kv_heads, capacity, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.buffer: torch.Tensor | None = None  # allocated by the first row (or capture), freed by free()
+        self.lengths: torch.Tensor | None = None
         self.members: list[Hashable] = []  # row -> the sequence holding it
 
     @property
-    def device(self) -> torch.device:
-        return self.buffer.device
+    def bytes_per_row(self) -> int:
+        return self.layers * 2 * self.shape[2] * self.capacity * self.shape[4] * torch.empty(0, dtype=self.dtype).element_size()
 
     @property
-    def bytes_per_row(self) -> int:
-        return self.buffer[:, 0].numel() * self.buffer.element_size()
+    def allocated_bytes(self) -> int:
+        return 0 if self.buffer is None else self.rows * self.bytes_per_row
+
+    def allocate(self) -> None:
+        if self.buffer is None:
+            # zeroed: spare rows of a captured batch read their (masked) entries, and NaN would survive a zero weight
+            self.buffer = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.lengths = torch.zeros(self.rows, dtype=torch.int32, device=self.device)
+
+    def free(self) -> bool:
+        """Give the buffer back when no row is held; True when it was."""
+        if self.buffer is None or self.members:
+            return False
+        self.buffer = self.lengths = None
+        return True
 
     def feeds(self, rows: slice) -> dict[str, torch.Tensor]:
         """past_key.i / past_value.i of these rows: views into the buffer, bound in place."""
+        self.allocate()
         return {past: self.buffer[j, rows] for j, (past, _) in enumerate(self.names)}
 
     def row(self, key: Hashable) -> int:
@@ -48,6 +70,7 @@ class SegmentCache:
     def add(self, key: Hashable) -> int:
         if len(self.members) == self.rows:
             raise RuntimeError(f"all {self.rows} cache rows are in use")
+        self.allocate()
         self.members.append(key)
         row = len(self.members) - 1
         self.lengths[row] = 0

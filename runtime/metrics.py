@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -35,6 +36,9 @@ class Metrics:
         self.decode_batch = Histogram("dyngraph_decode_batch_size", "Sequences per decode step",
                                       buckets=tuple(range(1, max_batch + 1)), registry=r)
         self.engine_loads = Counter("dyngraph_engine_loads", "Engine loads (offloading reloads count again)", ["engine", "device"], registry=r)
+        self.engine_load_seconds = Histogram("dyngraph_engine_load_seconds", "Time to load one engine (verify or read, then build its session)",
+                                             ["engine"], buckets=LOAD_BUCKETS, registry=r)
+        self.engine_unloads = Counter("dyngraph_engine_unloads", "Engines unloaded by modules on demand", ["engine", "reason"], registry=r)  # idle | budget
         self.rate_limited = Counter("dyngraph_rate_limited", "Chat completions refused by the per-client rate limit (429), "
                                     "by how the client was told apart", ["client"], registry=r)  # key | address
         self.client_timeouts = Counter("dyngraph_client_timeouts", "Connections cut off for sending their request too slowly (408)",

@@ -118,9 +118,14 @@ class ChatService:
         return device_memory(self.engine.placement.devices, self.engine.kv_bytes, self.engine.kv_peak)
 
     def stats(self) -> dict:
+        e = self.engine
         return {"engines_loaded": self.engines.loaded(), "devices": self.memory(),
-                "requests_per_path": dict(self.engine.path_counts), "mode": self.engine.mode,
-                "kv_cache": {"allocated_bytes": dict(self.engine.kv_bytes), "in_use_peak_bytes": dict(self.engine.kv_in_use_peak)}}
+                "requests_per_path": dict(e.path_counts), "mode": e.mode,
+                "on_demand": e.on_demand, "engine_loads": self.engines.load_stats(),
+                "resident_engine_bytes": {d: 0 for d in e.placement.devices} | self.engines.resident_by_device(),
+                "kv_cache": {"allocated_bytes": dict(e.kv_bytes), "allocated_peak_bytes": dict(e.kv_peak),
+                             "in_use_bytes": dict(e.kv_in_use), "in_use_peak_bytes": dict(e.kv_in_use_peak),
+                             "per_request_bytes": e.kv_per_request()}}
 
     def degraded(self) -> dict[str, str]:
         """The paths of this mode that cannot run now, each with the reason: an engine whose file
@@ -588,11 +593,23 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
     placement = Placement(cfg.runtime.placement, manifest)
     metrics = Metrics(cfg.runtime.max_batch_size)
     offload = cfg.runtime.offload
-    budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if offload.enabled and offload.gpu_memory_budget_gb > 0 else None
+    on_demand = offload.enabled and cfg.runtime.mode == "dynamic"  # static mode keeps everything resident: the baseline
+    if offload.gpu_memory_budget_gb < 0 or offload.idle_unload_s < 0:
+        raise ServeError(f"runtime.offload.gpu_memory_budget_gb={offload.gpu_memory_budget_gb} and "
+                         f"idle_unload_s={offload.idle_unload_s} must not be negative (0: no limit, never)")
+    budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if on_demand and offload.gpu_memory_budget_gb > 0 else None
+
+    def loaded(name: str, device: str, n: int, seconds: float) -> None:
+        metrics.engine_loads.labels(name, device).inc()
+        metrics.engine_load_seconds.labels(name).observe(seconds)
+
+    def host_copy(device: str) -> bool:  # null: pinned host copies for a GPU, the page cache on the CPU
+        return on_demand and (torch.device(device).type == "cuda" if offload.host_copy is None else offload.host_copy)
+
     engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget,
                         cuda_graphs=captured_engines(manifest) if cfg.runtime.cuda_graphs else (),
-                        on_load=lambda name, device, n: metrics.engine_loads.labels(name, device).inc(),
-                        reference=reference_modules(cfg, manifest))
+                        on_load=loaded, on_unload=lambda name, device, reason: metrics.engine_unloads.labels(name, reason).inc(),
+                        announce=on_demand, host_copy=host_copy, reference=reference_modules(cfg, manifest))
     tokenizer = load_tokenizer(cfg)
     engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
     engine.warm_up()

@@ -19,6 +19,8 @@ most the export's `seq`, segment by segment so that the confidence policy can st
 """
 from __future__ import annotations
 
+import weakref
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -29,7 +31,8 @@ from pipeline.manifest import Manifest
 from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
 
-SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
+SILENCE_LOG_MEL = -1.5
+CAPTURE_RUNS = 3  # a session's runs at one batch size within which ONNX Runtime captures its graph (it runs uncaptured first)  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
 
 
 def captured_engines(manifest: Manifest) -> list[str]:
@@ -97,6 +100,7 @@ class Stepper:
         self.layout_key: tuple | None = None
         self.layout: dict = {}
         self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
+        self.graph_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> batch -> graph runs so far
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
 
     # --- encode: once per request ---------------------------------------------------------------
@@ -216,11 +220,26 @@ class Stepper:
         return list(keys), head["logits"][:n0]
 
     def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        self.engines.session(name).run(feeds, outputs, graph=self.buckets is not None)
+        session = self.engines.session(name)
+        if self.buckets is None:
+            session.run(feeds, outputs)
+            return
+        # a session's first runs at a batch size capture its graph (at start-up, or after the engine was
+        # reloaded: a new session has no graph, so nothing stale replays). A capture must not overlap a
+        # load's allocations on the device, so those runs wait for any load on the background thread.
+        runs = self.graph_runs.setdefault(session, Counter())
+        batch = next(iter(outputs.values())).shape[0]
+        if runs[batch] < CAPTURE_RUNS:
+            runs[batch] += 1
+            with self.engines.load_lock:
+                session.run(feeds, outputs, graph=True)
+        else:
+            session.run(feeds, outputs, graph=True)
 
     def run_segment(self, k: int, batch: int, hidden: torch.Tensor) -> None:
         """Segment k's decode step over its first `batch` cache rows, from its buffers at that batch size."""
         seg, cache = self.buffer(f"segment.{k}", batch), self.caches[k]
+        cache.allocate()  # a capture at start-up runs on spare rows before any sequence has come
         self.run_captured(f"segment.{k}", {"hidden": hidden, "seqlens_k": cache.lengths[:batch],
                                           "total_sequence_length": self.decode_total, **cache.feeds(slice(0, batch))},
                           {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
@@ -285,14 +304,35 @@ class Stepper:
         self.media_batches[k] = (key, media)
         return media
 
-    def capture(self) -> None:
-        """Capture every bucket's decode graphs now, on spare rows, rather than in the first requests' steps."""
+    def capture(self, depth: int | None = None) -> None:
+        """Capture every bucket's decode graphs of the first `depth` segments (default: all) now, on
+        spare rows, rather than in the first requests' steps; a segment loaded later captures in its
+        first steps."""
         if self.buckets is None:
             return
         # ONNX Runtime may run a graph id uncaptured before it captures it: twice each
         for b in [b for b in self.buckets for _ in range(2)]:
-            self.replay(b, self.n_segments)
+            self.replay(b, self.n_segments if depth is None else depth)
         torch.cuda.synchronize()
+
+    def free_unloaded(self) -> list[int]:
+        """Free the KV buffers of segments whose engine is unloaded and that no sequence holds a row of."""
+        freed = [k for k, cache in enumerate(self.caches)
+                 if cache.buffer is not None and not cache.members and not self.engines.resident(f"segment.{k}") and cache.free()]
+        if freed:
+            self.layout_key = None
+        return freed
+
+    def kv_allocated(self) -> Counter[str]:
+        """KV bytes allocated now, per device."""
+        out: Counter[str] = Counter()
+        for cache in self.caches:
+            out[str(cache.device)] += cache.allocated_bytes
+        return out
+
+    def kv_bytes_per_request(self, depth: int) -> int:
+        """The KV bytes a sequence of this depth holds: a row in each segment it reaches."""
+        return sum(c.bytes_per_row for c in self.caches[:depth])
 
 
 def pad_to(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:

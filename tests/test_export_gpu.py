@@ -92,3 +92,36 @@ def test_captured_decode_steps_replay_the_uncaptured_ones(cuda_export):
                     out[key].append(token)
         tokens[graphs] = out
     assert tokens[True] == tokens[False]
+
+
+@requires_gpu
+def test_an_evicted_segment_recaptures_its_graphs_on_reload(cuda_export):
+    """A segment evicted mid-generation comes back (from pinned host memory) as a new session that
+    captures its own graphs: the tokens equal the uncaptured run's, and the old graphs went with the old session."""
+    from pipeline.manifest import Manifest
+    from runtime.engines import EngineSet
+    from runtime.step import Row, Stepper, captured_engines
+
+    tokens = {}
+    for graphs in (False, True):
+        engines = EngineSet(cuda_export.directory, placement=lambda e: "cuda:0", host_copy=lambda device: True,
+                            cuda_graphs=captured_engines(Manifest.load(cuda_export.directory)) if graphs else ())
+        stepper = Stepper(engines, max_batch=4, capacity=128, cuda_graphs=graphs)
+        with torch.inference_mode():
+            stepper.capture()
+            logits, _ = stepper.prefill("a", [9, 8, 7, 6, 5], 4, None)
+            row, out = Row("a", 4, int(logits.argmax())), []
+            for step in range(12):
+                if step == 6:
+                    old = engines.session("segment.3")
+                    engines.unload("segment.3", "budget")
+                _, logits = stepper.decode([row])
+                row.token = int(logits.argmax())
+                out.append(row.token)
+            torch.cuda.synchronize()
+        new = engines.session("segment.3")
+        assert new is not old and engines.loads["segment.3"][0] == 2
+        if graphs:
+            assert len(new.graphs) >= 1 and stepper.graph_runs[new][1] == 3  # captured anew, under the load lock
+        tokens[graphs] = out
+    assert tokens[True] == tokens[False]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -313,10 +315,13 @@ def test_sampling_never_picks_an_id_the_tokenizer_cannot_decode(tok):
 
 
 def test_offload_keeps_engines_under_the_budget_with_lru_eviction(tiny_engines_dir, tok, tiny_model, caplog):
+    """Reloads after eviction, from host copies, give the same greedy tokens as the eager model."""
     manifest = Manifest.load(tiny_engines_dir)
     segment = manifest.engines["segment.0"].bytes
     budget = 2 * segment + manifest.engines["embed"].bytes + manifest.engines["lm_head"].bytes + 4096
-    engines = EngineSet(tiny_engines_dir, budget_bytes={"cpu": budget})
+    unloads = []
+    engines = EngineSet(tiny_engines_dir, budget_bytes={"cpu": budget}, host_copy=lambda device: True,
+                        on_unload=lambda name, device, reason: unloads.append((name, reason)))
     engine = make_engine(engines, tok, offload=OffloadConfig(enabled=True, gpu_memory_budget_gb=budget / 2**30), **forced(24))
     with caplog.at_level(logging.INFO):
         engine.warm_up()
@@ -325,11 +330,114 @@ def test_offload_keeps_engines_under_the_budget_with_lru_eviction(tiny_engines_d
         try:
             req = request(tok, "deep request", 4)
             (_, tokens), = r.tokens(req)
+            (_, again), = r.tokens(req)
         finally:
             r.close()
-    assert tokens == eager_greedy(tiny_model, tok, req.prompt_ids, 24, 4)  # right answer while engines come and go
+    assert tokens == again == eager_greedy(tiny_model, tok, req.prompt_ids, 24, 4)  # right answer while engines come and go
     assert engines.resident_bytes("cpu") <= budget
-    assert "loaded segment.3 on cpu" in caplog.text and "evicted" in caplog.text
+    assert "loaded segment.3 on cpu" in caplog.text and "evicted" in caplog.text and "from host memory" in caplog.text
+    assert engines.loads["segment.3"][0] >= 2 and ("segment.3", "budget") in unloads  # evicted, then reloaded from host memory
+    assert set(engines.host) >= {"segment.0", "segment.3"}
+
+
+def test_a_budget_below_the_largest_engine_is_refused_naming_both(tiny_engines_dir, tok):
+    from runtime.generation import EngineConfigError
+
+    engines = EngineSet(tiny_engines_dir, budget_bytes={"cpu": 4096})
+    engine = make_engine(engines, tok, offload=OffloadConfig(enabled=True, gpu_memory_budget_gb=4096 / 2**30))
+    largest = max(engines.manifest.engines.values(), key=lambda e: e.bytes)
+    with pytest.raises(EngineConfigError, match=rf"\(0\.0 MiB on cpu\) is smaller than engine {re.escape(largest.name)} "
+                                                rf"\({largest.bytes / 2**20:.1f} MiB\)"):
+        engine.warm_up()
+    assert engines.loaded() == []  # refused before anything loads
+
+
+def test_media_engines_load_on_a_background_thread_while_others_decode(tiny_engines_dir, tok, tiny_model, media, caplog):
+    engines = EngineSet(tiny_engines_dir, announce=True)
+    engine = make_engine(engines, tok, offload=OffloadConfig(enabled=True, idle_unload_s=0.3), **forced(6))
+    engine.warm_up()
+    pixels, _ = media
+    long = request(tok, "a long answer", 24, ignore_eos=True)
+    image = request(tok, "what is this?", 4, ("text", "image"), pixels)
+    r = Running(engine)
+    try:
+        with caplog.at_level(logging.INFO):
+            (_, long_tokens), (_, image_tokens) = r.tokens(long, image)
+        loads = [rec for rec in caplog.records if "[DYNAMIC GRAPH] Loading ViT encoder for image processing" in rec.getMessage()]
+        assert [rec.threadName.startswith("dyngraph-loader") for rec in loads] == [True]
+        assert "waits for vision, cross_kv.0, cross_attn.0 to load; 1 request(s) keep decoding" in caplog.text
+        assert long_tokens == eager_greedy(tiny_model, tok, long.prompt_ids, 6, 24)
+        assert image_tokens == eager_greedy(tiny_model, tok, image.prompt_ids, 6, 4, pixels)
+        deadline = time.monotonic() + 3  # idle for 0.3 s: the engine thread unloads them by itself
+        while "vision" in engines.loaded() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(engines.loaded()) == set(engine.base)
+        assert engines.unloads["vision", "idle"] >= 1 and engines.unloads["cross_attn.0", "idle"] >= 1
+    finally:
+        r.close()
+
+
+def test_kv_buffers_are_allocated_by_need_and_freed_with_their_segment(tiny_engines_dir, tok, tiny_model):
+    engines = EngineSet(tiny_engines_dir)
+    engine = make_engine(engines, tok, offload=OffloadConfig(enabled=True, idle_unload_s=0.3), policy=PolicyConfig(request_override=True))
+    per_segment = [c.rows * c.bytes_per_row for c in engine.stepper.caches]
+    assert engine.kv_bytes["cpu"] == 0  # nothing until a request needs a segment
+    r = Running(engine)
+    try:
+        r.tokens(request(tok, "shallow", 3, exit_layer=6))
+        assert engine.kv_bytes["cpu"] == per_segment[0] and [c.buffer is not None for c in engine.stepper.caches] == [True] + [False] * 3
+        deep = request(tok, "deep", 3, exit_layer=24)
+        (_, tokens), = r.tokens(deep)
+        assert tokens == eager_greedy(tiny_model, tok, deep.prompt_ids, 24, 3)
+        assert engine.kv_bytes["cpu"] == engine.kv_peak["cpu"] == sum(per_segment)
+        deadline = time.monotonic() + 3  # the deep segments unload when idle, and their buffers go with them
+        while engine.kv_bytes["cpu"] > per_segment[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.kv_bytes["cpu"] == per_segment[0] and engine.kv_peak["cpu"] == sum(per_segment)
+        (_, again), = r.tokens(deep)  # reloaded, reallocated: the same answer
+        assert again == tokens
+        assert engine.kv_per_request() == {"exit6-text": per_segment[0] // engine.cfg.max_batch_size,
+                                           "exit24-text": sum(per_segment) // engine.cfg.max_batch_size}
+    finally:
+        r.close()
+
+
+def test_static_mode_and_offload_off_keep_everything_resident(engines, tok):
+    for runtime in ({"mode": "static"}, {"offload": OffloadConfig(enabled=False)}):
+        engine = make_engine(engines, tok, **runtime)
+        engine.warm_up()
+        assert not engine.on_demand and set(engine.mode_engines()) <= set(engines.loaded())
+        assert all(c.buffer is not None for c in engine.stepper.caches)  # the baseline: every cache allocated at start
+
+
+def test_a_reloaded_segment_is_a_new_session_whose_graphs_are_captured_anew(tiny_engines_dir, tiny_model):
+    """The decode step's capture bookkeeping on the CPU (ONNX Runtime ignores graph=True there): an
+    evicted segment comes back as a new session, with nothing of the old one's graphs."""
+    from runtime.step import Row, Stepper, captured_engines
+
+    engines = EngineSet(tiny_engines_dir, cuda_graphs=captured_engines(Manifest.load(tiny_engines_dir)))
+    stepper = Stepper(engines, max_batch=2, capacity=64, cuda_graphs=True)
+    with torch.inference_mode():
+        logits, _ = stepper.prefill("a", [5, 6, 7], 4, None)
+        row = Row("a", 4, int(logits.argmax()))
+        out = [row.token]
+        for step in range(6):
+            if step == 3:
+                old = engines.session("segment.3")
+                engines.unload("segment.3", "budget")
+                assert not stepper.free_unloaded()  # its row is held: the buffer stays, at the address the graphs bind
+            _, logits = stepper.decode([row])
+            row.token = int(logits.argmax())
+            out.append(row.token)
+    new = engines.session("segment.3")
+    assert new is not old and stepper.graph_runs[new][1] == 3 and stepper.graph_runs[old][1] == 3
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        want = []
+        for _ in range(7):
+            want.append(int(tiny_model(ids, 24)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[want[-1]]])], dim=1)
+    assert out == want  # the same greedy tokens across the eviction and reload
 
 
 def test_engines_that_differ_from_the_manifest_are_refused(tiny_engines_dir, tmp_path):

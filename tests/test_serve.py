@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from model.tokenizer import ChatTokenizer
+from pipeline.manifest import Manifest
 
 from .conftest import ROOT, run_cli
 
@@ -49,6 +50,7 @@ class Server:
 
     def __init__(self, engines_root: Path, log: Path, *overrides: str, env: dict | None = None, port: int | None = None):
         self.port = port or free_port()
+        self.engines_dir = engines_root
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.log = open(log, "w")
@@ -118,7 +120,7 @@ def static_server(engines_dir, tmp_path_factory):
 def strict_server(engines_dir, tmp_path_factory):
     """One slot, one queue place, a key and a small body limit."""
     s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "strict.log", "server.api_key=sekret", "server.max_body_bytes=65536",
-               "runtime.max_batch_size=1", "runtime.max_queue=1", "runtime.policy.force_exit=6")
+               "runtime.max_batch_size=1", "runtime.max_queue=1", "runtime.policy.force_exit=6", "runtime.offload.enabled=false")
     yield s
     s.stop()
 
@@ -405,21 +407,74 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
 
 def test_stats_and_metrics(server):
     stats = httpx.get(f"{server.url}/stats").json()
-    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "kv_cache"}
-    assert stats["kv_cache"]["allocated_bytes"]["cpu"] >= stats["kv_cache"]["in_use_peak_bytes"]["cpu"] >= 0
-    assert stats["mode"] == "dynamic" and {"embed", "segment.3", "vision"} <= set(stats["engines_loaded"])
+    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "kv_cache", "on_demand", "engine_loads",
+                          "resident_engine_bytes"}
+    kv = stats["kv_cache"]
+    assert kv["allocated_peak_bytes"]["cpu"] >= kv["in_use_peak_bytes"]["cpu"] > 0 and kv["in_use_bytes"]["cpu"] == 0
+    assert stats["mode"] == "dynamic" and stats["on_demand"] and {"embed", "segment.0", "lm_head"} <= set(stats["engines_loaded"])
+    # earlier tests ran every depth and both encoders: each loaded once at least, timed
+    for name in ("segment.3", "vision", "audio", "cross_attn.0"):
+        assert stats["engine_loads"][name]["loads"] >= 1 and stats["engine_loads"][name]["load_seconds"] > 0, name
+    manifest = Manifest.load(server.engines_dir / "tiny" / "onnx")
+    assert stats["resident_engine_bytes"]["cpu"] == sum(manifest.engines[n.partition("@")[0]].bytes for n in stats["engines_loaded"])
+    per_request = kv["per_request_bytes"]
+    assert per_request["exit24-text"] == 4 * per_request["exit6-text"] > 0  # a row in each segment reached, nothing more
     assert stats["requests_per_path"]["exit6-text"] >= 1
     assert stats["devices"]["cpu"]["nvml_used_bytes"] is None and stats["devices"]["cpu"]["torch_peak_allocated_bytes"] > 0
     reset = httpx.post(f"{server.url}/stats/reset").json()
-    # on the CPU the runtime's torch memory is its KV caches, allocated once
-    allocated = stats["kv_cache"]["allocated_bytes"]["cpu"]
+    # on the CPU the runtime's torch memory is its KV caches, allocated by need
+    allocated = reset["kv_cache"]["allocated_bytes"]["cpu"]
     assert reset["devices"]["cpu"]["torch_peak_allocated_bytes"] == reset["devices"]["cpu"]["torch_allocated_bytes"] == allocated
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("dyngraph_requests_total", "dyngraph_request_latency_seconds_bucket", "dyngraph_time_to_first_token_seconds_count",
                  'dyngraph_tokens_total{kind="completion"}', 'dyngraph_path_requests_total{path="exit24-text"}', "dyngraph_queue_depth",
-                 "dyngraph_running_requests", 'dyngraph_device_memory_bytes{device="cpu",kind="torch_allocated"}'):
+                 "dyngraph_running_requests", 'dyngraph_device_memory_bytes{device="cpu",kind="torch_allocated"}',
+                 'dyngraph_engine_load_seconds_count{engine="vision"}', 'dyngraph_engine_loads_total{device="cpu",engine="segment.3"}'):
         assert name in text, name
     assert server.metric("dyngraph_requests_total", status="400") >= len(BAD)
+
+
+def test_encoders_and_deep_segments_load_on_first_need_and_unload_when_idle(engines_dir, tmp_path):
+    s = Server(engines_dir, tmp_path / "ondemand.log", "runtime.offload.idle_unload_s=1", "runtime.policy.request_override=true")
+    try:
+        stats = httpx.get(f"{s.url}/stats").json()
+        assert set(stats["engines_loaded"]) == {"embed", "segment.0", "lm_head"} and stats["on_demand"]
+        assert stats["kv_cache"]["allocated_bytes"]["cpu"] == 0  # no buffer before a request needs it
+        body, _ = chat(s, user("What is this?", image_part(png_url())), max_tokens=3, temperature=0, extra_body={"exit_layer": 24})
+        assert body["dyngraph"]["path"] == "exit24-text+image"
+        assert "[DYNAMIC GRAPH] Loading ViT encoder for image processing" in s.logs()
+        assert "[DYNAMIC GRAPH] Loading decoder segment 3 (layers 18-23)" in s.logs()
+        stats = httpx.get(f"{s.url}/stats").json()
+        full = stats["kv_cache"]["allocated_bytes"]["cpu"]
+        assert {"vision", "cross_attn.3", "segment.3"} <= set(stats["engines_loaded"]) and full > 0
+        assert stats["engine_loads"]["vision"]["loads"] == 1 and s.metric("dyngraph_engine_load_seconds_count", engine="vision") == 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(httpx.get(f"{s.url}/stats").json()["engines_loaded"]) > 3:
+            time.sleep(0.2)
+        stats = httpx.get(f"{s.url}/stats").json()
+        assert set(stats["engines_loaded"]) == {"embed", "segment.0", "lm_head"}
+        assert stats["kv_cache"]["allocated_bytes"]["cpu"] == full // 4  # segment 0's buffer only: it stays with its engine
+        assert s.metric("dyngraph_engine_unloads_total", engine="vision", reason="idle") == 1
+        assert stats["resident_engine_bytes"]["cpu"] == sum(Manifest.load(engines_dir / "tiny" / "onnx").engines[n].bytes
+                                                            for n in ("embed", "segment.0", "lm_head"))
+        again, _ = chat(s, user("What is this?", image_part(png_url())), max_tokens=3, temperature=0, extra_body={"exit_layer": 24})
+        assert again["choices"][0]["message"] == body["choices"][0]["message"]  # reloaded: the same greedy answer
+        assert httpx.get(f"{s.url}/stats").json()["engine_loads"]["vision"]["loads"] == 2
+    finally:
+        s.stop()
+
+
+def test_a_budget_smaller_than_an_engine_is_refused_at_start_up(engines_dir):
+    out = run_cli("runtime.serve", f"engines_dir={engines_dir}", "runtime.offload.gpu_memory_budget_gb=0.0001", timeout=120)
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "cannot serve" in ln]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    line = lines[0]
+    assert re.search(r"gpu_memory_budget_gb=0\.0001 \(0\.1 MiB on cpu\) is smaller than engine \S+ \(\d+\.\d MiB\)", line), line
+
+
+def test_offload_off_loads_every_engine_at_start(strict_server):
+    stats = httpx.get(f"{strict_server.url}/stats", headers={"Authorization": "Bearer sekret"}).json()
+    assert not stats["on_demand"] and {"vision", "audio", "segment.3", "cross_attn.3"} <= set(stats["engines_loaded"])
 
 
 # --- static mode ---------------------------------------------------------------------------------------------
