@@ -47,20 +47,21 @@ def gathers_tokens(manifest: Manifest, name: str) -> bool:
 def step_engine_bytes(manifest: Manifest, path: PathRecord) -> dict[str, int]:
     """Bytes of weights each engine of one decode step of `path` reads at batch 1.
 
-    An engine's parameters, except the token embedding: a step gathers one row of that table, not
-    the table (151552 x 4096 in phone-9b, 8% of the model). The table is taken out of whichever
-    engines of the step take the token ids, so the count holds for any cut: a chain of embed,
-    segments and LM head, or one graph holding all of them.
+    What each engine stores (its files: quantized weights with their scales count as stored), except
+    the token embedding: a step gathers one row of that table, not the table (151552 x 4096 in
+    phone-9b, 8% of the model). The table, never quantized, is taken out of whichever engines of the
+    step take the token ids, so the count holds for any cut: a chain of embed, segments and LM head,
+    or one graph holding all of them.
     """
     per = DTYPE_BYTES[manifest.dtype]
     text = manifest.model["config"]["text"]
     table, row = text["vocab_size"] * text["dim"], text["dim"]
     out = {}
     for name in path.step:
-        params = manifest.engines[name].parameters
+        stored = manifest.engines[name].bytes
         if gathers_tokens(manifest, name):
-            params += row - table
-        out[name] = params * per
+            stored += (row - table) * per
+        out[name] = stored
     return out
 
 
@@ -70,8 +71,8 @@ def step_weight_bytes(manifest: Manifest, path: PathRecord) -> int:
 
 
 def encode_weight_bytes(manifest: Manifest, path: PathRecord) -> int:
-    """Bytes of weights a request's encode phase reads once (encoders, media keys/values)."""
-    return sum(manifest.engines[name].parameters for name in path.encode) * DTYPE_BYTES[manifest.dtype]
+    """Bytes of weights a request's encode phase reads once (encoders, media keys/values), as stored."""
+    return sum(manifest.engines[name].bytes for name in path.encode)
 
 
 # --- device copy bandwidth ------------------------------------------------------------------

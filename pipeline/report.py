@@ -21,7 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.baseline import DTYPE_BYTES, encode_weight_bytes, step_engine_bytes
+from pipeline.baseline import encode_weight_bytes, step_engine_bytes
 from pipeline.config import BenchApp
 from pipeline.manifest import Manifest, write_atomic
 from pipeline.quality import quality_block
@@ -190,8 +190,12 @@ def mode_block(result, paths: dict[str, dict], exit_layers: list[int], manifest:
         "energy": {"total_j": total_j, "per_request_j": total_j / pooled["ok"] if total_j is not None and pooled["ok"] else None,
                    "reason": reasons[0] if reasons else None},
         "engines_loaded": loaded,
-        # parameters x dtype, not file sizes: what the weights take in memory, whatever the file format adds
-        "weights_loaded_bytes": sum(manifest.engines[e].parameters for e in loaded if e in manifest.engines) * DTYPE_BYTES[manifest.dtype] if loaded else None,
+        # engines loaded on demand during the runs (runtime.offload): the loads and the seconds they took,
+        # as the server counts them since it started (its warm-up included), and KV bytes a request holds per path
+        "engine_loads": result.runs[-1].stats.get("engine_loads") if result.runs else None,
+        "kv_per_request_bytes": ((result.runs[-1].stats.get("kv_cache") or {}).get("per_request_bytes")) if result.runs else None,
+        # as stored (quantized weights and their scales), which is what the engines hold in memory
+        "weights_loaded_bytes": sum(manifest.engines[e].bytes for e in loaded if e in manifest.engines) if loaded else None,
     }
 
 
@@ -606,6 +610,18 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     rows = [[mode, str(len(block["engines_loaded"] or [])), fmt_bytes(block["weights_loaded_bytes"]), ", ".join(block["engines_loaded"] or [])]
             for mode, block in modes.items()]
     out += ["Engines loaded at the end of the runs:", "", table(["mode", "engines", "bytes", "names"], rows, "lrrl"), ""]
+    rows = []
+    for mode, block in modes.items():
+        loads = block.get("engine_loads") or {}
+        for name, fig in sorted(loads.items()):
+            unloads = ", ".join(f"{k.removeprefix('unloads_')} {v}" for k, v in fig.items() if k.startswith("unloads_") and v)
+            rows.append([mode, name, str(fig["loads"]), f"{fig['load_seconds']:.2f} s", unloads])
+    if rows:
+        out += ["Engine loads since the server started (warm-up included; modules on demand load here):", "",
+                table(["mode", "engine", "loads", "seconds", "unloads"], rows, "llrrl"), ""]
+    rows = [[mode, f"`{path}`", fmt_bytes(n)] for mode, block in modes.items() for path, n in sorted((block.get("kv_per_request_bytes") or {}).items())]
+    if rows:
+        out += ["KV cache one request holds (its rows in the segments it reaches):", "", table(["mode", "path", "bytes"], rows, "llr"), ""]
 
     out += ["## Memory per device", ""]
     rows = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -83,6 +84,20 @@ def profile(stepper: Stepper, depth: int, batch: int, prompt: int, steps: int, a
     return result
 
 
+def process_gpu_bytes(device: str) -> int | None:
+    """What NVML says this process holds on `device` (ONNX Runtime's arenas included, which torch cannot see)."""
+    if not device.startswith("cuda"):
+        return None
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
+        return next((p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()), None)
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("engines")
@@ -95,17 +110,24 @@ def main() -> None:
     args = parser.parse_args()
     max_batch = max(args.batches)
     bandwidth = copy_bandwidth(args.device, RooflineSettings())
-    report = {"bandwidth_bytes_per_s": bandwidth.bytes_per_s, "rows": []}
+    manifest = Manifest.load(Path(args.engines))
+    quantization = manifest.quantization or {}
+    report = {"bandwidth_bytes_per_s": bandwidth.bytes_per_s, "dtype": manifest.dtype, "quantize": quantization.get("scheme"),
+              "agreement": quantization.get("agreement"), "rows": [], "memory": []}
     with torch.inference_mode():
         for graphs in (True, False) if args.device.startswith("cuda") else (False,):
-            captured = captured_engines(Manifest.load(Path(args.engines))) if graphs else ()
+            captured = captured_engines(manifest) if graphs else ()
             engines = EngineSet(args.engines, placement=lambda e: args.device, verify=False, cuda_graphs=captured)
-            manifest = engines.manifest
             exits = manifest.model["config"]["text"]["exit_layers"]
             stepper = Stepper(engines, max_batch, args.capacity, cuda_graphs=graphs)
             for name in dict.fromkeys(n for e in (exits[0], exits[-1]) for n in manifest.path(e, ["text"]).step):
                 engines.session(name)
             stepper.capture()
+            # the text path's engines and caches resident, graphs captured: what a full-depth text server holds
+            report["memory"].append({"cuda_graphs": graphs, "process_gpu_bytes": process_gpu_bytes(args.device),
+                                     "engine_bytes": sum(manifest.engines[n].bytes for n in engines.loaded()),
+                                     "engines": engines.loaded()})
+            print(json.dumps(report["memory"][-1]), flush=True)
             for exit_layer in (exits[0], exits[-1]):
                 path = manifest.path(exit_layer, ["text"])
                 roofline_ms = 1e3 * step_weight_bytes(manifest, path) / bandwidth.bytes_per_s
