@@ -436,7 +436,7 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
         if nvml is not None:
             nvml.close()
     yardsticks = measure_yardsticks(app, manifest, requests, modes, log_dir, console)
-    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{environment['device']['slug']}-{app.model.name}-{app.export.backend}"
+    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{environment['device']['slug']}-{app.model.name}-{engines.name}"
     report_dir = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
     for f in log_dir.iterdir():
         shutil.move(f, report_dir / f.name)
