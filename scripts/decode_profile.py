@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--capacity", type=int, default=2048)
     parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--graphs-only", action="store_true", help="on a GPU, skip the second pass without CUDA graphs")
     parser.add_argument("--out")
     args = parser.parse_args()
     max_batch = max(args.batches)
@@ -115,7 +116,7 @@ def main() -> None:
     report = {"bandwidth_bytes_per_s": bandwidth.bytes_per_s, "dtype": manifest.dtype, "quantize": quantization.get("scheme"),
               "agreement": quantization.get("agreement"), "rows": [], "memory": []}
     with torch.inference_mode():
-        for graphs in (True, False) if args.device.startswith("cuda") else (False,):
+        for graphs in ((True,) if args.graphs_only else (True, False)) if args.device.startswith("cuda") else (False,):
             captured = captured_engines(manifest) if graphs else ()
             engines = EngineSet(args.engines, placement=lambda e: args.device, verify=False, cuda_graphs=captured)
             exits = manifest.model["config"]["text"]["exit_layers"]

@@ -9,6 +9,8 @@
 #   scripts/gpu_host.sh wait [SECONDS]      wait for it, then pack the report into $OUT/bench.tgz
 #   scripts/gpu_host.sh soak                64 streams x 5 min against one_gpu (issue 11's GPU form), into $OUT/soak.tgz
 #   scripts/gpu_host.sh calibrate           a corpus from the installed packages, phone-9b's exits calibrated, into $OUT/calibration.tgz
+#   scripts/gpu_host.sh variants            fp16, int8 and int4 exports at once (logs in $OUT), then their decode profiles
+#   scripts/gpu_host.sh benchrun NAME [OVERRIDES]   one bench in the foreground, its report into $OUT/bench-NAME.tgz
 #   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -82,6 +84,23 @@ calibrate)
   python3 -m pipeline calibrate model=phone-9b calibrate=gpu calibrate.corpus=/tmp/corpus calibrate.output_dir=/tmp/calibration \
     model.text.exit_adapter_rank=16 calibrate.max_minutes=3 calibrate.progress=false 2>&1 | tail -n 60 | tee -a "$OUT/calibrate.log"
   tar czf "$OUT/calibration.tgz" -C /tmp/calibration . ;;
+variants)
+  for q in null int8 int4; do
+    python3 -m pipeline export "${MODEL[@]}" "export.quantize=$q" export.progress=false > "$OUT/export-$q.log" 2>&1 &
+  done
+  wait
+  tail -n 3 "$OUT"/export-*.log; df -h /tmp | tail -n 1
+  for d in onnx onnx-int8 onnx-int4; do
+    timeout 120 python3 scripts/decode_profile.py "$ENGINES/phone-9b/$d" --graphs-only --steps 32 --out "$OUT/profile-$d.json" \
+      > "$OUT/profile-$d.log" 2>&1
+    tail -n 6 "$OUT/profile-$d.log"
+  done ;;
+benchrun)
+  name=$2; shift 2
+  rm -rf /tmp/bench_results
+  python3 -m pipeline bench "${MODEL[@]}" server.runtime=one_gpu output_dir=/tmp/bench_results progress=false "$@" > "$OUT/bench-$name.log" 2>&1 || true
+  tail -n 25 "$OUT/bench-$name.log"
+  [ -d /tmp/bench_results ] && tar czf "$OUT/bench-$name.tgz" -C /tmp/bench_results . ;;
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 *)
