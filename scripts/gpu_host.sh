@@ -9,7 +9,8 @@
 #   scripts/gpu_host.sh wait [SECONDS]      wait for it, then pack the report into $OUT/bench.tgz
 #   scripts/gpu_host.sh soak                64 streams x 5 min against one_gpu (issue 11's GPU form), into $OUT/soak.tgz
 #   scripts/gpu_host.sh calibrate           a corpus from the installed packages, phone-9b's exits calibrated, into $OUT/calibration.tgz
-#   scripts/gpu_host.sh variants            fp16, int8 and int4 exports at once (logs in $OUT), then their decode profiles
+#   scripts/gpu_host.sh variants            fp16, int8 and int4 exports at once (logs in $OUT)
+#   scripts/gpu_host.sh profiles            their decode profiles (batch 1 and 16, CUDA graphs)
 #   scripts/gpu_host.sh benchrun NAME [OVERRIDES]   one bench in the foreground, its report into $OUT/bench-NAME.tgz
 #   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
 set -euo pipefail
@@ -89,7 +90,8 @@ variants)
     python3 -m pipeline export "${MODEL[@]}" "export.quantize=$q" export.progress=false > "$OUT/export-$q.log" 2>&1 &
   done
   wait
-  tail -n 3 "$OUT"/export-*.log; df -h /tmp | tail -n 1
+  tail -n 3 "$OUT"/export-*.log; df -h /tmp | tail -n 1 ;;
+profiles)
   for d in onnx onnx-int8 onnx-int4; do
     timeout 120 python3 scripts/decode_profile.py "$ENGINES/phone-9b/$d" --graphs-only --steps 32 --out "$OUT/profile-$d.json" \
       > "$OUT/profile-$d.log" 2>&1
