@@ -43,6 +43,7 @@ class Exporter(Protocol):
     name: str
     artifacts: tuple[str, ...]  # glob patterns of the files it writes, for clean-up
     sources: tuple[str, ...]  # its code files, relative to the repository: a change rebuilds its engines
+    quantizations: tuple[str, ...]  # the export.quantize values it builds (weight-only); () for none
 
     def versions(self) -> dict[str, str]:
         """Library versions: recorded in the manifest and part of every cache key."""
@@ -55,7 +56,11 @@ class Exporter(Protocol):
         """Optional: raise BackendUnavailable when this export cannot be built here."""
 
     def settings(self) -> dict:
-        """Settings that change the engines built: part of every cache key."""
+        """Settings that change the engines built: part of every cache key (the manifest records them)."""
+
+    def engine_settings(self, graph: str) -> dict:
+        """Optional: the settings that change one engine of `graph`, where they differ per engine
+        (the ONNX backend's quantization applies to some graphs only); the cache key uses these."""
 
     def engine_files(self, stem: str) -> list[str]:
         """The file names one engine is written as (the first is the one to load)."""
@@ -84,8 +89,14 @@ def device_stream(device: torch.device) -> "torch.cuda.Stream":
     return _streams[device]
 
 
+def exporter_class(backend: str) -> type:
+    """The backend's class, not yet built: what it can build (e.g. its `quantizations`) is known
+    before its library is imported, so that a request it can never serve is refused first."""
+    if backend not in BACKENDS:
+        raise KeyError(f"unknown export backend {backend!r}; known: {', '.join(BACKENDS)}")
+    module_name, cls_name = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
 def get_exporter(cfg: ExportConfig) -> Exporter:
-    if cfg.backend not in BACKENDS:
-        raise KeyError(f"unknown export backend {cfg.backend!r}; known: {', '.join(BACKENDS)}")
-    module_name, cls_name = BACKENDS[cfg.backend].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)(cfg)
+    return exporter_class(cfg.backend)(cfg)

@@ -60,9 +60,18 @@ class OnnxExporter:
                                      f"found {ort.__version__} here: export again on this machine")
 
     def settings(self) -> dict:
-        settings = {"dtype": self.cfg.dtype, "opset": self.cfg.opset, "device": torch.device(self.cfg.device).type}
-        if self.quant:  # absent when off, so that unquantized engines keep their keys
+        settings = self.engine_settings("")  # no graph: what every engine shares
+        if self.quant:
             settings |= {"quantize": self.cfg.quantize, "quantize_block": self.cfg.quantize_block, "quantize_head": self.cfg.quantize_head}
+        return settings
+
+    def engine_settings(self, graph: str) -> dict:
+        """The settings one engine of `graph` is built with, for its cache key: the quantization only
+        where it applies, so that export.quantize_head rebuilds only the head and an engine that
+        stays in the export dtype keeps the unquantized export's key (its bytes are the same)."""
+        settings = {"dtype": self.cfg.dtype, "opset": self.cfg.opset, "device": torch.device(self.cfg.device).type}
+        if quant := engine_quant(graph, self.quant, self.cfg.quantize_head):
+            settings |= {"quantize": self.cfg.quantize, "quantize_block": quant.block}
         return settings
 
     def engine_files(self, stem: str) -> list[str]:

@@ -66,7 +66,7 @@ def quantize_program(model: ir.Model, quant: WeightQuant, dtype: torch.dtype) ->
         w = node.inputs[1]
         if w is None or not w.is_initializer() or w.const_value is None or len(w.const_value.shape) != 2:
             continue
-        weight = torch.from_numpy(np.asarray(w.const_value.numpy()))  # [K, N] for MatMul
+        weight = torch.from_numpy(np.array(w.const_value.numpy()))  # [K, N] for MatMul; a copy: the IR array is read-only
         if node.op_type == "Gemm":
             attrs = {k: a.value for k, a in node.attributes.items()}
             if len(node.inputs) > 2 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:

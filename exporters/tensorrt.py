@@ -197,6 +197,7 @@ class TensorRTExporter:
     name = "tensorrt"
     artifacts = ("*.engine",)
     sources = ("exporters/tensorrt.py", "exporters/onnx.py")  # it builds from the ONNX backend's traces
+    quantizations = ()  # MatMulNBits is an ONNX Runtime contrib op; export.tensorrt.int8 needs Q/DQ scales this export does not write
 
     def __init__(self, cfg: ExportConfig):
         self.cfg = cfg

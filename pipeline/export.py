@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from exporters import BackendUnavailable, Exporter, get_exporter
+from exporters import BackendUnavailable, Exporter, exporter_class
 from exporters.quantize import BITS, BLOCKS, WeightQuant, engine_quant
 from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, meta_model
 from model.exits import ExitsError, ExitsInfo, check_exits, read_exits, resolve_exits
@@ -125,16 +125,20 @@ def check_request(model_cfg: ModelConfig, cfg: ExportConfig) -> Exporter:
         raise ExportError("export.max_batch, export.max_seq and export.max_context must be positive")
     if cfg.quantize is not None and cfg.quantize not in BITS:
         raise ExportError(f"export.quantize={cfg.quantize!r} is not one of {', '.join(BITS)} (or null: no quantization)")
-    if cfg.quantize is not None and cfg.quantize_block not in BLOCKS:
+    if cfg.quantize_block not in BLOCKS:  # checked even when off: a block set without export.quantize is a mistake too
         raise ExportError(f"export.quantize_block={cfg.quantize_block} is not one of {', '.join(map(str, BLOCKS))}")
     try:
-        exporter = get_exporter(cfg)
+        backend = exporter_class(cfg.backend)
     except KeyError as e:
         raise ExportError(e.args[0]) from None
-    if cfg.quantize is not None and cfg.quantize not in getattr(exporter, "quantizations", ()):
-        raise ExportError(f"the {exporter.name} backend cannot build export.quantize={cfg.quantize} "
-                          f"(it builds: {', '.join(getattr(exporter, 'quantizations', ())) or 'no weight quantization'}); use export=onnx")
+    # what the backend can build, before its library is needed: installing TensorRT only to learn
+    # that it cannot build int8 weights would be the wrong order
+    built = getattr(backend, "quantizations", ())
+    if cfg.quantize is not None and cfg.quantize not in built:
+        raise ExportError(f"the {backend.name} backend cannot build export.quantize={cfg.quantize} "
+                          f"(it builds: {', '.join(built) or 'no weight quantization'}); use export=onnx")
     try:
+        exporter = backend(cfg)
         if check := getattr(exporter, "check_export", None):
             check()
     except BackendUnavailable as e:
@@ -235,9 +239,16 @@ def engine_key(spec: EngineSpec, dims: dict[str, Dim], weights: dict, exporter: 
         "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
         "weights": {**weights, "checkpoint": weights["checkpoint"] if holds_checkpoint else None,
                     "exits": weights.get("exits") if holds_exits else None},
-        "backend": exporter.name, "settings": exporter.settings(), "versions": exporter.versions(), "code": code,
+        "backend": exporter.name, "settings": engine_settings(exporter, spec), "versions": exporter.versions(), "code": code,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def engine_settings(exporter: Exporter, spec: EngineSpec) -> dict:
+    """The backend's settings for this engine (a backend whose settings apply to every engine alike
+    has only `settings`)."""
+    per_engine = getattr(exporter, "engine_settings", None)
+    return per_engine(spec.graph) if per_engine else exporter.settings()
 
 
 def cached_record(out_dir: Path, name: str, key: str) -> EngineRecord | None:
