@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from pipeline.config import ExportConfig
-from pipeline.engines import Dim, EngineSpec, TensorSpec
+from contract.config import ExportConfig
+from contract.engines import Dim, EngineSpec, TensorSpec
 
 # name -> "module:class"; imported on demand so that a missing optional library (TensorRT)
 # only matters to those who ask for that backend

@@ -25,9 +25,9 @@ import torch
 from torch.onnx._internal.exporter._core import TorchTensor
 
 from exporters import EngineIncompatible, device_stream, fused
-from pipeline.config import ExportConfig
-from pipeline.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
-from pipeline.manifest import fsync
+from contract.config import ExportConfig
+from contract.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape, random_inputs, trace_sizes
+from contract.manifest import fsync
 
 log = logging.getLogger(__name__)
 # errors only: at warning level ONNX Runtime 1.31 reports a missing plugin EP for every CUDA session

@@ -28,9 +28,9 @@ import onnxscript
 import torch
 
 from exporters import BackendUnavailable, EngineIncompatible, device_stream
-from pipeline.config import ExportConfig
-from pipeline.engines import Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape
-from pipeline.manifest import write_atomic
+from contract.config import ExportConfig
+from contract.engines import Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape
+from contract.manifest import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import torch
 
 from model.autoglm import ModelConfig, materialize, meta_model
 from model.tokenizer import ChatTokenizer
-from pipeline.config import ExportConfig, RooflineSettings, TransformersBaseline
-from pipeline.engines import EXPORT_DTYPES
+from contract.config import ExportConfig, RooflineSettings, TransformersBaseline
+from contract.engines import EXPORT_DTYPES
 from pipeline.export import weights_identity  # the export's own record of what made the weights
-from pipeline.manifest import Manifest, PathRecord
+from contract.manifest import Manifest, PathRecord
 from pipeline.workload import BenchRequest
 
 log = logging.getLogger(__name__)

@@ -37,10 +37,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from model.tokenizer import ChatTokenizer
 from pipeline.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
-from pipeline.config import BenchApp
+from contract.config import BenchApp
 from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from pipeline import report as reporting
-from pipeline.manifest import Manifest, ManifestError
+from contract.manifest import Manifest, ManifestError
 from pipeline.peer import PeerSkipped, check_settings, run_peer
 from pipeline.workload import BenchRequest, WorkloadError, build_workload, fingerprint
 

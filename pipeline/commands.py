@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import BenchApp, CalibrateApp, ExportApp, register_configs
+from contract.config import BenchApp, CalibrateApp, ExportApp, register_configs
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

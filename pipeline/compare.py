@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.config import CompareConfig
+from contract.config import CompareConfig
 from pipeline.report import REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
 
 KINDS = ("exits", "work", "memory", "time", "energy", "errors")

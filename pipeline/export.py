@@ -31,17 +31,17 @@ from rich.table import Table
 from exporters import BackendUnavailable, Exporter, get_exporter
 from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, meta_model
 from model.exits import ExitsError, ExitsInfo, check_exits, read_exits, resolve_exits
-from pipeline.config import ExportConfig
-from pipeline.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
+from contract.config import ExportConfig
+from contract.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
                               probe_sizes, random_inputs, tensor_dtype)
-from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, fsync, sha256_file,
+from contract.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, fsync, sha256_file,
                                write_atomic)
 
 log = logging.getLogger(__name__)
 
 # sources whose change alters what an engine computes: part of every cache key (the checkpoint
 # loader and tokenizer are not: loaded weights are keyed by the checkpoint's content hash)
-CODE_FILES = ("model/glm.py", "model/autoglm.py", "model/multimodal/*.py", "pipeline/engines.py")
+CODE_FILES = ("model/glm.py", "model/autoglm.py", "model/multimodal/*.py", "contract/engines.py")
 STEPS = ("build", "load", "validate")
 
 

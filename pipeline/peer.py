@@ -44,8 +44,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 if TYPE_CHECKING:  # the timing worker imports this module too: it needs neither torch nor Hydra
     from model.glm import ModelArgs
     from model.tokenizer import ChatTokenizer
-    from pipeline.config import BenchApp, PeerSettings
-    from pipeline.manifest import Manifest
+    from contract.config import BenchApp, PeerSettings
+    from contract.manifest import Manifest
     from pipeline.workload import BenchRequest
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def write_checkpoint(text: ModelArgs, layers: int, seed: int, dtype: str, device
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pipeline.engines import EXPORT_DTYPES
+    from contract.engines import EXPORT_DTYPES
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

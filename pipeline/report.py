@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.baseline import DTYPE_BYTES, encode_weight_bytes, step_engine_bytes
-from pipeline.config import BenchApp
-from pipeline.manifest import Manifest, write_atomic
+from contract.config import BenchApp
+from contract.manifest import Manifest, write_atomic
 from pipeline.quality import quality_block
 
 SCHEMA_VERSION = 1

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.bench import MODEL_ID, BenchError, Server, cpu_model, git_state, open_nvml, slug, unique_dir
-from pipeline.config import BenchApp, SoakConfig
+from contract.config import BenchApp, SoakConfig
 from pipeline.gpu_monitor import Nvml, Sampler, rss_bytes
 from pipeline.workload import draw_chart, encode_png, encode_wav, synth_sound
 

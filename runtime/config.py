@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from model.autoglm import ModelConfig
-from pipeline.config import ExportConfig
-from pipeline.config import register_configs as register_export_configs
+from contract.config import ExportConfig
+from contract.config import register_configs as register_export_configs
 
 
 @dataclass

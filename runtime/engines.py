@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from exporters import EngineIncompatible, EngineSession, get_exporter
-from pipeline.config import ExportConfig
-from pipeline.engines import TensorSpec
-from pipeline.manifest import EngineRecord, Manifest, sha256_file
+from contract.config import ExportConfig
+from contract.engines import TensorSpec
+from contract.manifest import EngineRecord, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 

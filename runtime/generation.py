@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from model.tokenizer import ChatTokenizer
-from pipeline.manifest import PathRecord
+from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
 from runtime.engines import EngineMismatch, EngineSet
 from runtime.metrics import Metrics

@@ -17,7 +17,7 @@ from collections.abc import Hashable
 
 import torch
 
-from pipeline.engines import cache_names
+from contract.engines import cache_names
 
 
 class SegmentCache:

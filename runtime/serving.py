@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from model.autoglm import build_model
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
-from pipeline.engines import EXPORT_DTYPES, Limits, engine_specs
-from pipeline.manifest import Manifest, ManifestError
+from contract.engines import EXPORT_DTYPES, Limits, engine_specs
+from contract.manifest import Manifest, ManifestError
 from runtime.config import ServeApp, ServerConfig
 from runtime.engines import EngineSet
 from runtime.generation import (Delta, Event, Failed, Finished, GenerationEngine, GenerationRequest, QueueFull,

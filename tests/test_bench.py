@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.bench import ModeResult, RequestResult, RunResult, open_nvml, slug
 from pipeline.compare import CompareError, load_report, run_compare, tolerance_for
-from pipeline.config import BenchApp, CompareConfig, RequestGroup, register_configs
+from contract.config import BenchApp, CompareConfig, RequestGroup, register_configs
 from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from pipeline.report import build_report, stats, write_report
 from pipeline.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
@@ -260,7 +260,7 @@ def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3",
 
 @pytest.fixture(scope="module")
 def tiny_manifest(tiny_engines_dir):
-    from pipeline.manifest import Manifest
+    from contract.manifest import Manifest
 
     return Manifest.load(tiny_engines_dir)
 

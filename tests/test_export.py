@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from model.autoglm import meta_model
-from pipeline.engines import Limits, engine_specs, path_specs
-from pipeline.manifest import Manifest, sha256_file
+from contract.engines import Limits, engine_specs, path_specs
+from contract.manifest import Manifest, sha256_file
 from runtime.engines import EngineSet
 from runtime.step import Row, Stepper
 

@@ -37,7 +37,7 @@ def test_fp16_export_validates_on_cuda(cuda_export):
 
 
 def stepper_on_cuda(directory, graphs: bool, max_batch: int = 4):
-    from pipeline.manifest import Manifest
+    from contract.manifest import Manifest
     from runtime.engines import EngineSet
     from runtime.step import Stepper, captured_engines
 

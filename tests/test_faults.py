@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.manifest import Manifest
+from contract.manifest import Manifest
 
 from .test_serve import MODEL, Server, audio_part, image_part, png_url, user, wait_for, wav_b64
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from model.tokenizer import ChatTokenizer
 from pipeline import peer as peer_module
 from pipeline.baseline import copy_bandwidth
-from pipeline.config import RooflineSettings
+from contract.config import RooflineSettings
 from pipeline.peer import PeerSkipped, check_settings, installed_package, llama_parameters, plan_dirs, run_peer
 from pipeline.report import build_report, write_report
 from pipeline.workload import build_workload, fingerprint
@@ -42,7 +42,7 @@ def genai_cuda_installed() -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_manifest(tiny_engines_dir):
-    from pipeline.manifest import Manifest
+    from contract.manifest import Manifest
 
     return Manifest.load(tiny_engines_dir)
 

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.config import register_configs
+from contract.config import register_configs
 from pipeline.gpu_monitor import MemoryPeaks
 from pipeline.soak import Outcome, Sample, build_report
 

@@ -20,8 +20,8 @@ from exporters import BackendUnavailable, get_exporter
 from exporters.tensorrt import (EngineLoadError, TensorRTExporter, TrtSession, built_for, check_compatible, profile_phases,
                                 profiles, select_profile)
 from model.autoglm import meta_model
-from pipeline.config import ExportConfig, TensorRTSettings
-from pipeline.engines import Dim, Limits, TensorSpec, concrete_shape, engine_specs, model_dims
+from contract.config import ExportConfig, TensorRTSettings
+from contract.engines import Dim, Limits, TensorSpec, concrete_shape, engine_specs, model_dims
 from pipeline.export import engine_key
 
 from .conftest import compose_export, run_cli
@@ -523,7 +523,7 @@ def test_tensorrt_export_validates_every_engine_and_caches(trt_export):
 @requires_tensorrt
 def test_session_switches_profiles_and_matches_eager(trt_export, tiny_config):
     from model.autoglm import build_model
-    from pipeline.engines import probe_sizes, random_inputs
+    from contract.engines import probe_sizes, random_inputs
 
     manifest = trt_export.manifest
     record = manifest.engines["segment.0"]

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.engines import TensorSpec
+from contract.engines import TensorSpec
 
 SCHEMA_VERSION = 2  # 2: in-place segment caches (past_*/present_* per layer), the static path as a chain
 MANIFEST_NAME = "manifest.json"
