@@ -55,7 +55,7 @@ from contract.config import CalibrateApp, CalibrateConfig, ExportConfig
 from contract.engines import EXPORT_DTYPES
 from pipeline.export import ExportError, check_writable, weights_identity
 from contract.manifest import write_atomic
-from pipeline.workload import WorkloadError, build_workload
+from bench.workload import WorkloadError, build_workload
 from runtime.config import PolicyConfig
 from runtime.policy import DEFAULT_CONFIDENCE, DepthPolicy, PolicyInput
 

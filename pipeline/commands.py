@@ -50,7 +50,7 @@ def server_overrides() -> list[str]:
 
 @hydra.main(config_path=CONF_DIR, config_name="bench", version_base=None)
 def bench(cfg: DictConfig) -> None:
-    from pipeline.bench import BenchError, run_bench
+    from bench.run import BenchError, run_bench
 
     # one line per request from httpx, and matplotlib's font cache notice, would bury the progress bar
     for name in ("httpx", "matplotlib"):
@@ -70,7 +70,7 @@ COMPARE_CLI: dict = {"tolerances": {}, "error": None}
 
 @hydra.main(config_path=CONF_DIR, config_name="bench", version_base=None)
 def compare_app(cfg: DictConfig) -> None:
-    from pipeline.compare import CompareError, run_compare
+    from bench.compare import CompareError, run_compare
 
     app: BenchApp = OmegaConf.to_object(cfg)
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.baseline import copy_bandwidth, step_weight_bytes
+from bench.baseline import copy_bandwidth, step_weight_bytes
 from contract.config import RooflineSettings
 from contract.manifest import Manifest
 from runtime.engines import EngineSet

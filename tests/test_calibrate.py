@@ -18,7 +18,7 @@ from model.exits import EXITS_NAME, ExitsError, read_exits, resolve_exits
 from model.tokenizer import ChatTokenizer
 from pipeline.calibrate import agreement_curve, choose_threshold, fit_heuristic
 from contract.manifest import Manifest
-from pipeline.quality import agreement, quality_block, token_texts
+from bench.quality import agreement, quality_block, token_texts
 from runtime.config import PolicyConfig
 from runtime.policy import DepthPolicy
 

@@ -16,12 +16,12 @@ import torch
 from rich.console import Console
 
 from model.tokenizer import ChatTokenizer
-from pipeline import peer as peer_module
-from pipeline.baseline import copy_bandwidth
+from bench import peer as peer_module
+from bench.baseline import copy_bandwidth
 from contract.config import RooflineSettings
-from pipeline.peer import PeerSkipped, check_settings, installed_package, llama_parameters, plan_dirs, run_peer
-from pipeline.report import build_report, write_report
-from pipeline.workload import build_workload, fingerprint
+from bench.peer import PeerSkipped, check_settings, installed_package, llama_parameters, plan_dirs, run_peer
+from bench.report import build_report, write_report
+from bench.workload import build_workload, fingerprint
 
 from .conftest import run_cli
 from .test_bench import compose_bench, fake_environment, fake_modes, fake_report

@@ -28,7 +28,7 @@ from contract.config import ExportConfig, RooflineSettings, TransformersBaseline
 from contract.engines import EXPORT_DTYPES
 from pipeline.export import weights_identity  # the export's own record of what made the weights
 from contract.manifest import Manifest, PathRecord
-from pipeline.workload import BenchRequest
+from bench.workload import BenchRequest
 
 log = logging.getLogger(__name__)
 

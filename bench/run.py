@@ -36,13 +36,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model.tokenizer import ChatTokenizer
-from pipeline.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
+from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
 from contract.config import BenchApp
-from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
-from pipeline import report as reporting
+from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
+from bench import report as reporting
 from contract.manifest import Manifest, ManifestError
-from pipeline.peer import PeerSkipped, check_settings, run_peer
-from pipeline.workload import BenchRequest, WorkloadError, build_workload, fingerprint
+from bench.peer import PeerSkipped, check_settings, run_peer
+from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
     """Run the benchmark; return the report folder. `server_overrides` select the same model and
     export for runtime.serve as the bench composed (model=..., export=..., and their overrides)."""
     if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (pipeline/soak.py)
-        from pipeline.soak import run_soak
+        from bench.soak import run_soak
 
         return run_soak(app, server_overrides, console)
     console = console or Console(stderr=True)

@@ -39,10 +39,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.bench import MODEL_ID, BenchError, Server, cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.run import MODEL_ID, BenchError, Server, cpu_model, git_state, open_nvml, slug, unique_dir
 from contract.config import BenchApp, SoakConfig
-from pipeline.gpu_monitor import Nvml, Sampler, rss_bytes
-from pipeline.workload import draw_chart, encode_png, encode_wav, synth_sound
+from bench.gpu_monitor import Nvml, Sampler, rss_bytes
+from bench.workload import draw_chart, encode_png, encode_wav, synth_sound
 
 KINDS = ("good", "disconnect", "malformed", "over_limit")
 EXPECTED = {"good": {200}, "disconnect": {200}, "malformed": {400, 404}, "over_limit": {400, 413}}

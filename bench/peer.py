@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # the timing worker imports this module too: it needs neither
     from model.tokenizer import ChatTokenizer
     from contract.config import BenchApp, PeerSettings
     from contract.manifest import Manifest
-    from pipeline.workload import BenchRequest
+    from bench.workload import BenchRequest
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def llama_parameters(text: ModelArgs, layers: int) -> int:
 
 def step_weight_bytes(text: ModelArgs, layers: int, dtype: str) -> int:
     """Bytes of weights a batch-1 decode step reads, counted as for our paths: one embedding row, not the table."""
-    from pipeline.baseline import DTYPE_BYTES
+    from bench.baseline import DTYPE_BYTES
 
     return (llama_parameters(text, layers) - text.vocab_size * text.dim + text.dim) * DTYPE_BYTES[dtype]
 
@@ -261,7 +261,7 @@ class TimingSpec:
 def time_build(spec: TimingSpec, device: str, log_path: Path, timeout_s: float) -> dict:
     spec_path = Path(spec.result).with_suffix(".spec.json")
     spec_path.write_text(json.dumps(asdict(spec)))
-    run_logged([sys.executable, "-m", "pipeline.peer", "time", str(spec_path)], worker_env(device), log_path, timeout_s,
+    run_logged([sys.executable, "-m", "bench.peer", "time", str(spec_path)], worker_env(device), log_path, timeout_s,
                f"timing ORT GenAI ({'CUDA graphs' if spec.cuda_graph else 'no CUDA graphs'})")
     return json.loads(Path(spec.result).read_text())
 
@@ -313,7 +313,7 @@ def run_peer(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], de
 
 def one_depth(app: BenchApp, layers: int, device: str, dtype: str, provider: str, graphs: list[bool], lengths: list[int],
               max_positions: int, log_dir: Path, stage) -> dict:
-    from pipeline.baseline import DTYPE_BYTES
+    from bench.baseline import DTYPE_BYTES
 
     cfg, text = app.bench.peer, app.model.text
     weight_bytes = step_weight_bytes(text, layers, dtype)

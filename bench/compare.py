@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from contract.config import CompareConfig
-from pipeline.report import REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
+from bench.report import REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
 
 KINDS = ("exits", "work", "memory", "time", "energy", "errors")
 DEFAULT_TOLERANCE = 0.10
