@@ -24,7 +24,7 @@ import ray
 from ray import serve
 from starlette.middleware import Middleware
 
-from runtime.protocol import ErrorBody, ErrorResponse
+from serving.protocol import ErrorBody, ErrorResponse
 
 if TYPE_CHECKING:  # Serve's proxies import this module for ReplicaLost: they need neither torch nor the engines
     from runtime.config import ServeApp
@@ -139,8 +139,8 @@ class ChainReplica:
     def __init__(self, app: ServeApp, export_command: str):
         import torch  # here, not at the top: Serve's proxies import this module for ReplicaLost and run no engines
 
-        from runtime.server import create_app
-        from runtime.serving import build_service
+        from serving.app import create_app
+        from serving.chat import build_service
 
         self.create_app = create_app
         replica_logging()

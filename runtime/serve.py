@@ -26,8 +26,8 @@ from runtime.engines import EngineMismatch
 from runtime.generation import EngineConfigError
 from runtime.placement import PlacementError
 from runtime.policy import PolicyError
-from runtime.server import run_server
-from runtime.serving import ServeError, build_service, open_export
+from serving.app import run_server
+from serving.chat import ServeError, build_service, open_export
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`

@@ -33,8 +33,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runtime.config import RateLimitConfig, ServerConfig
 from runtime.metrics import Metrics
-from runtime.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
-from runtime.serving import APIError, ChatService, ClientGone
+from serving.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
+from serving.chat import APIError, ChatService, ClientGone
 
 log = logging.getLogger("dyngraph.server")
 

@@ -31,7 +31,7 @@ from runtime.generation import (Delta, Event, Failed, Finished, GenerationEngine
 from runtime.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
 from runtime.metrics import Metrics, device_memory, reset_peaks
 from runtime.placement import Placement
-from runtime.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
+from serving.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
                               CompletionTokensDetails, DeltaMessage, DyngraphInfo, ErrorBody, ErrorResponse, ModelCard,
                               ModelList, ResponseMessage, Usage)
 from runtime.sampling import SamplingParams
