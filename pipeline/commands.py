@@ -110,7 +110,7 @@ def compare() -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="calibrate", version_base=None)
 def calibrate(cfg: DictConfig) -> None:
-    from pipeline.calibrate import CalibrateError, run_calibrate
+    from calibrate.run import CalibrateError, run_calibrate
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     app: CalibrateApp = OmegaConf.to_object(cfg)
