@@ -1,14 +1,14 @@
-"""Typed schemas of the Hydra configs, registered in Hydra's ConfigStore.
+"""Typed schemas of the export, bench and calibrate configs (the serve ones are runtime/config.py).
 
-The YAML files under conf/ fill these in; an override of a field that does not exist, or of
-the wrong type, is refused by Hydra before any work starts. Entry points turn the composed
-DictConfig into these dataclasses with OmegaConf.to_object, and library code only sees them.
+The YAML files under conf/ fill these in; the entry points register them in Hydra's ConfigStore
+(pipeline/commands.py register_configs), so that an override of a field that does not exist, or
+of the wrong type, is refused before any work starts. Entry points turn the composed DictConfig
+into these dataclasses with OmegaConf.to_object, and library code only sees them: nothing here
+imports Hydra.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from hydra.core.config_store import ConfigStore
 
 from model.autoglm import ModelConfig
 
@@ -44,17 +44,6 @@ class ExportApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     engines_dir: str = "engines"
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="export", name="export_schema", node=ExportConfig)
-    cs.store(name="export_app_schema", node=ExportApp)
-    cs.store(group="bench", name="bench_schema", node=BenchConfig)
-    cs.store(name="bench_app_schema", node=BenchApp)
-    cs.store(group="calibrate", name="calibrate_schema", node=CalibrateConfig)
-    cs.store(name="calibrate_app_schema", node=CalibrateApp)
 
 
 # --- python -m pipeline bench / compare ---------------------------------------------------------

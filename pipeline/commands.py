@@ -10,10 +10,32 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from contract.config import BenchApp, CalibrateApp, ExportApp, register_configs
+from hydra.core.config_store import ConfigStore
+
+from contract.config import BenchApp, BenchConfig, CalibrateApp, CalibrateConfig, ExportApp, ExportConfig
+from model.autoglm import ModelConfig
+from runtime.config import ClusterConfig, RuntimeConfig, ServeApp
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def register_configs() -> None:
+    """Every entry point's typed schemas in Hydra's ConfigStore (runtime/serve.py calls it too):
+    the one place Hydra learns them, so library modules never import Hydra."""
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="export", name="export_schema", node=ExportConfig)
+    cs.store(name="export_app_schema", node=ExportApp)
+    cs.store(group="bench", name="bench_schema", node=BenchConfig)
+    cs.store(name="bench_app_schema", node=BenchApp)
+    cs.store(group="calibrate", name="calibrate_schema", node=CalibrateConfig)
+    cs.store(name="calibrate_app_schema", node=CalibrateApp)
+    cs.store(group="runtime", name="runtime_schema", node=RuntimeConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    cs.store(name="serve_app_schema", node=ServeApp)
+
+
 register_configs()
 
 

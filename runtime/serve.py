@@ -21,7 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from exporters import BackendUnavailable
-from runtime.config import ServeApp, register_configs
+from pipeline.commands import register_configs
+from runtime.config import ServeApp
 from runtime.engines import EngineMismatch
 from runtime.generation import EngineConfigError
 from runtime.placement import PlacementError

@@ -20,7 +20,8 @@ from PIL import Image
 
 from bench.run import ModeResult, RequestResult, RunResult, open_nvml, slug
 from bench.compare import CompareError, load_report, run_compare, tolerance_for
-from contract.config import BenchApp, CompareConfig, RequestGroup, register_configs
+from contract.config import BenchApp, CompareConfig, RequestGroup
+from pipeline.commands import register_configs
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from bench.report import build_report, stats, write_report
 from bench.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
