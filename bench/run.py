@@ -40,7 +40,7 @@ from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baselin
 from contract.config import BenchApp
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from bench import report as reporting
-from contract.manifest import Manifest, ManifestError
+from contract.manifest import Manifest, ManifestError, engines_path
 from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
 
@@ -388,7 +388,7 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
             check_settings(app.model.text, cfg.peer)
         except ValueError as e:
             raise BenchError(str(e)) from None
-    engines = Path(app.engines_dir).expanduser() / app.model.name / app.export.backend
+    engines = engines_path(app.engines_dir, app.model.name, app.export.backend)
     try:
         manifest = Manifest.load(engines)
     except ManifestError as e:

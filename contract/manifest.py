@@ -116,6 +116,13 @@ class Manifest:
             raise ManifestError(f"malformed manifest {path}: {e}") from None
 
 
+def engines_path(engines_dir: str | Path, model: str, backend: str) -> Path:
+    """Where one export's engine files and manifest live: <engines_dir>/<model>/<backend>/. The
+    export writes there and the server, the bench and the probe read there; this is the only place
+    that spells the rule."""
+    return Path(engines_dir).expanduser() / model / backend
+
+
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -34,8 +34,8 @@ from model.exits import ExitsError, ExitsInfo, check_exits, read_exits, resolve_
 from contract.config import ExportConfig
 from contract.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
                               probe_sizes, random_inputs, tensor_dtype)
-from contract.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, fsync, sha256_file,
-                               write_atomic)
+from contract.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, PathRecord, engines_path, fsync,
+                               sha256_file, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
     start = time.perf_counter()
     console = console or Console(stderr=True)
     exporter = check_request(model_cfg, cfg)
-    out_dir = Path(engines_dir).expanduser() / model_cfg.name / exporter.name
+    out_dir = engines_path(engines_dir, model_cfg.name, exporter.name)
     check_writable(out_dir)
 
     model = meta_model(model_cfg)  # structure only: planning needs no weights

@@ -23,7 +23,7 @@ from model.autoglm import build_model
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
 from contract.engines import EXPORT_DTYPES, Limits, engine_specs
-from contract.manifest import Manifest, ManifestError
+from contract.manifest import Manifest, ManifestError, engines_path
 from runtime.config import ServeApp, ServerConfig
 from runtime.engines import EngineSet
 from runtime.generation import (Delta, Event, Failed, Finished, GenerationEngine, GenerationRequest, QueueFull,
@@ -523,10 +523,6 @@ def check_server_config(server: ServerConfig) -> None:
                          f"burst={rate.burst} and max_clients={rate.max_clients} at least 1")
 
 
-def engines_directory(cfg: ServeApp) -> Path:
-    return Path(cfg.engines_dir).expanduser() / cfg.model.name / cfg.export.backend
-
-
 def check_model_config(cfg: ServeApp, manifest: Manifest, directory: Path) -> None:
     """The composed model must be the exported one: the tokenizer, the media preprocessing and the
     paths are all read from it."""
@@ -570,7 +566,7 @@ def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.M
 
 def open_export(cfg: ServeApp, export_command: str) -> tuple[Path, Manifest]:
     """The export's directory and manifest, checked against the composed model; raises ServeError."""
-    directory = engines_directory(cfg)
+    directory = engines_path(cfg.engines_dir, cfg.model.name, cfg.export.backend)
     try:
         manifest = Manifest.load(directory)
     except ManifestError as e:
