@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exporters import EngineIncompatible, EngineSession, get_exporter
-from contract.config import ExportConfig
+from exporters import EngineIncompatible, EngineSession, get_runtime
 from contract.engines import TensorSpec
 from contract.manifest import EngineRecord, Manifest, sha256_file
 
@@ -51,7 +50,7 @@ class EngineSet:
         self.budget_bytes = budget_bytes or {}
         self.on_load = on_load
         self.cuda_graphs = set(cuda_graphs)
-        self.exporter = get_exporter(ExportConfig(backend=self.manifest.backend["name"], dtype=self.manifest.dtype))
+        self.backend = get_runtime(self.manifest.backend["name"])  # the run side of the backend that built them
         self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
         self.verified: dict[str, tuple] = {}  # engine -> its files' stat when hashed: an unchanged one reloads without rehashing
         self.broken: dict[str, str] = {}  # engine -> why its last load failed verification (its paths are degraded)
@@ -61,7 +60,7 @@ class EngineSet:
 
     def check_versions(self) -> None:
         try:  # each backend knows what it can run: exact versions, or later ones for portable engines
-            self.exporter.check_runtime(self.manifest.backend, self.directory)
+            self.backend.check_runtime(self.manifest.backend, self.directory)
         except EngineIncompatible as e:
             raise EngineMismatch(str(e)) from None
 
@@ -99,7 +98,7 @@ class EngineSet:
         inputs, outputs = record.input_specs(), record.output_specs()
         if self.reference is not None:
             return EagerSession(self.reference[record.name], inputs, outputs, device)
-        return self.exporter.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
+        return self.backend.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
                                   cuda_graphs=record.name in self.cuda_graphs)
 
     def make_room(self, device: str, needed: int, key: str) -> None:
