@@ -140,7 +140,7 @@ class ChainReplica:
         import torch  # here, not at the top: Serve's proxies import this module for ReplicaLost and run no engines
 
         from serving.app import create_app
-        from serving.chat import build_service
+        from runtime.serve import build_service
 
         self.create_app = create_app
         replica_logging()
@@ -159,7 +159,7 @@ class ChainReplica:
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; a failure replaces the replica."""
-        if not self.service.engine.thread.is_alive():
+        if not self.service.engine.alive():
             raise RuntimeError(f"replica {self.name}: the generation engine's thread has stopped")
 
 

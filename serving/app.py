@@ -324,7 +324,7 @@ def request_schema(service: ChatService) -> tuple[dict, dict]:
     props["logprobs"] = nullable({"type": "boolean", "enum": [False]})
     for name in ("presence_penalty", "frequency_penalty"):
         props[name] = nullable({"type": "number", "enum": [0]})
-    exits = engine.exit_layers if engine.cfg.policy.request_override else []
+    exits = engine.exit_layers if engine.request_override else []
     props["exit_layer"] = nullable({"type": "integer", "enum": exits}) if exits else {"type": "null"}
     defs["ChatMessage"]["properties"]["content"] = {"anyOf": [
         text, {"type": "array", "items": defs["ChatMessage"]["properties"]["content"]["anyOf"][1]["items"],
