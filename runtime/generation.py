@@ -304,12 +304,7 @@ class GenerationEngine:
         """Choose the path, encode the media and fill the sequence's cache rows; logits [1, V] of the prompt's last position."""
         req = seq.request
         static = self.mode == "static"
-        if static:
-            decision = Decision(self.n_layers, "static mode")
-        elif req.exit_layer:
-            decision = Decision(req.exit_layer, "requested by the client")
-        else:
-            decision = self.policy.decide(PolicyInput(req.policy_text, req.modalities))
+        decision = self.policy.decide(PolicyInput(req.policy_text, req.modalities, req.exit_layer, static))
         has_media = static or len(req.modalities) > 1
         media = None
         if has_media:
