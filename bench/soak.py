@@ -39,7 +39,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.run import MODEL_ID, BenchError, Server, cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.run import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.server import BenchError, Server
 from contract.config import BenchApp, SoakConfig
 from bench.gpu_monitor import Nvml, Sampler, rss_bytes
 from bench.workload import draw_chart, encode_png, encode_wav, synth_sound

@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.run import send
+from bench.client import send
 from bench.workload import BenchRequest, draw_chart, encode_png, encode_wav, synth_sound
 
 MODALITY_SETS = [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]

@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from bench.run import ModeResult, RequestResult, RunResult, open_nvml, slug
+from bench.client import RequestResult
+from bench.run import ModeResult, RunResult, open_nvml, slug
 from bench.compare import CompareError, load_report, run_compare, tolerance_for
 from contract.config import BenchApp, CompareConfig, RequestGroup
 from pipeline.commands import register_configs
