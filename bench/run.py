@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("static", "dynamic")
-MODEL_ID = "autoglm-phone-9b"
 LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnx", "transformers", "numpy", "httpx", "hydra-core", "nvidia-ml-py", "fastapi", "uvicorn")
 
 
@@ -81,16 +80,16 @@ class ModeResult:
 def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_overrides: list[str], nvml: Nvml | None,
              log_dir: Path, progress: Progress, console: Console) -> ModeResult:
     cfg = app.bench
-    bodies = [r.body(MODEL_ID, cfg.temperature, cfg.seed) for r in requests]
     baseline_used = nvml.memory_used([g.label for g in nvml.gpus]) if nvml else {}
     log_path = log_dir / f"server-{mode}.log"
     server = Server(app, mode, server_overrides, log_path)
     task = progress.add_task(f"{mode}: starting server", total=None)
     with server:
+        bodies = [r.body(server.model_id, cfg.temperature, cfg.seed) for r in requests]
         progress.update(task, description=f"{mode}: warm-up", total=len(cfg.groups), completed=0)
         warm = {r.group: r for r in requests}  # one request per group (the last of each)
         for r in warm.values():
-            result = asyncio.run(drive(server.url, [r], [r.body(MODEL_ID, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
+            result = asyncio.run(drive(server.url, [r], [r.body(server.model_id, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
                                        cfg.request_timeout_s, lambda _, t=task: progress.advance(t)))[0]
             if not result.ok:
                 raise BenchError(f"{mode} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")

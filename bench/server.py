@@ -44,6 +44,7 @@ class Server:
         self.startup_timeout_s = app.server.startup_timeout_s
         self.process: subprocess.Popen | None = None
         self.startup_s = 0.0
+        self.model_id = ""  # read from /v1/models once it is ready
 
     def __enter__(self) -> Server:
         t0 = time.perf_counter()
@@ -69,6 +70,8 @@ class Server:
                     health = client.get(self.url + "/health")
                     replicas.add(health.headers.get("x-dyngraph-replica"))
                     if health.status_code == 200 and len(replicas - {None}) >= self.replicas:
+                        # the id requests must name, whatever server.model_id the launch set
+                        self.model_id = client.get(self.url + "/v1/models").json()["data"][0]["id"]
                         return
                 except httpx.HTTPError:
                     pass

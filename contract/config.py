@@ -126,7 +126,6 @@ class BenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     request_rate: float | None = None  # mean arrivals per second (Poisson); null: each slot sends as soon as it is free
     modes: list[str] = field(default_factory=lambda: ["static", "dynamic"])
-    warmup: bool = True  # one unmeasured request per group before each mode's runs
     temperature: float = 0.0  # greedy, so that both modes generate comparable lengths
     request_timeout_s: float = 600.0
     sample_interval_s: float = 0.05  # memory sampling period (NVML, server RSS)
