@@ -101,11 +101,6 @@ def profiles(spec: EngineSpec, dims: dict[str, Dim]) -> list[Profile]:
             for _, lo, opt, hi in phase_sizes(dims, uses_seq)]
 
 
-def profile_phases(spec: EngineSpec, dims: dict[str, Dim]) -> list[str]:
-    uses_seq = any(SEQ in axis_names(e) for t in spec.inputs for e in t.shape)
-    return [name for name, *_ in phase_sizes(dims, uses_seq)]
-
-
 def select_profile(engine_profiles: list[Profile], shapes: dict[str, Shape]) -> int | None:
     """The first profile whose ranges hold every input shape (decode is the only one that holds seq = 1)."""
     for index, profile in enumerate(engine_profiles):

@@ -17,8 +17,8 @@ import torch
 
 import exporters.tensorrt as trt_backend  # importable without TensorRT: that is the point
 from exporters import BackendUnavailable, get_exporter, get_runtime
-from exporters.tensorrt import (EngineLoadError, TensorRTExporter, TensorRTRuntime, TrtSession, built_for, check_compatible, profile_phases,
-                                profiles, select_profile)
+from exporters.tensorrt import (EngineLoadError, TensorRTExporter, TensorRTRuntime, TrtSession, axis_names, built_for, check_compatible,
+                                phase_sizes, profiles, select_profile)
 from model.autoglm import meta_model
 from contract.config import ExportConfig, TensorRTSettings
 from contract.engines import Dim, Limits, TensorSpec, concrete_shape, engine_specs, model_dims
@@ -30,6 +30,12 @@ HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NO_TENSORRT = "TensorRT is not installed: its builder is not on PyPI (see README)"
 requires_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT or not torch.cuda.is_available(),
                                        reason=NO_TENSORRT if not HAVE_TENSORRT else "TensorRT is installed but torch sees no CUDA GPU")
+
+
+def profile_phases(spec, dims) -> list[str]:
+    """The phases (prefill, decode, or all) an engine gets optimisation profiles for."""
+    uses_seq = any(trt_backend.SEQ in axis_names(e) for t in spec.inputs for e in t.shape)
+    return [name for name, *_ in phase_sizes(dims, uses_seq)]
 
 
 @pytest.fixture(scope="module")
