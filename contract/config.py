@@ -40,9 +40,19 @@ class ExportConfig:
 
 
 @dataclass
+class PathsConfig:
+    """conf/paths: where engines are written and read, and where reports go. The top-level
+    `engines_dir` and `output_dir` default to these (and a command-line override of either wins)."""
+
+    engines_dir: str = "engines"
+    output_dir: str = "bench_results"
+
+
+@dataclass
 class ExportApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
 
 
@@ -166,6 +176,7 @@ class BenchApp:
     bench: BenchConfig = field(default_factory=BenchConfig)
     server: ServerLaunch = field(default_factory=ServerLaunch)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
     output_dir: str = "bench_results"
     run_name: str | None = None  # report folder name; default <date>-<device>-<model>-<backend>
@@ -205,5 +216,6 @@ class CalibrateApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)  # the workload whose text requests the report sends through the policy
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
     tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one

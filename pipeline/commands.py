@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra.core.config_store import ConfigStore
 
-from contract.config import BenchApp, BenchConfig, CalibrateApp, CalibrateConfig, ExportApp, ExportConfig
+from contract.config import BenchApp, BenchConfig, CalibrateApp, CalibrateConfig, ExportApp, ExportConfig, PathsConfig
 from model.autoglm import ModelConfig
 from runtime.config import ClusterConfig, RuntimeConfig, ServeApp
 
@@ -26,6 +26,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="export", name="export_schema", node=ExportConfig)
+    cs.store(group="paths", name="paths_schema", node=PathsConfig)
     cs.store(name="export_app_schema", node=ExportApp)
     cs.store(group="bench", name="bench_schema", node=BenchConfig)
     cs.store(name="bench_app_schema", node=BenchApp)
@@ -60,14 +61,16 @@ def export(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def server_overrides() -> list[str]:
+def server_overrides(app: BenchApp) -> list[str]:
     """The overrides that make runtime.serve pick the engines this bench composed: the same model
-    and export choices, and any of their fields set on the command line."""
+    and export choices, any of their fields set on the command line, and the dtype and device a
+    preset may have set."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     picked = [f"model={hc.runtime.choices['model']}", f"export={hc.runtime.choices['export']}"]
-    return picked + [o for o in hc.overrides.task if o.lstrip("+~").startswith(("model.", "export."))]
+    given = [o for o in hc.overrides.task if o.lstrip("+~").startswith(("model.", "export."))]
+    return picked + [f"export.dtype={app.export.dtype}", f"export.device={app.export.device}"] + given
 
 
 @hydra.main(config_path=CONF_DIR, config_name="bench", version_base=None)
@@ -79,7 +82,7 @@ def bench(cfg: DictConfig) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     app: BenchApp = OmegaConf.to_object(cfg)
     try:
-        run_bench(app, server_overrides())
+        run_bench(app, server_overrides(app))
     except BenchError as e:
         log.error("bench failed: %s", e)
         sys.exit(2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.autoglm import ModelConfig
-from contract.config import ExportConfig
+from contract.config import ExportConfig, PathsConfig
 
 
 @dataclass
@@ -137,6 +137,7 @@ class ServeApp:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
     tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one
 
