@@ -25,14 +25,12 @@ import torch
 from model.autoglm import ModelConfig, materialize, meta_model
 from model.tokenizer import ChatTokenizer
 from contract.config import ExportConfig, RooflineSettings, TransformersBaseline
-from contract.engines import EXPORT_DTYPES
+from contract.engines import DTYPE_BYTES, EXPORT_DTYPES
 from pipeline.export import weights_identity  # the export's own record of what made the weights
 from contract.manifest import Manifest, PathRecord
 from bench.workload import BenchRequest
 
 log = logging.getLogger(__name__)
-
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 # --- weight bytes per step ------------------------------------------------------------------

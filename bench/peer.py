@@ -121,7 +121,7 @@ def llama_parameters(text: ModelArgs, layers: int) -> int:
 
 def step_weight_bytes(text: ModelArgs, layers: int, dtype: str) -> int:
     """Bytes of weights a batch-1 decode step reads, counted as for our paths: one embedding row, not the table."""
-    from bench.baseline import DTYPE_BYTES
+    from contract.engines import DTYPE_BYTES
 
     return (llama_parameters(text, layers) - text.vocab_size * text.dim + text.dim) * DTYPE_BYTES[dtype]
 
@@ -313,7 +313,7 @@ def run_peer(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], de
 
 def one_depth(app: BenchApp, layers: int, device: str, dtype: str, provider: str, graphs: list[bool], lengths: list[int],
               max_positions: int, log_dir: Path, stage) -> dict:
-    from bench.baseline import DTYPE_BYTES
+    from contract.engines import DTYPE_BYTES
 
     cfg, text = app.bench.peer, app.model.text
     weight_bytes = step_weight_bytes(text, layers, dtype)

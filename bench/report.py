@@ -21,7 +21,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.baseline import DTYPE_BYTES, encode_weight_bytes, step_engine_bytes
+from bench.baseline import encode_weight_bytes, step_engine_bytes
+from contract.engines import DTYPE_BYTES
 from contract.config import BenchApp
 from contract.manifest import Manifest, write_atomic
 from bench.quality import quality_block

@@ -274,6 +274,7 @@ def path_name(exit_layer: int, modalities: tuple[str, ...]) -> str:
 # --- inputs ---------------------------------------------------------------------------------
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in EXPORT_DTYPES.items()}  # a weight's bytes in each export dtype
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
                 "int32": torch.int32, "bool": torch.bool}
 
