@@ -6,7 +6,7 @@
 - The roofline: the bytes of weights a decode step of a path must read, over the copy bandwidth
   of the device measured now (one large device-to-device copy, bytes read plus bytes written).
 
-A third, ONNX Runtime GenAI on a Llama of the same dims, is in pipeline/peer.py. All of them run
+A third, ONNX Runtime GenAI on a Llama of the same dims, is in bench/peer.py. All of them run
 after the servers have stopped, so that the bench process's own CUDA context and allocations
 never show up in the servers' memory or energy figures.
 """

@@ -34,7 +34,7 @@ class RequestResult:
     ttft_s: float | None = None  # sent -> first chunk carrying generated text
     latency_s: float | None = None  # sent -> [DONE]
     tpot_s: float | None = None  # (latency - ttft) / (completion tokens - 1)
-    tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (pipeline/quality.py)
+    tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (bench/quality.py)
 
 
 async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body: dict, mode: str, t_run: float,

@@ -14,7 +14,7 @@ checkpoint and build take ~16 GB of disk each:
    for the builder to copy (the timing feeds token ids);
 2. `python -m onnxruntime_genai.models.builder` on it (precision from the engines' dtype,
    execution provider from the servers' device); the checkpoint is deleted as soon as it is built;
-3. `python -m pipeline.peer time SPEC` times the build (CUDA graphs on, then off); the build is
+3. `python -m bench.peer time SPEC` times the build (CUDA graphs on, then off); the build is
    deleted afterwards, whatever happened.
 
 The Llama layout differs from GLM's only where the bytes are negligible: no q/k/v biases (GLM's
@@ -245,7 +245,7 @@ def build(checkpoint: Path, out: Path, dtype: str, device: str, log_path: Path, 
 
 @dataclass
 class TimingSpec:
-    """What `python -m pipeline.peer time SPEC` measures; written as JSON beside the build."""
+    """What `python -m bench.peer time SPEC` measures; written as JSON beside the build."""
 
     model_dir: str
     provider: str  # cpu | cuda
@@ -350,7 +350,7 @@ def one_depth(app: BenchApp, layers: int, device: str, dtype: str, provider: str
             "logs": logs, "runs": runs}
 
 
-# --- the timing worker: python -m pipeline.peer time SPEC ------------------------------------
+# --- the timing worker: python -m bench.peer time SPEC ------------------------------------
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -422,7 +422,7 @@ def time_model(spec: TimingSpec) -> dict:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "time":
-        print("usage: python -m pipeline.peer time SPEC.json (the bench runs this; see bench.peer)", file=sys.stderr)
+        print("usage: python -m bench.peer time SPEC.json (the bench runs this; see bench.peer)", file=sys.stderr)
         return 2
     spec = TimingSpec(**json.loads(Path(argv[1]).read_text()))
     result = time_model(spec)

@@ -84,7 +84,7 @@ class TransformersBaseline:
 @dataclass
 class PeerSettings:
     """ONNX Runtime GenAI (ORT's own LLM runtime) on a random-weight Llama of the same decoder dims,
-    built by its model builder and timed at batch 1 (pipeline/peer.py). Skipped, with the reason,
+    built by its model builder and timed at batch 1 (bench/peer.py). Skipped, with the reason,
     where onnxruntime_genai is not installed."""
 
     enabled: bool = True
@@ -106,7 +106,7 @@ class RooflineSettings:
 
 @dataclass
 class SoakConfig:
-    """`pipeline bench bench=soak` (pipeline/soak.py): `streams` clients, each sending one streaming
+    """`pipeline bench bench=soak` (bench/soak.py): `streams` clients, each sending one streaming
     request after another for `duration_s`, drawn from `mix`; the run fails on any 5xx, on any
     answer other than the kind's, or on growth of the server's memory or open files past the tolerances."""
 
@@ -188,7 +188,7 @@ class BenchApp:
 
 @dataclass
 class CalibrateConfig:
-    """Self-distilled exit heads and calibrated confidence thresholds (pipeline/calibrate.py)."""
+    """Self-distilled exit heads and calibrated confidence thresholds (calibrate/run.py)."""
 
     corpus: str = ""  # a directory of .txt documents and .jsonl chats ({"messages": [...]} per line); nothing is downloaded
     output_dir: str | None = None  # default <model.checkpoint>/exits (found by model.exits=auto), else <engines_dir>/<model>/exits

@@ -2,7 +2,7 @@
 
 Build: each engine's ONNX file comes from the ONNX backend (same trace, same weights), TensorRT
 parses it and builds one serialized engine with an optimisation profile per phase: prefill
-(seq in [2, max_seq]) and decode (seq = 1), both derived from the Dims that pipeline/engines.py
+(seq in [2, max_seq]) and decode (seq = 1), both derived from the Dims that contract/engines.py
 declares; engines without a `seq` axis get one profile. A timing cache beside the engines makes
 rebuilds fast. Run: `TrtSession` binds torch tensors by name and enqueues on torch's current
 stream of the engine's device, so a path's engines hand tensors to each other on the device.

@@ -36,7 +36,7 @@ class EngineSet:
     makes able to capture CUDA graphs (the decode step's: runtime.step.captured_engines; an encoder
     graph may hold nodes the CUDA provider does not run, which capture refuses). `reference` swaps the files for
     the eager torch modules they were exported from (engine name -> module, see
-    pipeline.engines.engine_specs): the reference backend, with nothing to verify.
+    contract.engines.engine_specs): the reference backend, with nothing to verify.
     """
 
     def __init__(self, directory: str | Path, placement: Callable[[EngineRecord], str] = lambda e: "cpu", verify: bool = True,

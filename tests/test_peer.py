@@ -1,5 +1,5 @@
-"""The peer in the bench: ORT GenAI on a Llama of the same decoder dims (pipeline/peer.py) and the
-batch-1 decode table of the report (pipeline/report.py).
+"""The peer in the bench: ORT GenAI on a Llama of the same decoder dims (bench/peer.py) and the
+batch-1 decode table of the report (bench/report.py).
 
 The real test builds, times and deletes the peer at the tiny model's dims on the CPU; it needs
 `onnxruntime_genai` (pip install -e '.[peer]') and is skipped without it.
