@@ -1,9 +1,18 @@
-"""Exporter registry: one backend per file, all speaking one protocol.
+"""The backend registry: per backend a builder and a runtime, each behind one protocol.
 
-A backend turns engine specs that share one graph into engine files, and loads an engine file
-back as a session that binds tensors by name. The export stage (pipeline/export.py) does the
-rest the same way for every backend: cache keys, validation against the eager module, atomic
-writes and the manifest.
+The builder (`Exporter`) turns engine specs that share one graph into engine files: what it
+builds with (versions, settings, sources) is part of every cache key, and it loads what it just
+built for validation. The export stage (pipeline/export.py) does the rest the same way for every
+backend: cache keys, validation against the eager module, atomic writes and the manifest.
+
+The runtime (`Runtime`) is the run side, all the serving runtime sees: it checks that engines
+built as the manifest says can run here, says whether its sessions replay CUDA graphs, and loads
+an engine file as a session (`EngineSession`) that binds caller-owned tensors by name and runs on
+the device's engine stream. A runtime module imports only its execution library (onnxruntime,
+tensorrt), never the exporter stack.
+
+A new backend: a builder and a runtime class (one file each, or one for both), and a line in
+BACKENDS.
 """
 from __future__ import annotations
 
@@ -13,14 +22,14 @@ from typing import Protocol
 
 import torch
 
-from pipeline.config import ExportConfig
-from pipeline.engines import Dim, EngineSpec, TensorSpec
+from contract.config import ExportConfig
+from contract.engines import Dim, EngineSpec, TensorSpec
 
-# name -> "module:class"; imported on demand so that a missing optional library (TensorRT)
-# only matters to those who ask for that backend
+# name -> ("module:builder class", "module:runtime class"); imported on demand so that a missing
+# optional library (TensorRT) only matters to those who ask for that backend
 BACKENDS = {
-    "onnx": "exporters.onnx:OnnxExporter",
-    "tensorrt": "exporters.tensorrt:TensorRTExporter",
+    "onnx": ("exporters.onnx:OnnxExporter", "exporters.ort:OrtRuntime"),
+    "tensorrt": ("exporters.tensorrt:TensorRTExporter", "exporters.tensorrt:TensorRTRuntime"),
 }
 
 
@@ -35,8 +44,28 @@ class EngineIncompatible(RuntimeError):
 class EngineSession(Protocol):
     device: torch.device
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Inputs by name (on `device`) -> outputs by name (on `device`)."""
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
+            graph: bool = False) -> dict[str, torch.Tensor]:
+        """Inputs by name (on `device`) -> outputs by name (on `device`). An output declared
+        `inplace_of` an input is written into that input's memory, one named in `outputs` into the
+        caller's tensor, any other into a fresh one. Runs on the device's engine stream
+        (`device_stream`), ordered after the caller's stream and before what it queues next.
+        `graph`: replay a CUDA graph captured for these exact buffers (sessions loaded with
+        cuda_graphs=True of a runtime whose `cuda_graphs` is true; ignored otherwise)."""
+
+
+class Runtime(Protocol):
+    name: str
+    cuda_graphs: bool  # whether its sessions can capture and replay CUDA graphs (run(..., graph=True))
+
+    def check_runtime(self, backend: dict, directory: Path) -> None:
+        """Raise EngineIncompatible, with what was recorded and what is found here, when engines
+        built as the manifest's `backend` record says cannot run on this machine."""
+
+    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
+             built_with: dict | None = None, cuda_graphs: bool = False) -> EngineSession:
+        """An engine file, ready to run on `device` ("cpu", "cuda:0", ...); `built_with` is the
+        manifest's backend record; `cuda_graphs`: a session that captures graphs (decode steps)."""
 
 
 class Exporter(Protocol):
@@ -47,10 +76,6 @@ class Exporter(Protocol):
 
     def versions(self) -> dict[str, str]:
         """Library versions: recorded in the manifest and part of every cache key."""
-
-    def check_runtime(self, backend: dict, directory: Path) -> None:
-        """Raise EngineIncompatible, with what was recorded and what is found here, when engines
-        built as the manifest's `backend` record says cannot run on this machine."""
 
     def check_export(self) -> None:
         """Optional: raise BackendUnavailable when this export cannot be built here."""
@@ -69,10 +94,8 @@ class Exporter(Protocol):
         """Write each spec's engine at stems[i] (+ suffixes, in a staging directory); the specs
         share one graph. `engines_dir` is where they will live (for caches kept beside them)."""
 
-    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None) -> EngineSession:
-        """An engine file, ready to run on `device` ("cpu", "cuda:0", ...); `built_with` is the
-        manifest's backend record."""
+    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str) -> EngineSession:
+        """An engine this builder just built, as a session for validation (its runtime's load)."""
 
 
 _streams: dict[torch.device, "torch.cuda.Stream"] = {}
@@ -89,14 +112,21 @@ def device_stream(device: torch.device) -> "torch.cuda.Stream":
     return _streams[device]
 
 
-def exporter_class(backend: str) -> type:
-    """The backend's class, not yet built: what it can build (e.g. its `quantizations`) is known
-    before its library is imported, so that a request it can never serve is refused first."""
-    if backend not in BACKENDS:
-        raise KeyError(f"unknown export backend {backend!r}; known: {', '.join(BACKENDS)}")
-    module_name, cls_name = BACKENDS[backend].split(":")
+def backend_class(name: str, side: int):
+    """The backend's builder (side 0) or runtime (side 1) class, not yet built: what it can build
+    (e.g. the builder's `quantizations`) is known before its library is imported, so that a request
+    it can never serve is refused first."""
+    if name not in BACKENDS:
+        raise KeyError(f"unknown export backend {name!r}; known: {', '.join(BACKENDS)}")
+    module_name, cls_name = BACKENDS[name][side].split(":")
     return getattr(importlib.import_module(module_name), cls_name)
 
 
 def get_exporter(cfg: ExportConfig) -> Exporter:
-    return exporter_class(cfg.backend)(cfg)
+    """The builder of `cfg.backend`, set up for this export."""
+    return backend_class(cfg.backend, 0)(cfg)
+
+
+def get_runtime(name: str) -> Runtime:
+    """The run side of backend `name` (a manifest's backend["name"])."""
+    return backend_class(name, 1)()

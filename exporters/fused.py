@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 
 from exporters.quantize import WeightQuant
 from model.glm import Segment
-from pipeline.engines import EngineSpec, tensor_dtype
+from contract.engines import EngineSpec, tensor_dtype
 
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
               torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL,

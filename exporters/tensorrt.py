@@ -2,7 +2,7 @@
 
 Build: each engine's ONNX file comes from the ONNX backend (same trace, same weights), TensorRT
 parses it and builds one serialized engine with an optimisation profile per phase: prefill
-(seq in [2, max_seq]) and decode (seq = 1), both derived from the Dims that pipeline/engines.py
+(seq in [2, max_seq]) and decode (seq = 1), both derived from the Dims that contract/engines.py
 declares; engines without a `seq` axis get one profile. A timing cache beside the engines makes
 rebuilds fast. Run: `TrtSession` binds torch tensors by name and enqueues on torch's current
 stream of the engine's device, so a path's engines hand tensors to each other on the device.
@@ -28,9 +28,9 @@ import onnxscript
 import torch
 
 from exporters import BackendUnavailable, EngineIncompatible, device_stream
-from pipeline.config import ExportConfig
-from pipeline.engines import Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape
-from pipeline.manifest import write_atomic
+from contract.config import ExportConfig
+from contract.engines import Dim, EngineSpec, TensorSpec, bind_sizes, concrete_shape
+from contract.manifest import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ def profiles(spec: EngineSpec, dims: dict[str, Dim]) -> list[Profile]:
     uses_seq = any(SEQ in axis_names(e) for t in spec.inputs for e in t.shape)
     return [{t.name: (concrete_shape(t, lo), concrete_shape(t, opt), concrete_shape(t, hi)) for t in spec.inputs}
             for _, lo, opt, hi in phase_sizes(dims, uses_seq)]
-
-
-def profile_phases(spec: EngineSpec, dims: dict[str, Dim]) -> list[str]:
-    uses_seq = any(SEQ in axis_names(e) for t in spec.inputs for e in t.shape)
-    return [name for name, *_ in phase_sizes(dims, uses_seq)]
 
 
 def select_profile(engine_profiles: list[Profile], shapes: dict[str, Shape]) -> int | None:
@@ -219,10 +214,6 @@ class TensorRTExporter:
         return {"tensorrt": self.trt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                 "onnxscript": onnxscript.__version__}
 
-    def check_runtime(self, backend: dict, directory: Path) -> None:
-        check_compatible(directory, built_for(backend),
-                         {"tensorrt": self.trt.__version__, "compute_capability": self.compute_capability})
-
     def settings(self) -> dict:
         t = self.cfg.tensorrt
         return {"dtype": self.cfg.dtype, "opset": self.cfg.opset, "device": "cuda",
@@ -324,15 +315,32 @@ class TensorRTExporter:
             config.set_timing_cache(cache, ignore_mismatch=False)
         return cache
 
-    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None, cuda_graphs: bool = False) -> "TrtSession":
-        """`built_with`: the manifest's backend record; without it, the engine is taken to be this
-        exporter's own build (the export stage validating what it just built)."""
-        built_with = built_with or {"settings": self.settings(), "versions": self.versions()}
-        return TrtSession(path, inputs, outputs, device, built_with)
+    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str) -> "TrtSession":
+        """This exporter's own build, for the export stage's validation."""
+        return TrtSession(path, inputs, outputs, device, {"settings": self.settings(), "versions": self.versions()})
 
 
 # --- the runtime --------------------------------------------------------------------------------
+
+
+class TensorRTRuntime:
+    """The run side (exporters.get_runtime("tensorrt")): TensorRT is imported when it is made."""
+
+    name = "tensorrt"
+    cuda_graphs = False  # decode steps enqueue the engines uncaptured (no CUDA graph capture here yet)
+
+    def __init__(self):
+        self.trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("TensorRT engines run on a CUDA GPU and torch sees none")
+
+    def check_runtime(self, backend: dict, directory: Path) -> None:
+        found = {"tensorrt": self.trt.__version__, "compute_capability": compute_capability("cuda:0")}
+        check_compatible(directory, built_for(backend), found)
+
+    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
+             built_with: dict | None = None, cuda_graphs: bool = False) -> "TrtSession":
+        return TrtSession(path, inputs, outputs, device, built_with)
 
 
 def torch_dtypes(trt) -> dict:
@@ -402,8 +410,8 @@ class TrtSession:
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
             graph: bool = False) -> dict[str, torch.Tensor]:
-        """`outputs` and `graph` (ONNX Runtime's caller-owned outputs and CUDA graphs) are not used:
-        outputs are allocated per run."""
+        """Outputs named in `outputs` are written into the caller's tensors (a decode step's
+        buffers), the others into fresh ones; `graph` is not used (no CUDA graph capture)."""
         shapes = {name: tuple(t.shape) for name, t in feeds.items()}
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
@@ -439,7 +447,12 @@ class TrtSession:
                 if inferred != shape:
                     raise RuntimeError(f"{self.path.name}: output {spec.name} has shape {inferred} in TensorRT, "
                                        f"the manifest gives {shape}")
-                out = torch.empty(shape, dtype=self.dtypes[spec.name], device=self.device)
+                out = (outputs or {}).get(spec.name) if not spec.inplace_of else None
+                if out is not None and (tuple(out.shape) != shape or out.dtype != self.dtypes[spec.name] or not out.is_contiguous()):
+                    raise ValueError(f"{self.path.name}: output buffer {spec.name} is {tuple(out.shape)} {out.dtype}, "
+                                     f"the engine writes a contiguous {shape} {self.dtypes[spec.name]}")
+                if out is None:
+                    out = torch.empty(shape, dtype=self.dtypes[spec.name], device=self.device)
                 self.context.set_tensor_address(spec.name, self.address(out))
                 results[spec.name] = out
             if not self.context.execute_async_v3(stream):

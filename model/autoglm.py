@@ -2,7 +2,7 @@
 gated cross-attention in front of each decoder segment.
 
 `AutoGLM.forward` is the eager reference that every engine chain is checked against; the
-runtime and the exporters never call it, they call the parts (see pipeline/engines.py).
+runtime and the exporters never call it, they call the parts (see contract/engines.py).
 """
 from __future__ import annotations
 

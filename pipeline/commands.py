@@ -10,10 +10,33 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import BenchApp, CalibrateApp, ExportApp, register_configs
+from hydra.core.config_store import ConfigStore
+
+from contract.config import BenchApp, BenchConfig, CalibrateApp, CalibrateConfig, ExportApp, ExportConfig, PathsConfig
+from model.autoglm import ModelConfig
+from runtime.config import ClusterConfig, RuntimeConfig, ServeApp
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def register_configs() -> None:
+    """Every entry point's typed schemas in Hydra's ConfigStore (runtime/serve.py calls it too):
+    the one place Hydra learns them, so library modules never import Hydra."""
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="export", name="export_schema", node=ExportConfig)
+    cs.store(group="paths", name="paths_schema", node=PathsConfig)
+    cs.store(name="export_app_schema", node=ExportApp)
+    cs.store(group="bench", name="bench_schema", node=BenchConfig)
+    cs.store(name="bench_app_schema", node=BenchApp)
+    cs.store(group="calibrate", name="calibrate_schema", node=CalibrateConfig)
+    cs.store(name="calibrate_app_schema", node=CalibrateApp)
+    cs.store(group="runtime", name="runtime_schema", node=RuntimeConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    cs.store(name="serve_app_schema", node=ServeApp)
+
+
 register_configs()
 
 
@@ -38,26 +61,28 @@ def export(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def server_overrides() -> list[str]:
+def server_overrides(app: BenchApp) -> list[str]:
     """The overrides that make runtime.serve pick the engines this bench composed: the same model
-    and export choices, and any of their fields set on the command line."""
+    and export choices, any of their fields set on the command line, and the dtype and device a
+    preset may have set."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     picked = [f"model={hc.runtime.choices['model']}", f"export={hc.runtime.choices['export']}"]
-    return picked + [o for o in hc.overrides.task if o.lstrip("+~").startswith(("model.", "export."))]
+    given = [o for o in hc.overrides.task if o.lstrip("+~").startswith(("model.", "export."))]
+    return picked + [f"export.dtype={app.export.dtype}", f"export.device={app.export.device}"] + given
 
 
 @hydra.main(config_path=CONF_DIR, config_name="bench", version_base=None)
 def bench(cfg: DictConfig) -> None:
-    from pipeline.bench import BenchError, run_bench
+    from bench.run import BenchError, run_bench
 
     # one line per request from httpx, and matplotlib's font cache notice, would bury the progress bar
     for name in ("httpx", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     app: BenchApp = OmegaConf.to_object(cfg)
     try:
-        run_bench(app, server_overrides())
+        run_bench(app, server_overrides(app))
     except BenchError as e:
         log.error("bench failed: %s", e)
         sys.exit(2)
@@ -70,7 +95,7 @@ COMPARE_CLI: dict = {"tolerances": {}, "error": None}
 
 @hydra.main(config_path=CONF_DIR, config_name="bench", version_base=None)
 def compare_app(cfg: DictConfig) -> None:
-    from pipeline.compare import CompareError, run_compare
+    from bench.compare import CompareError, run_compare
 
     app: BenchApp = OmegaConf.to_object(cfg)
     try:
@@ -110,7 +135,7 @@ def compare() -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="calibrate", version_base=None)
 def calibrate(cfg: DictConfig) -> None:
-    from pipeline.calibrate import CalibrateError, run_calibrate
+    from calibrate.run import CalibrateError, run_calibrate
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     app: CalibrateApp = OmegaConf.to_object(cfg)

@@ -28,22 +28,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from exporters import BackendUnavailable, Exporter, exporter_class
+from exporters import BackendUnavailable, Exporter, backend_class
 from exporters.quantize import BITS, BLOCKS, WeightQuant, engine_quant
 from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, meta_model
 from model.exits import ExitsError, ExitsInfo, check_exits, read_exits, resolve_exits
-from pipeline.config import ExportConfig
-from pipeline.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, engines_path, model_dims, path_specs,
+from contract.config import ExportConfig
+from contract.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
                               probe_sizes, random_inputs, tensor_dtype)
-from pipeline.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, ManifestError, PathRecord, fsync,
-                               sha256_file, write_atomic)
+from contract.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, ManifestError, PathRecord, engines_path,
+                               fsync, sha256_file, write_atomic)
 from pipeline.quantization import path_agreement
 
 log = logging.getLogger(__name__)
 
 # sources whose change alters what an engine computes: part of every cache key (the checkpoint
 # loader and tokenizer are not: loaded weights are keyed by the checkpoint's content hash)
-CODE_FILES = ("model/glm.py", "model/autoglm.py", "model/multimodal/*.py", "pipeline/engines.py")
+CODE_FILES = ("model/glm.py", "model/autoglm.py", "model/multimodal/*.py", "contract/engines.py")
 STEPS = ("build", "load", "validate")
 
 
@@ -128,7 +128,7 @@ def check_request(model_cfg: ModelConfig, cfg: ExportConfig) -> Exporter:
     if cfg.quantize_block not in BLOCKS:  # checked even when off: a block set without export.quantize is a mistake too
         raise ExportError(f"export.quantize_block={cfg.quantize_block} is not one of {', '.join(map(str, BLOCKS))}")
     try:
-        backend = exporter_class(cfg.backend)
+        backend = backend_class(cfg.backend, 0)
     except KeyError as e:
         raise ExportError(e.args[0]) from None
     # what the backend can build, before its library is needed: installing TensorRT only to learn

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from exporters import Exporter
-from pipeline.config import ExportConfig
-from pipeline.engines import EXPORT_DTYPES, EngineSpec, PathSpec, concrete_shape, tensor_dtype
-from pipeline.manifest import EngineRecord
+from contract.config import ExportConfig
+from contract.engines import EXPORT_DTYPES, EngineSpec, PathSpec, concrete_shape, tensor_dtype
+from contract.manifest import EngineRecord
 
 PROMPTS = 64  # per path; with random weights the top-1 margins are small, so fewer would be noisy
 PROMPT_TOKENS = 16

@@ -24,7 +24,7 @@ import ray
 from ray import serve
 from starlette.middleware import Middleware
 
-from runtime.protocol import ErrorBody, ErrorResponse
+from serving.protocol import ErrorBody, ErrorResponse
 
 if TYPE_CHECKING:  # Serve's proxies import this module for ReplicaLost: they need neither torch nor the engines
     from runtime.config import ServeApp
@@ -139,8 +139,8 @@ class ChainReplica:
     def __init__(self, app: ServeApp, export_command: str):
         import torch  # here, not at the top: Serve's proxies import this module for ReplicaLost and run no engines
 
-        from runtime.server import create_app
-        from runtime.serving import build_service
+        from serving.app import create_app
+        from runtime.serve import build_service
 
         self.create_app = create_app
         replica_logging()
@@ -159,7 +159,7 @@ class ChainReplica:
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; a failure replaces the replica."""
-        if not self.service.engine.thread.is_alive():
+        if not self.service.engine.alive():
             raise RuntimeError(f"replica {self.name}: the generation engine's thread has stopped")
 
 

@@ -1,4 +1,4 @@
-"""Typed schemas of `python -m runtime.serve`, registered in Hydra's ConfigStore.
+"""Typed schemas of `python -m runtime.serve` (registered in Hydra's ConfigStore by the entry points).
 
 conf/serve.yaml composes them: the model and export groups say which engines to serve
 (<engines_dir>/<model.name>/<export.backend>/), the runtime group where and how to run them,
@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hydra.core.config_store import ConfigStore
-
 from model.autoglm import ModelConfig
-from pipeline.config import ExportConfig
-from pipeline.config import register_configs as register_export_configs
+from contract.config import ExportConfig, PathsConfig
 
 
 @dataclass
@@ -147,13 +144,7 @@ class ServeApp:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
     tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one
 
-
-def register_configs() -> None:
-    register_export_configs()
-    cs = ConfigStore.instance()
-    cs.store(group="runtime", name="runtime_schema", node=RuntimeConfig)
-    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
-    cs.store(name="serve_app_schema", node=ServeApp)

@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exporters import EngineIncompatible, EngineSession, get_exporter
-from pipeline.config import ExportConfig
-from pipeline.engines import TensorSpec
-from pipeline.manifest import EngineRecord, Manifest, sha256_file
+from exporters import EngineIncompatible, EngineSession, get_runtime
+from contract.engines import TensorSpec
+from contract.manifest import EngineRecord, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class EngineSet:
     `cuda_graphs` names the engines whose sessions the backend makes able to capture CUDA graphs
     (the decode step's: runtime.step.captured_engines; an encoder graph may hold nodes the CUDA
     provider does not run, which capture refuses). `reference` swaps the files for the eager torch
-    modules they were exported from (engine name -> module, see pipeline.engines.engine_specs): the
+    modules they were exported from (engine name -> module, see contract.engines.engine_specs): the
     reference backend, with nothing to verify.
     """
 
@@ -79,8 +78,8 @@ class EngineSet:
         self.verify = verify and reference is None
         self.budget_bytes = budget_bytes or {}
         self.on_load, self.on_unload, self.announce = on_load, on_unload, announce
-        self.exporter = get_exporter(ExportConfig(backend=self.manifest.backend["name"], dtype=self.manifest.dtype))
-        self.host_copy = host_copy if getattr(self.exporter, "loads_from_memory", False) and reference is None else lambda d: False
+        self.backend = get_runtime(self.manifest.backend["name"])  # the run side of the backend that built them
+        self.host_copy = host_copy if getattr(self.backend, "loads_from_memory", False) and reference is None else lambda d: False
         self.cuda_graphs = set(cuda_graphs)
         self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
         self.last_used: dict[str, float] = {}  # key -> monotonic time of its last session() call
@@ -97,7 +96,7 @@ class EngineSet:
 
     def check_versions(self) -> None:
         try:  # each backend knows what it can run: exact versions, or later ones for portable engines
-            self.exporter.check_runtime(self.manifest.backend, self.directory)
+            self.backend.check_runtime(self.manifest.backend, self.directory)
         except EngineIncompatible as e:
             raise EngineMismatch(str(e)) from None
 
@@ -201,8 +200,8 @@ class EngineSet:
         if self.reference is not None:
             return EagerSession(self.reference[record.name], inputs, outputs, device)
         extra = {"host_files": host} if host is not None else {}
-        return self.exporter.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
-                                  cuda_graphs=record.name in self.cuda_graphs, **extra)
+        return self.backend.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
+                                 cuda_graphs=record.name in self.cuda_graphs, **extra)
 
     def make_room(self, device: str, needed: int, key: str) -> None:
         budget = self.budget_bytes.get(device)

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from model.tokenizer import ChatTokenizer
-from pipeline.manifest import PathRecord
+from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
 from runtime.engines import EngineMismatch, EngineSet, mib
 from runtime.metrics import Metrics
@@ -407,11 +407,8 @@ class GenerationEngine:
             self.running.append(seq)
 
     def decide(self, req: GenerationRequest) -> Decision:
-        if self.mode == "static":
-            return Decision(self.n_layers, "static mode")
-        if req.exit_layer:
-            return Decision(req.exit_layer, "requested by the client")
-        return self.policy.decide(PolicyInput(req.policy_text, req.modalities))
+        """The policy's depth for a request (known before prefill, except the confidence policy's)."""
+        return self.policy.decide(PolicyInput(req.policy_text, req.modalities, req.exit_layer, self.mode == "static"))
 
     def prefill(self, seq: Sequence) -> torch.Tensor:
         """Encode the media and fill the sequence's cache rows along its path; logits [1, V] of the prompt's last position."""

@@ -2,7 +2,7 @@
 
 A segment of L layers keeps keys and values [L * 2, rows, kv_heads, capacity, head_dim] on its
 device: layer i's keys are plane 2i, its values plane 2i + 1, bound to the engine's
-`past_key.i`/`present_key.i` (and `_value`) as one memory (pipeline.engines.cache_names).
+`past_key.i`/`present_key.i` (and `_value`) as one memory (contract.engines.cache_names).
 Each sequence that reaches the segment holds one row; rows [0, n) are in use, so a decode step of
 n sequences binds the first n rows (or a few more, for a captured batch size: spare rows are
 harmless, their writes land where no sequence reads). `lengths` [rows] int32, on the device, is
@@ -24,7 +24,7 @@ from collections.abc import Hashable
 
 import torch
 
-from pipeline.engines import cache_names
+from contract.engines import cache_names
 
 
 class SegmentCache:

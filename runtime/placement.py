@@ -12,7 +12,7 @@ import bisect
 
 import torch
 
-from pipeline.manifest import EngineRecord, Manifest
+from contract.manifest import EngineRecord, Manifest
 from runtime.config import PlacementConfig
 
 

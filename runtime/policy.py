@@ -34,6 +34,8 @@ class PolicyError(ValueError):
 class PolicyInput:
     text: str  # the last user message's text
     modalities: tuple[str, ...]
+    requested: int | None = None  # the request's `exit_layer` (the chat service admits it only with request_override)
+    static: bool = False  # static mode: the full graph, whatever the request
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ class DepthPolicy:
             log.info("confidence policy, %s top-1 thresholds: %s", self.source, shown)
 
     def decide(self, x: PolicyInput) -> Decision:
+        """Every depth decision, in this order: static mode, the request's own exit, the forced
+        exit, the confidence policy (decided during prefill: exit_layer None), the heuristic."""
+        if x.static:
+            return Decision(self.exit_layers[-1], "static mode")
+        if x.requested:
+            return Decision(x.requested, "requested by the client")
         if self.cfg.force_exit is not None:
             return Decision(self.cfg.force_exit, "forced by runtime.policy.force_exit")
         if self.cfg.name == "confidence":

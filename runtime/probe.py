@@ -20,8 +20,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.bench import send
-from pipeline.workload import BenchRequest, draw_chart, encode_png, encode_wav, synth_sound
+from bench.client import send
+from bench.workload import BenchRequest, draw_chart, encode_png, encode_wav, synth_sound
 
 MODALITY_SETS = [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]
 

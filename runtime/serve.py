@@ -2,15 +2,17 @@
 
     python -m runtime.serve model=tiny runtime=cpu server.port=8000
 
-The only module that knows Hydra: it composes conf/serve.yaml, applies the environment
-(ENABLE_DYNAMIC_GRAPH=False forces static mode, DYNGRAPH_API_KEY sets the key) and hands typed
-configs to the runtime. A problem it can name (no export, engines that fail verification, a
+An entry point: it composes conf/serve.yaml, applies the environment (ENABLE_DYNAMIC_GRAPH=False
+forces static mode, DYNGRAPH_API_KEY sets the key) and assembles the layers: the runtime
+(engines, placement, scheduler) behind an engine client, the chat service over it, the app over
+that (build_service; runtime/cluster.py builds each Ray replica with it too). A problem it can name (no export, engines that fail verification, a
 placement the machine cannot hold) ends it with one line and exit status 2.
 """
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict, replace
 import shlex
 import sys
 from pathlib import Path
@@ -20,19 +22,140 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from exporters import BackendUnavailable
-from runtime.config import ServeApp, register_configs
-from runtime.engines import EngineMismatch
-from runtime.generation import EngineConfigError
-from runtime.placement import PlacementError
+from contract.engines import EXPORT_DTYPES, Limits, engine_specs
+from contract.manifest import Manifest, ManifestError, engines_path
+from exporters import BackendUnavailable, get_runtime
+from model.autoglm import build_model
+from model.tokenizer import ChatTokenizer
+from pipeline.commands import register_configs
+from runtime.client import LocalEngine
+from runtime.config import ServeApp, ServerConfig
+from runtime.engines import EngineMismatch, EngineSet
+from runtime.generation import EngineConfigError, GenerationEngine
+from runtime.metrics import Metrics
+from runtime.placement import Placement, PlacementError
 from runtime.policy import PolicyError
-from runtime.server import run_server
-from runtime.serving import ServeError, build_service, open_export
+from runtime.step import captured_engines
+from serving.app import run_server
+from serving.chat import ChatService
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`
+REFERENCE_BACKENDS = ("engines", "eager")  # runtime.backend: the export's files, or the torch modules they came from
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 register_configs()
+
+
+# --- assembly: the runtime under the chat service ---------------------------------------------------------------------------------------------
+
+
+class ServeError(RuntimeError):
+    """Serving cannot start; the message says what to do."""
+
+
+def check_server_config(server: ServerConfig) -> None:
+    """Limits and timeouts that would refuse everything, or nothing, are a configuration mistake."""
+    for name in ("max_body_bytes", "max_messages", "max_content_parts", "max_characters", "max_stop_chars", "max_image_pixels"):
+        if getattr(server, name) < 1:
+            raise ServeError(f"server.{name}={getattr(server, name)} must be at least 1")
+    for name in ("max_stop", "max_images"):
+        if getattr(server, name) < 0:
+            raise ServeError(f"server.{name}={getattr(server, name)} must not be negative")
+    for name in ("header_timeout_s", "body_timeout_s"):
+        if not getattr(server, name) > 0:
+            raise ServeError(f"server.{name}={getattr(server, name)} must be positive")
+    rate = server.rate_limit
+    if rate.per_second is not None and not (rate.per_second > 0 and rate.burst >= 1 and rate.max_clients >= 1):
+        raise ServeError(f"server.rate_limit: per_second={rate.per_second} must be positive (or null: off), "
+                         f"burst={rate.burst} and max_clients={rate.max_clients} at least 1")
+
+
+def check_model_config(cfg: ServeApp, manifest: Manifest, directory: Path) -> None:
+    """The composed model must be the exported one: the tokenizer, the media preprocessing and the
+    paths are all read from it."""
+    exported, asked = flatten(manifest.model["config"]), flatten(asdict(cfg.model))
+    differ = [k for k in asked if exported.get(k) != asked[k]]
+    if differ:
+        k = differ[0]
+        raise ServeError(f"the engines in {directory} were exported with model.{k}={exported.get(k)}, this config has "
+                         f"model.{k}={asked[k]} ({len(differ)} setting(s) differ): serve with the export's settings or export again")
+    if manifest.dtype != cfg.export.dtype:
+        raise ServeError(f"the engines in {directory} are {manifest.dtype}, this config asks for export.dtype={cfg.export.dtype}")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def load_tokenizer(cfg: ServeApp) -> ChatTokenizer:
+    source = cfg.tokenizer or cfg.model.checkpoint
+    return ChatTokenizer.from_dir(source) if source else ChatTokenizer.builtin()
+
+
+def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.Module] | None:
+    """With runtime.backend=eager: the model's engine modules, with the export's weights (same
+    seed on the same generator device, or the same checkpoint)."""
+    if cfg.runtime.backend not in REFERENCE_BACKENDS:
+        raise ServeError(f"runtime.backend={cfg.runtime.backend!r} is not one of {', '.join(REFERENCE_BACKENDS)}")
+    if cfg.runtime.backend != "eager":
+        return None
+    model = build_model(cfg.model, manifest.model["weights"]["init_device"], EXPORT_DTYPES[manifest.dtype])
+    dims = manifest.dims
+    limits = Limits(dims["batch"]["max"], dims["seq"]["max"], dims["capacity"]["max"])
+    return {spec.name: spec.module for spec in engine_specs(model, limits)}
+
+
+def open_export(cfg: ServeApp, export_command: str) -> tuple[Path, Manifest]:
+    """The export's directory and manifest, checked against the composed model; raises ServeError."""
+    directory = engines_path(cfg.engines_dir, cfg.model.name, cfg.export.backend, cfg.export.quantize)
+    try:
+        manifest = Manifest.load(directory)
+    except ManifestError as e:
+        if not (directory / "manifest.json").exists():
+            raise ServeError(f"no engines at {directory}: export them first with `{export_command}`") from None
+        raise ServeError(str(e)) from None
+    check_model_config(cfg, manifest, directory)
+    return directory, manifest
+
+
+def build_service(cfg: ServeApp, export_command: str) -> ChatService:
+    """Everything behind the endpoint, loaded and verified; raises ServeError with a one-line reason."""
+    check_server_config(cfg.server)
+    directory, manifest = open_export(cfg, export_command)
+    placement = Placement(cfg.runtime.placement, manifest)
+    metrics = Metrics(cfg.runtime.max_batch_size)
+    offload = cfg.runtime.offload
+    on_demand = offload.enabled and cfg.runtime.mode == "dynamic"  # static mode keeps everything resident: the baseline
+    if offload.gpu_memory_budget_gb < 0 or offload.idle_unload_s < 0:
+        raise ServeError(f"runtime.offload.gpu_memory_budget_gb={offload.gpu_memory_budget_gb} and "
+                         f"idle_unload_s={offload.idle_unload_s} must not be negative (0: no limit, never)")
+    budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if on_demand and offload.gpu_memory_budget_gb > 0 else None
+    if cfg.runtime.cuda_graphs and not get_runtime(manifest.backend["name"]).cuda_graphs:
+        # the backend's sessions cannot replay graphs: decode steps run uncaptured, unpadded
+        log.info("runtime.cuda_graphs: %s sessions capture no CUDA graphs; decode steps run uncaptured", manifest.backend["name"])
+        cfg = replace(cfg, runtime=replace(cfg.runtime, cuda_graphs=False))
+
+    def loaded(name: str, device: str, n: int, seconds: float) -> None:
+        metrics.engine_loads.labels(name, device).inc()
+        metrics.engine_load_seconds.labels(name).observe(seconds)
+
+    def host_copy(device: str) -> bool:  # null: pinned host copies for a GPU, the page cache on the CPU
+        return on_demand and (torch.device(device).type == "cuda" if offload.host_copy is None else offload.host_copy)
+
+    engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget,
+                        cuda_graphs=captured_engines(manifest) if cfg.runtime.cuda_graphs else (),
+                        on_load=loaded, on_unload=lambda name, device, reason: metrics.engine_unloads.labels(name, reason).inc(),
+                        announce=on_demand, host_copy=host_copy, reference=reference_modules(cfg, manifest))
+    tokenizer = load_tokenizer(cfg)
+    engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
+    engine.warm_up()
+    return ChatService(cfg.server, LocalEngine(engines, engine), tokenizer, metrics)
 
 
 def dynamic_graph_env() -> bool | None:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.engines import EXPORT_DTYPES, total_sequence_length
-from pipeline.manifest import Manifest
+from contract.engines import EXPORT_DTYPES, total_sequence_length
+from contract.manifest import Manifest
 from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.baseline import copy_bandwidth, step_weight_bytes
-from pipeline.config import RooflineSettings
-from pipeline.manifest import Manifest
+from bench.baseline import copy_bandwidth, step_weight_bytes
+from contract.config import RooflineSettings
+from contract.manifest import Manifest
 from runtime.engines import EngineSet
 from runtime.step import Row, Stepper, bucket_for, captured_engines
 

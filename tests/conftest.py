@@ -21,7 +21,8 @@ CONF_DIR = str(ROOT / "conf")
 
 def compose_export(overrides: list[str] | None = None):
     """The export app config exactly as `python -m pipeline export OVERRIDES` would see it."""
-    from pipeline.config import ExportApp, register_configs
+    from contract.config import ExportApp
+    from pipeline.commands import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

@@ -18,12 +18,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pipeline.bench import ModeResult, RequestResult, RunResult, open_nvml, slug
-from pipeline.compare import CompareError, load_report, run_compare, tolerance_for
-from pipeline.config import BenchApp, CompareConfig, RequestGroup, register_configs
-from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
-from pipeline.report import build_report, stats, write_report
-from pipeline.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
+from bench.client import RequestResult
+from bench.run import ModeResult, RunResult, open_nvml, slug
+from bench.compare import CompareError, load_report, run_compare, tolerance_for
+from contract.config import BenchApp, CompareConfig, RequestGroup
+from pipeline.commands import register_configs
+from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
+from bench.report import build_report, stats, write_report
+from bench.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
 
 from .conftest import CONF_DIR, ROOT, run_cli
 
@@ -260,13 +262,13 @@ def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3",
 
 @pytest.fixture(scope="module")
 def tiny_manifest(tiny_engines_dir):
-    from pipeline.manifest import Manifest
+    from contract.manifest import Manifest
 
     return Manifest.load(tiny_engines_dir)
 
 
 def test_step_weight_bytes(tiny_manifest):
-    from pipeline.baseline import step_weight_bytes
+    from bench.baseline import step_weight_bytes
 
     # the bytes each engine stores, less the embedding table but the one row a step gathers
     m, per = tiny_manifest, 4  # fp32

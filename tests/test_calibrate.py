@@ -16,9 +16,9 @@ from safetensors import safe_open
 from model.autoglm import build_model
 from model.exits import EXITS_NAME, ExitsError, read_exits, resolve_exits
 from model.tokenizer import ChatTokenizer
-from pipeline.calibrate import agreement_curve, choose_threshold, fit_heuristic
-from pipeline.manifest import Manifest
-from pipeline.quality import agreement, quality_block, token_texts
+from calibrate.run import agreement_curve, choose_threshold, fit_heuristic
+from contract.manifest import Manifest
+from bench.quality import agreement, quality_block, token_texts
 from runtime.config import PolicyConfig
 from runtime.policy import DepthPolicy
 
@@ -252,7 +252,7 @@ def test_adapter_exports_and_validates(tmp_path, one_torch_thread):
     the real exporter and the export's validation against its eager module."""
     from exporters import get_exporter
     from model.exits import save_exits
-    from pipeline.engines import Limits, engine_specs, model_dims
+    from contract.engines import Limits, engine_specs, model_dims
     from pipeline.export import validate_and_commit
 
     from .conftest import compose_export

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from model.autoglm import meta_model
-from pipeline.engines import Limits, engine_specs, path_specs
-from pipeline.manifest import Manifest, sha256_file
+from contract.engines import Limits, engine_specs, path_specs
+from contract.manifest import Manifest, engines_path, sha256_file
 from runtime.engines import EngineSet
 from runtime.step import Row, Stepper
 
@@ -38,8 +38,8 @@ def assert_consistent(directory: Path) -> Manifest:
 def copy_export(src: Path, tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of the shared export for tests that change it: (engines_dir, model dir)."""
     root = tmp_path / "engines"
-    shutil.copytree(src, root / "tiny" / "onnx", ignore=shutil.ignore_patterns(".lock"))
-    return root, root / "tiny" / "onnx"
+    shutil.copytree(src, engines_path(root, "tiny", "onnx"), ignore=shutil.ignore_patterns(".lock"))
+    return root, engines_path(root, "tiny", "onnx")
 
 
 # --- the export itself ------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_fp16_export_validates_on_cuda(cuda_export):
 
 
 def stepper_on_cuda(directory, graphs: bool, max_batch: int = 4):
-    from pipeline.manifest import Manifest
+    from contract.manifest import Manifest
     from runtime.engines import EngineSet
     from runtime.step import Stepper, captured_engines
 
@@ -98,7 +98,7 @@ def test_captured_decode_steps_replay_the_uncaptured_ones(cuda_export):
 def test_an_evicted_segment_recaptures_its_graphs_on_reload(cuda_export):
     """A segment evicted mid-generation comes back (from pinned host memory) as a new session that
     captures its own graphs: the tokens equal the uncaptured run's, and the old graphs went with the old session."""
-    from pipeline.manifest import Manifest
+    from contract.manifest import Manifest
     from runtime.engines import EngineSet
     from runtime.step import Row, Stepper, captured_engines
 

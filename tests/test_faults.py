@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.manifest import Manifest
+from contract.manifest import Manifest, engines_path
 
 from .test_serve import MODEL, Server, audio_part, image_part, png_url, user, wait_for, wav_b64
 
@@ -24,7 +24,7 @@ HI = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_toke
 def engines_copy(tiny_engines_dir, tmp_path) -> Path:
     """An engines root whose tiny/onnx files are symlinks to the shared export: a test replaces or
     deletes the links, never the files behind them."""
-    directory = tmp_path / "engines" / "tiny" / "onnx"
+    directory = engines_path(tmp_path / "engines", "tiny", "onnx")
     directory.mkdir(parents=True)
     for f in tiny_engines_dir.iterdir():
         if f.is_file() and not f.name.startswith("."):
@@ -34,7 +34,7 @@ def engines_copy(tiny_engines_dir, tmp_path) -> Path:
 
 def test_an_engine_file_corrupted_or_deleted_after_start_up_degrades_only_its_paths(engines_copy, tmp_path):
     """With offloading, the encoders load on first use: that load verifies the file against the manifest."""
-    directory = engines_copy / "tiny" / "onnx"
+    directory = engines_path(engines_copy, "tiny", "onnx")
     manifest = Manifest.load(directory)
     vision, audio = (directory / manifest.engines[name].files[0].name for name in ("vision", "audio"))
     expected = {name: manifest.engines[name].files[0].sha256 for name in ("vision", "audio")}
@@ -74,7 +74,7 @@ def test_an_engine_file_corrupted_or_deleted_after_start_up_degrades_only_its_pa
 
 
 def test_sigkill_mid_stream_then_a_restart_serves_with_no_clean_up(engines_copy, tmp_path):
-    directory = engines_copy / "tiny" / "onnx"
+    directory = engines_path(engines_copy, "tiny", "onnx")
     before = sorted(p.name for p in directory.iterdir())
     s = Server(engines_copy, tmp_path / "first.log")
     body = {**HI, "max_tokens": 1500, "ignore_eos": True, "stream": True}

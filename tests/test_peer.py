@@ -1,5 +1,5 @@
-"""The peer in the bench: ORT GenAI on a Llama of the same decoder dims (pipeline/peer.py) and the
-batch-1 decode table of the report (pipeline/report.py).
+"""The peer in the bench: ORT GenAI on a Llama of the same decoder dims (bench/peer.py) and the
+batch-1 decode table of the report (bench/report.py).
 
 The real test builds, times and deletes the peer at the tiny model's dims on the CPU; it needs
 `onnxruntime_genai` (pip install -e '.[peer]') and is skipped without it.
@@ -16,12 +16,12 @@ import torch
 from rich.console import Console
 
 from model.tokenizer import ChatTokenizer
-from pipeline import peer as peer_module
-from pipeline.baseline import copy_bandwidth
-from pipeline.config import RooflineSettings
-from pipeline.peer import PeerSkipped, check_settings, installed_package, llama_parameters, plan_dirs, run_peer
-from pipeline.report import build_report, write_report
-from pipeline.workload import build_workload, fingerprint
+from bench import peer as peer_module
+from bench.baseline import copy_bandwidth
+from contract.config import RooflineSettings
+from bench.peer import PeerSkipped, check_settings, installed_package, llama_parameters, plan_dirs, run_peer
+from bench.report import build_report, write_report
+from bench.workload import build_workload, fingerprint
 
 from .conftest import run_cli
 from .test_bench import compose_bench, fake_environment, fake_modes, fake_report
@@ -42,7 +42,7 @@ def genai_cuda_installed() -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_manifest(tiny_engines_dir):
-    from pipeline.manifest import Manifest
+    from contract.manifest import Manifest
 
     return Manifest.load(tiny_engines_dir)
 

@@ -28,10 +28,11 @@ from rich.console import Console
 from exporters import get_exporter
 from exporters.quantize import BITS
 from model.autoglm import meta_model
-from pipeline.engines import Limits, engine_specs, engines_path, model_dims
+from contract.engines import Limits, engine_specs, model_dims
+from contract.manifest import engines_path
 from pipeline.export import code_hash, engine_key, run_export, weights_identity
-from pipeline.manifest import Manifest
-from pipeline.quality import agreement
+from contract.manifest import Manifest
+from bench.quality import agreement
 
 from .conftest import compose_export, run_cli
 from .test_bench import compose_bench
@@ -303,7 +304,7 @@ def test_missing_int8_export_names_the_export_command(tmp_path):
 
 
 def test_bench_finds_the_int8_engines(int8_export, engines_root):
-    from pipeline.bench import check_request
+    from bench.run import check_request
 
     directory, manifest, requests = check_request(compose_bench(["bench=ci", f"engines_dir={engines_root}", "export.quantize=int8"]))
     assert directory == int8_export.directory and manifest.quantization["scheme"] == "int8" and requests

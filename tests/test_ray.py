@@ -28,7 +28,7 @@ def compose_serve(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from runtime.config import register_configs
+    from pipeline.commands import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

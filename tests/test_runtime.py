@@ -16,9 +16,9 @@ from PIL import Image
 
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
-from pipeline.engines import Limits, engine_specs
-from pipeline.manifest import Manifest
-from pipeline.workload import encode_wav, synth_sound
+from contract.engines import Limits, engine_specs
+from contract.manifest import Manifest
+from bench.workload import encode_wav, synth_sound
 from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, RuntimeConfig
 from runtime.engines import EngineMismatch, EngineSet
 from runtime.generation import Failed, Finished, GenerationEngine, GenerationRequest, Started

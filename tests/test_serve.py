@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from model.tokenizer import ChatTokenizer
-from pipeline.manifest import Manifest
+from contract.manifest import Manifest
 
 from .conftest import ROOT, run_cli
 
@@ -662,7 +662,7 @@ def test_without_keys_the_rate_limit_is_per_client_address():
 
     from runtime.config import RateLimitConfig, ServerConfig
     from runtime.metrics import Metrics
-    from runtime.server import Guard
+    from serving.app import Guard
 
     async def ok(request):
         return PlainTextResponse("ok")
@@ -735,7 +735,7 @@ def test_stream_chunks_survive_line_splitters_whatever_the_text():
     aiter_lines (like str.splitlines) takes for line ends: found by the soak, two chunks cut in half."""
     from httpx._decoders import LineDecoder
 
-    from runtime.serving import sse_json
+    from serving.chat import sse_json
 
     chunk = {"choices": [{"delta": {"content": "a\x85b\u2028c\u2029d\r\ne 打开微信"}}]}
     lines = LineDecoder().decode(f"data: {sse_json(chunk)}\n\n")

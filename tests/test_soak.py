@@ -9,9 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.config import register_configs
-from pipeline.gpu_monitor import MemoryPeaks
-from pipeline.soak import Outcome, Sample, build_report
+from pipeline.commands import register_configs
+from bench.gpu_monitor import MemoryPeaks
+from bench.soak import Outcome, Sample, build_report
 
 from .conftest import CONF_DIR, run_cli
 

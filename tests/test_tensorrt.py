@@ -16,12 +16,12 @@ from exporters import EngineIncompatible
 import torch
 
 import exporters.tensorrt as trt_backend  # importable without TensorRT: that is the point
-from exporters import BackendUnavailable, get_exporter
-from exporters.tensorrt import (EngineLoadError, TensorRTExporter, TrtSession, built_for, check_compatible, profile_phases,
-                                profiles, select_profile)
+from exporters import BackendUnavailable, get_exporter, get_runtime
+from exporters.tensorrt import (EngineLoadError, TensorRTExporter, TensorRTRuntime, TrtSession, axis_names, built_for, check_compatible,
+                                phase_sizes, profiles, select_profile)
 from model.autoglm import meta_model
-from pipeline.config import ExportConfig, TensorRTSettings
-from pipeline.engines import Dim, Limits, TensorSpec, concrete_shape, engine_specs, model_dims
+from contract.config import ExportConfig, TensorRTSettings
+from contract.engines import Dim, Limits, TensorSpec, concrete_shape, engine_specs, model_dims
 from pipeline.export import engine_key
 
 from .conftest import compose_export, run_cli
@@ -30,6 +30,12 @@ HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NO_TENSORRT = "TensorRT is not installed: its builder is not on PyPI (see README)"
 requires_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT or not torch.cuda.is_available(),
                                        reason=NO_TENSORRT if not HAVE_TENSORRT else "TensorRT is installed but torch sees no CUDA GPU")
+
+
+def profile_phases(spec, dims) -> list[str]:
+    """The phases (prefill, decode, or all) an engine gets optimisation profiles for."""
+    uses_seq = any(trt_backend.SEQ in axis_names(e) for t in spec.inputs for e in t.shape)
+    return [name for name, *_ in phase_sizes(dims, uses_seq)]
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +310,10 @@ def test_cache_key_includes_tensorrt_version_and_compute_capability(cut, monkeyp
     exporter = exporter_with(monkeypatch)
     assert exporter.settings()["compute_capability"] == "sm_90"
     assert exporter.versions()["tensorrt"] == "10.8.0" and {"torch", "onnx", "onnxscript"} <= exporter.versions().keys()
-    exporter.check_runtime({"versions": {"tensorrt": "10.8.0"}, "settings": {"compute_capability": "sm_90"}}, Path("engines"))
+    runtime = TensorRTRuntime()  # the run side checks what the manifest recorded against this machine
+    runtime.check_runtime({"versions": {"tensorrt": "10.8.0"}, "settings": {"compute_capability": "sm_90"}}, Path("engines"))
     with pytest.raises(EngineIncompatible, match="built with TensorRT 10.7.0 on sm_90, found TensorRT 10.8.0 on sm_90"):
-        exporter.check_runtime({"versions": {"tensorrt": "10.7.0"}, "settings": {"compute_capability": "sm_90"}}, Path("engines"))
+        runtime.check_runtime({"versions": {"tensorrt": "10.7.0"}, "settings": {"compute_capability": "sm_90"}}, Path("engines"))
     assert exporter.engine_files("segment.0-abc") == ["segment.0-abc.engine"]
 
 
@@ -523,12 +530,12 @@ def test_tensorrt_export_validates_every_engine_and_caches(trt_export):
 @requires_tensorrt
 def test_session_switches_profiles_and_matches_eager(trt_export, tiny_config):
     from model.autoglm import build_model
-    from pipeline.engines import probe_sizes, random_inputs
+    from contract.engines import probe_sizes, random_inputs
 
     manifest = trt_export.manifest
     record = manifest.engines["segment.0"]
-    exporter = get_exporter(compose_export(["model=tiny", "export=tensorrt"]).export)
-    session = exporter.load(trt_export.directory / record.path, record.input_specs(), record.output_specs(), "cuda:0",
+    runtime = get_runtime("tensorrt")  # what the serving runtime loads engines with
+    session = runtime.load(trt_export.directory / record.path, record.input_specs(), record.output_specs(), "cuda:0",
                             built_with=manifest.backend)
     model = build_model(tiny_config, "cuda", torch.float16)
     spec = next(s for s in engine_specs(model, Limits()) if s.name == "segment.0")
@@ -538,10 +545,13 @@ def test_session_switches_profiles_and_matches_eager(trt_export, tiny_config):
         inputs = random_inputs(spec, sizes, torch.float16, "cuda:0", generator)
         with torch.inference_mode():
             expected = spec.module(*inputs)
-        got = session.run({t.name: x for t, x in zip(spec.inputs, inputs)})
+        feeds = {t.name: x for t, x in zip(spec.inputs, inputs)}
+        got = session.run(feeds)
         for t, ref in zip(spec.outputs, expected):
             err = (got[t.name].float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
             assert err < 2e-2, (t.name, sizes, float(err))
+        owned = torch.empty_like(got["hidden_out"])  # a caller-owned buffer is written where it lies (decode steps)
+        assert session.run(feeds, {"hidden_out": owned})["hidden_out"] is owned
     other = {**manifest.backend, "settings": {**manifest.backend["settings"], "compute_capability": "sm_10"}}
     with pytest.raises(EngineLoadError, match="built with TensorRT .* on sm_10"):
-        exporter.load(trt_export.directory / record.path, record.input_specs(), record.output_specs(), "cuda:0", built_with=other)
+        runtime.load(trt_export.directory / record.path, record.input_specs(), record.output_specs(), "cuda:0", built_with=other)

@@ -51,11 +51,11 @@ from model.checkpoint import CheckpointError
 from model.exits import EXITS_DIR, EXITS_NAME, ExitsInfo, save_exits
 from model.glm import Segment
 from model.tokenizer import ChatTokenizer
-from pipeline.config import CalibrateApp, CalibrateConfig, ExportConfig
-from pipeline.engines import EXPORT_DTYPES
+from contract.config import CalibrateApp, CalibrateConfig, ExportConfig
+from contract.engines import EXPORT_DTYPES
 from pipeline.export import ExportError, check_writable, weights_identity
-from pipeline.manifest import write_atomic
-from pipeline.workload import WorkloadError, build_workload
+from contract.manifest import write_atomic
+from bench.workload import WorkloadError, build_workload
 from runtime.config import PolicyConfig
 from runtime.policy import DEFAULT_CONFIDENCE, DepthPolicy, PolicyInput
 

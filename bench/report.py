@@ -21,10 +21,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.baseline import encode_weight_bytes, step_engine_bytes
-from pipeline.config import BenchApp
-from pipeline.manifest import Manifest, write_atomic
-from pipeline.quality import quality_block
+from bench.baseline import encode_weight_bytes, step_engine_bytes
+from contract.config import BenchApp
+from contract.manifest import Manifest, write_atomic
+from bench.quality import quality_block
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "dyngraph-bench-report"

@@ -14,7 +14,7 @@ checkpoint and build take ~16 GB of disk each:
    for the builder to copy (the timing feeds token ids);
 2. `python -m onnxruntime_genai.models.builder` on it (precision from the engines' dtype,
    execution provider from the servers' device); the checkpoint is deleted as soon as it is built;
-3. `python -m pipeline.peer time SPEC` times the build (CUDA graphs on, then off); the build is
+3. `python -m bench.peer time SPEC` times the build (CUDA graphs on, then off); the build is
    deleted afterwards, whatever happened.
 
 The Llama layout differs from GLM's only where the bytes are negligible: no q/k/v biases (GLM's
@@ -44,9 +44,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 if TYPE_CHECKING:  # the timing worker imports this module too: it needs neither torch nor Hydra
     from model.glm import ModelArgs
     from model.tokenizer import ChatTokenizer
-    from pipeline.config import BenchApp, PeerSettings
-    from pipeline.manifest import Manifest
-    from pipeline.workload import BenchRequest
+    from contract.config import BenchApp, PeerSettings
+    from contract.manifest import Manifest
+    from bench.workload import BenchRequest
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def llama_parameters(text: ModelArgs, layers: int) -> int:
 
 def step_weight_bytes(text: ModelArgs, layers: int, dtype: str) -> int:
     """Bytes of weights a batch-1 decode step reads, counted as for our paths: one embedding row, not the table."""
-    from pipeline.baseline import DTYPE_BYTES
+    from contract.engines import DTYPE_BYTES
 
     return (llama_parameters(text, layers) - text.vocab_size * text.dim + text.dim) * DTYPE_BYTES[dtype]
 
@@ -142,7 +142,7 @@ def write_checkpoint(text: ModelArgs, layers: int, seed: int, dtype: str, device
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pipeline.engines import EXPORT_DTYPES
+    from contract.engines import EXPORT_DTYPES
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -245,7 +245,7 @@ def build(checkpoint: Path, out: Path, dtype: str, device: str, log_path: Path, 
 
 @dataclass
 class TimingSpec:
-    """What `python -m pipeline.peer time SPEC` measures; written as JSON beside the build."""
+    """What `python -m bench.peer time SPEC` measures; written as JSON beside the build."""
 
     model_dir: str
     provider: str  # cpu | cuda
@@ -261,7 +261,7 @@ class TimingSpec:
 def time_build(spec: TimingSpec, device: str, log_path: Path, timeout_s: float) -> dict:
     spec_path = Path(spec.result).with_suffix(".spec.json")
     spec_path.write_text(json.dumps(asdict(spec)))
-    run_logged([sys.executable, "-m", "pipeline.peer", "time", str(spec_path)], worker_env(device), log_path, timeout_s,
+    run_logged([sys.executable, "-m", "bench.peer", "time", str(spec_path)], worker_env(device), log_path, timeout_s,
                f"timing ORT GenAI ({'CUDA graphs' if spec.cuda_graph else 'no CUDA graphs'})")
     return json.loads(Path(spec.result).read_text())
 
@@ -313,7 +313,7 @@ def run_peer(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], de
 
 def one_depth(app: BenchApp, layers: int, device: str, dtype: str, provider: str, graphs: list[bool], lengths: list[int],
               max_positions: int, log_dir: Path, stage) -> dict:
-    from pipeline.baseline import DTYPE_BYTES
+    from contract.engines import DTYPE_BYTES
 
     cfg, text = app.bench.peer, app.model.text
     weight_bytes = step_weight_bytes(text, layers, dtype)
@@ -350,7 +350,7 @@ def one_depth(app: BenchApp, layers: int, device: str, dtype: str, provider: str
             "logs": logs, "runs": runs}
 
 
-# --- the timing worker: python -m pipeline.peer time SPEC ------------------------------------
+# --- the timing worker: python -m bench.peer time SPEC ------------------------------------
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -422,7 +422,7 @@ def time_model(spec: TimingSpec) -> dict:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "time":
-        print("usage: python -m pipeline.peer time SPEC.json (the bench runs this; see bench.peer)", file=sys.stderr)
+        print("usage: python -m bench.peer time SPEC.json (the bench runs this; see bench.peer)", file=sys.stderr)
         return 2
     spec = TimingSpec(**json.loads(Path(argv[1]).read_text()))
     result = time_model(spec)

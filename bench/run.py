@@ -6,81 +6,49 @@ request per group (engine loading, first-call allocations), then drives the whol
 per concurrency level with streaming chat completions. Around each run it resets the server's
 peak-memory counters, samples memory (NVML for the server's GPUs, the server's RSS on the host)
 and reads each GPU's energy counter. After both servers have stopped it measures the two
-yardsticks in pipeline/baseline.py and writes the report (pipeline/report.py).
+yardsticks in bench/baseline.py and writes the report (bench/report.py). The server control is
+bench/server.py, the HTTP client bench/client.py.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 
-import httpx
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model.tokenizer import ChatTokenizer
-from pipeline.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
-from pipeline.config import BenchApp
-from pipeline.engines import engines_path
-from pipeline.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
-from pipeline import report as reporting
-from pipeline.manifest import Manifest, ManifestError
-from pipeline.peer import PeerSkipped, check_settings, run_peer
-from pipeline.workload import BenchRequest, WorkloadError, build_workload, fingerprint
+from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
+from contract.config import BenchApp
+from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
+from bench import report as reporting
+from contract.manifest import Manifest, ManifestError, engines_path
+from bench.peer import PeerSkipped, check_settings, run_peer
+from bench.client import RequestResult, arrival_times, drive
+from bench.server import BenchError, Server, server_env
+from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("static", "dynamic")
-MODEL_ID = "autoglm-phone-9b"
 LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnx", "transformers", "numpy", "httpx", "hydra-core", "nvidia-ml-py", "fastapi", "uvicorn")
 
 
-class BenchError(Exception):
-    """A problem with the request, the environment or the server, reported as one line."""
-
-
 # --- what one request and one run measured ------------------------------------------------
-
-
-@dataclass
-class RequestResult:
-    index: int
-    group: str
-    modalities: list[str]
-    ok: bool
-    error: str | None = None
-    status: int | None = None
-    path: str | None = None  # the engine path the server chose
-    exit_layer: int | None = None
-    devices: dict[str, str] = field(default_factory=dict)  # engine -> device it ran on
-    engines: list[str] = field(default_factory=list)
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    start_s: float = 0.0  # when it was sent, from the start of the run
-    queued_s: float = 0.0  # waiting for a free concurrency slot in the bench, before it was sent
-    ttft_s: float | None = None  # sent -> first chunk carrying generated text
-    latency_s: float | None = None  # sent -> [DONE]
-    tpot_s: float | None = None  # (latency - ttft) / (completion tokens - 1)
-    tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (pipeline/quality.py)
 
 
 @dataclass
@@ -106,233 +74,22 @@ class ModeResult:
     log_file: str
 
 
-# --- the server -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m runtime.serve` in one mode, as a subprocess that the bench owns and stops."""
-
-    def __init__(self, app: BenchApp, mode: str, server_overrides: list[str], log_path: Path):
-        self.port = app.server.port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "runtime.serve", *server_overrides, f"runtime={app.server.runtime}",
-                        f"runtime.mode={mode}", f"server.port={self.port}",
-                        f"engines_dir={Path(app.engines_dir).expanduser().resolve()}", f"cluster={app.server.cluster}",
-                        *([f"cluster.num_replicas={app.server.replicas}"] if app.server.cluster == "ray" else []), *app.server.args]
-        self.replicas = app.server.replicas if app.server.cluster == "ray" else 0  # replicas that must answer before it is ready
-        self.env = server_env(mode)
-        self.log_path = log_path
-        self.startup_timeout_s = app.server.startup_timeout_s
-        self.process: subprocess.Popen | None = None
-        self.startup_s = 0.0
-
-    def __enter__(self) -> Server:
-        t0 = time.perf_counter()
-        self.log_file = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
-        try:
-            self.wait_ready(t0 + self.startup_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.perf_counter() - t0
-        return self
-
-    def wait_ready(self, deadline: float) -> None:
-        replicas = set()  # cluster=ray: ready once every replica has answered (x-dyngraph-replica), not just the first
-        with httpx.Client(timeout=5.0) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise BenchError(f"the server exited with code {self.process.returncode} before it was ready: "
-                                     f"{last_line(self.log_path)} (log: {self.log_path})")
-                try:
-                    health = client.get(self.url + "/health")
-                    replicas.add(health.headers.get("x-dyngraph-replica"))
-                    if health.status_code == 200 and len(replicas - {None}) >= self.replicas:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.perf_counter() > deadline:
-                    raise BenchError(f"the server was not ready after {self.startup_timeout_s:.0f} s "
-                                     f"(server.startup_timeout_s; log: {self.log_path})")
-                time.sleep(0.25)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # lets in-flight requests finish
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self.log_file.closed:
-            self.log_file.close()
-
-    def stats(self) -> dict:
-        return self.call("GET", "/stats")
-
-    def reset_stats(self) -> None:
-        self.call("POST", "/stats/reset")
-
-    def call(self, method: str, route: str) -> dict:
-        try:
-            response = httpx.request(method, self.url + route, timeout=30.0)
-            response.raise_for_status()
-            return response.json() if response.content else {}
-        except (httpx.HTTPError, ValueError) as e:
-            if self.process.poll() is not None:
-                raise BenchError(f"the server exited with code {self.process.returncode}: {last_line(self.log_path)} "
-                                 f"(log: {self.log_path})") from None
-            raise BenchError(f"{method} {route} failed: {e} (log: {self.log_path})") from None
-
-
-def server_env(mode: str) -> dict[str, str]:
-    env = dict(os.environ)
-    # the mode must not depend on what the caller's shell exports: set the switch either way
-    env["ENABLE_DYNAMIC_GRAPH"] = "True" if mode == "dynamic" else "False"
-    # NVML numbers GPUs in PCI order; with the same order in the server, cuda:N maps onto NVML
-    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1].strip() if lines else "the log is empty"
-
-
-# --- the client side: streaming requests ----------------------------------------------------
-
-
-async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body: dict, mode: str, t_run: float,
-               queued_s: float) -> RequestResult:
-    result = RequestResult(request.index, request.group, list(request.modalities), ok=False, queued_s=queued_s)
-    t0 = time.perf_counter()
-    result.start_s = t0 - t_run
-    info: dict = {}
-    usage: dict = {}
-    try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-            result.status = response.status_code
-            header_path = response.headers.get("x-dyngraph-path")
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {error_message(text)}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                now = time.perf_counter()
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    # the first generated token (a chunk per token, its text possibly empty), not the
-                    # role-only opening chunk
-                    if "role" not in delta and ("content" in delta or "reasoning_content" in delta):
-                        result.tokens.append(delta.get("reasoning_content") or delta.get("content") or "")
-                    if result.ttft_s is None and "role" not in delta and ("content" in delta or "reasoning_content" in delta):
-                        result.ttft_s = now - t0
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
-                        if result.ttft_s is None:  # a stream whose tokens decoded to no text at all
-                            result.ttft_s = now - t0
-                usage = chunk.get("usage") or usage
-                info = chunk.get("dyngraph") or info
-            result.latency_s = time.perf_counter() - t0
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        result.error = f"{type(e).__name__}: {e}"
-        return result
-    result.path = info.get("path") or header_path
-    result.exit_layer = info.get("exit_layer")
-    result.devices = dict(info.get("devices") or {})
-    result.engines = list(info.get("engines") or [])
-    result.prompt_tokens, result.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not usage:
-        result.error = "the stream carried no usage (stream_options.include_usage)"
-    elif not result.path:
-        result.error = "the response named no path (x-dyngraph-path header, dyngraph field)"
-    elif info.get("mode") not in (None, mode):
-        result.error = f"the server answered in {info.get('mode')} mode, the bench asked for {mode}"
-    elif header_path and info.get("path") and header_path != info["path"]:
-        result.error = f"x-dyngraph-path says {header_path} but the dyngraph field says {info['path']}"
-    else:
-        result.ok = True
-        if result.completion_tokens and result.completion_tokens > 1 and result.ttft_s is not None:
-            result.tpot_s = (result.latency_s - result.ttft_s) / (result.completion_tokens - 1)
-    return result
-
-
-def error_message(text: str) -> str:
-    try:
-        return json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return text.strip()[:200]
-
-
-def arrival_times(n: int, rate: float | None, seed: int, concurrency: int) -> list[float]:
-    """Poisson arrivals at `rate` per second (seeded: every mode sees the same schedule), or all at 0."""
-    if not rate:
-        return [0.0] * n
-    rng = np.random.default_rng([seed, concurrency])
-    return np.cumsum(rng.exponential(1.0 / rate, size=n)).tolist()
-
-
-async def drive(url: str, requests: list[BenchRequest], bodies: list[dict], mode: str, concurrency: int, arrivals: list[float],
-                timeout_s: float, on_done) -> list[RequestResult]:
-    """Send every request, at most `concurrency` at a time, each no earlier than its arrival time."""
-    slots = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits) as client:
-        t_run = time.perf_counter()
-
-        async def one(request: BenchRequest, body: dict, arrival: float) -> RequestResult:
-            await asyncio.sleep(max(0.0, t_run + arrival - time.perf_counter()))
-            waited = time.perf_counter()
-            async with slots:
-                result = await send(client, url, request, body, mode, t_run, time.perf_counter() - waited)
-            on_done(result)
-            return result
-
-        return list(await asyncio.gather(*(one(r, b, a) for r, b, a in zip(requests, bodies, arrivals))))
-
-
 # --- one mode -------------------------------------------------------------------------------
 
 
 def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_overrides: list[str], nvml: Nvml | None,
              log_dir: Path, progress: Progress, console: Console) -> ModeResult:
     cfg = app.bench
-    bodies = [r.body(MODEL_ID, cfg.temperature, cfg.seed) for r in requests]
     baseline_used = nvml.memory_used([g.label for g in nvml.gpus]) if nvml else {}
     log_path = log_dir / f"server-{mode}.log"
     server = Server(app, mode, server_overrides, log_path)
     task = progress.add_task(f"{mode}: starting server", total=None)
     with server:
+        bodies = [r.body(server.model_id, cfg.temperature, cfg.seed) for r in requests]
         progress.update(task, description=f"{mode}: warm-up", total=len(cfg.groups), completed=0)
         warm = {r.group: r for r in requests}  # one request per group (the last of each)
         for r in warm.values():
-            result = asyncio.run(drive(server.url, [r], [r.body(MODEL_ID, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
+            result = asyncio.run(drive(server.url, [r], [r.body(server.model_id, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
                                        cfg.request_timeout_s, lambda _, t=task: progress.advance(t)))[0]
             if not result.ok:
                 raise BenchError(f"{mode} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")
@@ -413,7 +170,7 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
     """Run the benchmark; return the report folder. `server_overrides` select the same model and
     export for runtime.serve as the bench composed (model=..., export=..., and their overrides)."""
     if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (pipeline/soak.py)
-        from pipeline.soak import run_soak
+        from bench.soak import run_soak
 
         return run_soak(app, server_overrides, console)
     console = console or Console(stderr=True)

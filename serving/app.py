@@ -33,8 +33,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runtime.config import RateLimitConfig, ServerConfig
 from runtime.metrics import Metrics
-from runtime.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
-from runtime.serving import APIError, ChatService, ClientGone
+from serving.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
+from serving.chat import APIError, ChatService, ClientGone
 
 log = logging.getLogger("dyngraph.server")
 
@@ -324,7 +324,7 @@ def request_schema(service: ChatService) -> tuple[dict, dict]:
     props["logprobs"] = nullable({"type": "boolean", "enum": [False]})
     for name in ("presence_penalty", "frequency_penalty"):
         props[name] = nullable({"type": "number", "enum": [0]})
-    exits = engine.exit_layers if engine.cfg.policy.request_override else []
+    exits = engine.exit_layers if engine.request_override else []
     props["exit_layer"] = nullable({"type": "integer", "enum": exits}) if exits else {"type": "null"}
     defs["ChatMessage"]["properties"]["content"] = {"anyOf": [
         text, {"type": "array", "items": defs["ChatMessage"]["properties"]["content"]["anyOf"][1]["items"],

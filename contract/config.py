@@ -1,14 +1,14 @@
-"""Typed schemas of the Hydra configs, registered in Hydra's ConfigStore.
+"""Typed schemas of the export, bench and calibrate configs (the serve ones are runtime/config.py).
 
-The YAML files under conf/ fill these in; an override of a field that does not exist, or of
-the wrong type, is refused by Hydra before any work starts. Entry points turn the composed
-DictConfig into these dataclasses with OmegaConf.to_object, and library code only sees them.
+The YAML files under conf/ fill these in; the entry points register them in Hydra's ConfigStore
+(pipeline/commands.py register_configs), so that an override of a field that does not exist, or
+of the wrong type, is refused before any work starts. Entry points turn the composed DictConfig
+into these dataclasses with OmegaConf.to_object, and library code only sees them: nothing here
+imports Hydra.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from hydra.core.config_store import ConfigStore
 
 from model.autoglm import ModelConfig
 
@@ -50,21 +50,20 @@ class ExportConfig:
 
 
 @dataclass
+class PathsConfig:
+    """conf/paths: where engines are written and read, and where reports go. The top-level
+    `engines_dir` and `output_dir` default to these (and a command-line override of either wins)."""
+
+    engines_dir: str = "engines"
+    output_dir: str = "bench_results"
+
+
+@dataclass
 class ExportApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="export", name="export_schema", node=ExportConfig)
-    cs.store(name="export_app_schema", node=ExportApp)
-    cs.store(group="bench", name="bench_schema", node=BenchConfig)
-    cs.store(name="bench_app_schema", node=BenchApp)
-    cs.store(group="calibrate", name="calibrate_schema", node=CalibrateConfig)
-    cs.store(name="calibrate_app_schema", node=CalibrateApp)
 
 
 # --- python -m pipeline bench / compare ---------------------------------------------------------
@@ -95,7 +94,7 @@ class TransformersBaseline:
 @dataclass
 class PeerSettings:
     """ONNX Runtime GenAI (ORT's own LLM runtime) on a random-weight Llama of the same decoder dims,
-    built by its model builder and timed at batch 1 (pipeline/peer.py). Skipped, with the reason,
+    built by its model builder and timed at batch 1 (bench/peer.py). Skipped, with the reason,
     where onnxruntime_genai is not installed."""
 
     enabled: bool = True
@@ -117,7 +116,7 @@ class RooflineSettings:
 
 @dataclass
 class SoakConfig:
-    """`pipeline bench bench=soak` (pipeline/soak.py): `streams` clients, each sending one streaming
+    """`pipeline bench bench=soak` (bench/soak.py): `streams` clients, each sending one streaming
     request after another for `duration_s`, drawn from `mix`; the run fails on any 5xx, on any
     answer other than the kind's, or on growth of the server's memory or open files past the tolerances."""
 
@@ -147,7 +146,6 @@ class BenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     request_rate: float | None = None  # mean arrivals per second (Poisson); null: each slot sends as soon as it is free
     modes: list[str] = field(default_factory=lambda: ["static", "dynamic"])
-    warmup: bool = True  # one unmeasured request per group before each mode's runs
     temperature: float = 0.0  # greedy, so that both modes generate comparable lengths
     request_timeout_s: float = 600.0
     sample_interval_s: float = 0.05  # memory sampling period (NVML, server RSS)
@@ -188,6 +186,7 @@ class BenchApp:
     bench: BenchConfig = field(default_factory=BenchConfig)
     server: ServerLaunch = field(default_factory=ServerLaunch)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
     output_dir: str = "bench_results"
     run_name: str | None = None  # report folder name; default <date>-<device>-<model>-<backend>
@@ -199,7 +198,7 @@ class BenchApp:
 
 @dataclass
 class CalibrateConfig:
-    """Self-distilled exit heads and calibrated confidence thresholds (pipeline/calibrate.py)."""
+    """Self-distilled exit heads and calibrated confidence thresholds (calibrate/run.py)."""
 
     corpus: str = ""  # a directory of .txt documents and .jsonl chats ({"messages": [...]} per line); nothing is downloaded
     output_dir: str | None = None  # default <model.checkpoint>/exits (found by model.exits=auto), else <engines_dir>/<model>/exits
@@ -227,5 +226,6 @@ class CalibrateApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)  # the workload whose text requests the report sends through the policy
+    paths: PathsConfig = field(default_factory=PathsConfig)
     engines_dir: str = "engines"
     tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one

@@ -1,7 +1,7 @@
 """`python -m pipeline compare BASE.json NEW.json`: every metric of two bench reports, its change,
 and whether the change is a regression past its tolerance (exit status 1) or not (0).
 
-Each metric in a report says what may be compared with what (see pipeline/report.py): ratios,
+Each metric in a report says what may be compared with what (see bench/report.py): ratios,
 exit shares and work compare across machines; memory bytes between two GPU runs or two CPU
 runs; absolute times, throughput and energy only between reports from the same GPU (or CPU)
 model and placement. What is skipped, and why, is printed.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.config import CompareConfig
-from pipeline.report import REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
+from contract.config import CompareConfig
+from bench.report import REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
 
 KINDS = ("exits", "work", "memory", "time", "energy", "errors")
 DEFAULT_TOLERANCE = 0.10

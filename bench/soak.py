@@ -39,10 +39,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.bench import MODEL_ID, BenchError, Server, cpu_model, git_state, open_nvml, slug, unique_dir
-from pipeline.config import BenchApp, SoakConfig
-from pipeline.gpu_monitor import Nvml, Sampler, rss_bytes
-from pipeline.workload import draw_chart, encode_png, encode_wav, synth_sound
+from bench.run import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.server import BenchError, Server
+from contract.config import BenchApp, SoakConfig
+from bench.gpu_monitor import Nvml, Sampler, rss_bytes
+from bench.workload import draw_chart, encode_png, encode_wav, synth_sound
 
 KINDS = ("good", "disconnect", "malformed", "over_limit")
 EXPECTED = {"good": {200}, "disconnect": {200}, "malformed": {400, 404}, "over_limit": {400, 413}}
@@ -90,7 +91,7 @@ def bomb_png(side: int = 30000) -> bytes:
 class Mix:
     """Every request body the soak sends, by kind and variant, built once and deterministically."""
 
-    def __init__(self, cfg: SoakConfig, seed: int):
+    def __init__(self, cfg: SoakConfig, seed: int, model_id: str):
         rng = np.random.default_rng([seed, 0])
         image = "data:image/png;base64," + base64.b64encode(encode_png(draw_chart("bars", 224, rng))).decode()
         audio = base64.b64encode(encode_wav(synth_sound("tone", 1.0, rng))).decode()
@@ -98,7 +99,7 @@ class Mix:
         audio_part = {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}
 
         def body(messages, **extra) -> dict:
-            return {"model": MODEL_ID, "messages": messages, "max_tokens": cfg.max_tokens, **extra}
+            return {"model": model_id, "messages": messages, "max_tokens": cfg.max_tokens, **extra}
 
         def user(text: str, *parts) -> list[dict]:
             return [{"role": "user", "content": [{"type": "text", "text": text}, *parts]}]
@@ -112,7 +113,7 @@ class Mix:
         hi = [{"role": "user", "content": "hi"}]
         bomb = "data:image/png;base64," + base64.b64encode(bomb_png()).decode()
         self.malformed = {
-            "broken json": b'{"model": "' + MODEL_ID.encode() + b'", "messages": [',
+            "broken json": b'{"model": "' + model_id.encode() + b'", "messages": [',
             "not an object": b"[1, 2, 3]",
             "wrong type": json.dumps(body(hi, temperature="hot")).encode(),
             "unknown model": json.dumps({**body(hi), "model": "gpt-4"}).encode(),
@@ -272,7 +273,6 @@ def run_soak(app: BenchApp, server_overrides: list[str], console: Console | None
     if cfg.streams < 1 or cfg.duration_s <= 0 or cfg.warmup_s < 0:
         raise BenchError(f"bench.soak: streams={cfg.streams} must be at least 1, duration_s={cfg.duration_s} positive, "
                          f"warmup_s={cfg.warmup_s} not negative")
-    mix = Mix(cfg, app.bench.seed)
     limits = [f"server.{name}={value}" for name, value in cfg.limits.items()]
     nvml = open_nvml(app)
     labels = [g.label for g in nvml.gpus] if nvml is not None else []
@@ -284,6 +284,7 @@ def run_soak(app: BenchApp, server_overrides: list[str], console: Console | None
     try:
         with Server(app, cfg.mode, server_overrides + limits, log_dir / "server.log") as server:
             url = server.url
+            mix = Mix(cfg, app.bench.seed, server.model_id)
             if cfg.warmup_s > 0:
                 outcomes += asyncio.run(run_phase(url, mix, cfg, app.bench.seed, "warmup", cfg.warmup_s))
             t0 = time.perf_counter()

@@ -6,7 +6,7 @@
 - The roofline: the bytes of weights a decode step of a path must read, over the copy bandwidth
   of the device measured now (one large device-to-device copy, bytes read plus bytes written).
 
-A third, ONNX Runtime GenAI on a Llama of the same dims, is in pipeline/peer.py. All of them run
+A third, ONNX Runtime GenAI on a Llama of the same dims, is in bench/peer.py. All of them run
 after the servers have stopped, so that the bench process's own CUDA context and allocations
 never show up in the servers' memory or energy figures.
 """
@@ -24,15 +24,13 @@ import torch
 
 from model.autoglm import ModelConfig, materialize, meta_model
 from model.tokenizer import ChatTokenizer
-from pipeline.config import ExportConfig, RooflineSettings, TransformersBaseline
-from pipeline.engines import EXPORT_DTYPES
+from contract.config import ExportConfig, RooflineSettings, TransformersBaseline
+from contract.engines import DTYPE_BYTES, EXPORT_DTYPES
 from pipeline.export import weights_identity  # the export's own record of what made the weights
-from pipeline.manifest import Manifest, PathRecord
-from pipeline.workload import BenchRequest
+from contract.manifest import Manifest, PathRecord
+from bench.workload import BenchRequest
 
 log = logging.getLogger(__name__)
-
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 # --- weight bytes per step ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import BenchConfig, RequestGroup
+from contract.config import BenchConfig, RequestGroup
 
 MODALITIES = ("text", "image", "audio")
 SAMPLE_RATE = 16000  # what the audio encoder's log-mel expects; the server resamples anything else

@@ -1,5 +1,6 @@
 """Chat completions: from an OpenAI request to a generation request, and from engine events back
-to an OpenAI response or stream. The HTTP layer (server.py) only moves bytes.
+to an OpenAI response or stream, over the small `EngineClient` interface. The HTTP layer
+(serving/app.py) only moves bytes; runtime/serve.py assembles the two over the runtime.
 
 Every mistake a client can make ends here as an `APIError`: one message, the parameter it is
 about, and the status OpenAI's API would give.
@@ -13,33 +14,26 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 from pydantic import ValidationError
 
-from model.autoglm import build_model
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
-from pipeline.engines import EXPORT_DTYPES, Limits, engine_specs, engines_path
-from pipeline.manifest import Manifest, ManifestError
-from runtime.config import ServeApp, ServerConfig
-from runtime.engines import EngineSet
-from runtime.generation import (Delta, Event, Failed, Finished, GenerationEngine, GenerationRequest, QueueFull,
+from runtime.config import ServerConfig
+from runtime.generation import (Delta, Event, Failed, Finished, GenerationRequest, QueueFull,
                                 RequestHandle, Started)
 from runtime.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
-from runtime.metrics import Metrics, device_memory, reset_peaks
-from runtime.placement import Placement
-from runtime.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
+from runtime.metrics import Metrics
+from serving.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
                               CompletionTokensDetails, DeltaMessage, DyngraphInfo, ErrorBody, ErrorResponse, ModelCard,
                               ModelList, ResponseMessage, Usage)
 from runtime.sampling import SamplingParams
-from runtime.step import captured_engines
 
 log = logging.getLogger("dyngraph.serving")
 
-BACKENDS = ("engines", "eager")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 DISCONNECT_POLL_S = 0.25
 UNION_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
@@ -87,11 +81,37 @@ class Run:
     answered: bool = False  # its outcome is in the metrics
 
 
+class EngineClient(Protocol):
+    """What the chat service needs of a runtime (runtime/client.py LocalEngine is this process's)."""
+
+    mode: str  # dynamic | static
+    exit_layers: list[int]
+    context_len: int
+    max_media_tokens: int
+    think_end: int | None
+    request_override: bool
+    max_batch_size: int
+    model_config: dict  # the exported model's config (manifest)
+    queue_depth: int
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def alive(self) -> bool: ...
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle: ...
+    def cancel(self, handle: RequestHandle) -> None: ...
+    def memory(self) -> dict: ...
+    def stats(self) -> dict: ...
+    def reset_peaks(self) -> None: ...
+    def degraded(self) -> dict[str, str]: ...
+
+
 class ChatService:
-    def __init__(self, cfg: ServeApp, engines: EngineSet, engine: GenerationEngine, tokenizer: ChatTokenizer, metrics: Metrics):
-        self.cfg, self.server = cfg, cfg.server
-        self.engines, self.engine, self.tokenizer, self.metrics = engines, engine, tokenizer, metrics
-        model = engines.manifest.model["config"]
+    """OpenAI chat completions over an engine client: parse and check a request, turn it into a
+    GenerationRequest, and its events into a response or a stream."""
+
+    def __init__(self, server: ServerConfig, engine: EngineClient, tokenizer: ChatTokenizer, metrics: Metrics):
+        self.server, self.engine, self.tokenizer, self.metrics = server, engine, tokenizer, metrics
+        model = engine.model_config
         self.image_size = model["vision"]["image_size"]
         self.image_tokens = (model["vision"]["image_size"] // model["vision"]["patch_size"]) ** 2
         self.audio = AudioArgs(**model["audio"])
@@ -115,35 +135,15 @@ class ChatService:
         return ModelList(data=[ModelCard(id=self.server.model_id, created=self.created)]).model_dump()
 
     def memory(self) -> dict:
-        return device_memory(self.engine.placement.devices, self.engine.kv_bytes, self.engine.kv_peak)
+        return self.engine.memory()
 
     def stats(self) -> dict:
-        e = self.engine
-        return {"engines_loaded": self.engines.loaded(), "devices": self.memory(),
-                "requests_per_path": dict(e.path_counts), "mode": e.mode,
-                "on_demand": e.on_demand, "engine_loads": self.engines.load_stats(),
-                "resident_engine_bytes": {d: 0 for d in e.placement.devices} | self.engines.resident_by_device(),
-                "kv_cache": {"allocated_bytes": dict(e.kv_bytes), "allocated_peak_bytes": dict(e.kv_peak),
-                             "in_use_bytes": dict(e.kv_in_use), "in_use_peak_bytes": dict(e.kv_in_use_peak),
-                             "per_request_bytes": e.kv_per_request()}}
+        return self.engine.stats()
 
     def degraded(self) -> dict[str, str]:
-        """The paths of this mode that cannot run now, each with the reason: an engine whose file
-        failed verification when it was (re)loaded after start-up (the others keep serving)."""
-        broken = self.engines.broken
-        if not broken:
-            return {}
-        manifest = self.engines.manifest
-        paths = [manifest.static_path] if self.engine.mode == "static" else [p for p in manifest.paths if not p.static]
-        out = {}
-        for path in paths:
-            bad = next((broken[n] for n in path.encode + path.step if n in broken), None)
-            if bad:
-                out[path.name] = bad
-        return out
+        return self.engine.degraded()
 
     def reset_stats(self) -> dict:
-        reset_peaks(self.engine.placement.devices)
         self.engine.reset_peaks()
         return self.stats()
 
@@ -228,7 +228,7 @@ class ChatService:
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p  # a top_p this small keeps the likeliest token only: greedy
         if req.exit_layer is not None:
-            if not self.engine.cfg.policy.request_override:
+            if not self.engine.request_override:
                 raise APIError(400, "exit_layer is honoured only when the server runs with runtime.policy.request_override=true",
                                param="exit_layer")
             if req.exit_layer not in self.engine.exit_layers:
@@ -336,7 +336,7 @@ class ChatService:
         try:
             handle = self.engine.submit(generation, asyncio.get_running_loop())
         except QueueFull:
-            raise APIError(429, f"the server is at capacity ({self.engine.cfg.max_batch_size} generating, "
+            raise APIError(429, f"the server is at capacity ({self.engine.max_batch_size} generating, "
                                 f"{self.engine.queue_depth} queued); retry shortly", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(self.server.retry_after_s)}) from None
         event = await self.next_event(handle, disconnected)
@@ -502,115 +502,3 @@ def validation_error(e: ValidationError) -> tuple[str, str]:
     # a tagged union names the tag before the member's own fields (image_url.image_url.url): keep one
     loc = [p for i, p in enumerate(loc) if i + 1 == len(loc) or p != loc[i + 1]]
     return ".".join(loc), err["msg"]
-
-
-# --- assembly ---------------------------------------------------------------------------------------------
-
-
-class ServeError(RuntimeError):
-    """Serving cannot start; the message says what to do."""
-
-
-def check_server_config(server: ServerConfig) -> None:
-    """Limits and timeouts that would refuse everything, or nothing, are a configuration mistake."""
-    for name in ("max_body_bytes", "max_messages", "max_content_parts", "max_characters", "max_stop_chars", "max_image_pixels"):
-        if getattr(server, name) < 1:
-            raise ServeError(f"server.{name}={getattr(server, name)} must be at least 1")
-    for name in ("max_stop", "max_images"):
-        if getattr(server, name) < 0:
-            raise ServeError(f"server.{name}={getattr(server, name)} must not be negative")
-    for name in ("header_timeout_s", "body_timeout_s"):
-        if not getattr(server, name) > 0:
-            raise ServeError(f"server.{name}={getattr(server, name)} must be positive")
-    rate = server.rate_limit
-    if rate.per_second is not None and not (rate.per_second > 0 and rate.burst >= 1 and rate.max_clients >= 1):
-        raise ServeError(f"server.rate_limit: per_second={rate.per_second} must be positive (or null: off), "
-                         f"burst={rate.burst} and max_clients={rate.max_clients} at least 1")
-
-
-def engines_directory(cfg: ServeApp) -> Path:
-    return engines_path(cfg.engines_dir, cfg.model.name, cfg.export.backend, cfg.export.quantize)
-
-
-def check_model_config(cfg: ServeApp, manifest: Manifest, directory: Path) -> None:
-    """The composed model must be the exported one: the tokenizer, the media preprocessing and the
-    paths are all read from it."""
-    exported, asked = flatten(manifest.model["config"]), flatten(asdict(cfg.model))
-    differ = [k for k in asked if exported.get(k) != asked[k]]
-    if differ:
-        k = differ[0]
-        raise ServeError(f"the engines in {directory} were exported with model.{k}={exported.get(k)}, this config has "
-                         f"model.{k}={asked[k]} ({len(differ)} setting(s) differ): serve with the export's settings or export again")
-    if manifest.dtype != cfg.export.dtype:
-        raise ServeError(f"the engines in {directory} are {manifest.dtype}, this config asks for export.dtype={cfg.export.dtype}")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def load_tokenizer(cfg: ServeApp) -> ChatTokenizer:
-    source = cfg.tokenizer or cfg.model.checkpoint
-    return ChatTokenizer.from_dir(source) if source else ChatTokenizer.builtin()
-
-
-def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.Module] | None:
-    """With runtime.backend=eager: the model's engine modules, with the export's weights (same
-    seed on the same generator device, or the same checkpoint)."""
-    if cfg.runtime.backend not in BACKENDS:
-        raise ServeError(f"runtime.backend={cfg.runtime.backend!r} is not one of {', '.join(BACKENDS)}")
-    if cfg.runtime.backend != "eager":
-        return None
-    model = build_model(cfg.model, manifest.model["weights"]["init_device"], EXPORT_DTYPES[manifest.dtype])
-    dims = manifest.dims
-    limits = Limits(dims["batch"]["max"], dims["seq"]["max"], dims["capacity"]["max"])
-    return {spec.name: spec.module for spec in engine_specs(model, limits)}
-
-
-def open_export(cfg: ServeApp, export_command: str) -> tuple[Path, Manifest]:
-    """The export's directory and manifest, checked against the composed model; raises ServeError."""
-    directory = engines_directory(cfg)
-    try:
-        manifest = Manifest.load(directory)
-    except ManifestError as e:
-        if not (directory / "manifest.json").exists():
-            raise ServeError(f"no engines at {directory}: export them first with `{export_command}`") from None
-        raise ServeError(str(e)) from None
-    check_model_config(cfg, manifest, directory)
-    return directory, manifest
-
-
-def build_service(cfg: ServeApp, export_command: str) -> ChatService:
-    """Everything behind the endpoint, loaded and verified; raises ServeError with a one-line reason."""
-    check_server_config(cfg.server)
-    directory, manifest = open_export(cfg, export_command)
-    placement = Placement(cfg.runtime.placement, manifest)
-    metrics = Metrics(cfg.runtime.max_batch_size)
-    offload = cfg.runtime.offload
-    on_demand = offload.enabled and cfg.runtime.mode == "dynamic"  # static mode keeps everything resident: the baseline
-    if offload.gpu_memory_budget_gb < 0 or offload.idle_unload_s < 0:
-        raise ServeError(f"runtime.offload.gpu_memory_budget_gb={offload.gpu_memory_budget_gb} and "
-                         f"idle_unload_s={offload.idle_unload_s} must not be negative (0: no limit, never)")
-    budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if on_demand and offload.gpu_memory_budget_gb > 0 else None
-
-    def loaded(name: str, device: str, n: int, seconds: float) -> None:
-        metrics.engine_loads.labels(name, device).inc()
-        metrics.engine_load_seconds.labels(name).observe(seconds)
-
-    def host_copy(device: str) -> bool:  # null: pinned host copies for a GPU, the page cache on the CPU
-        return on_demand and (torch.device(device).type == "cuda" if offload.host_copy is None else offload.host_copy)
-
-    engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget,
-                        cuda_graphs=captured_engines(manifest) if cfg.runtime.cuda_graphs else (),
-                        on_load=loaded, on_unload=lambda name, device, reason: metrics.engine_unloads.labels(name, reason).inc(),
-                        announce=on_demand, host_copy=host_copy, reference=reference_modules(cfg, manifest))
-    tokenizer = load_tokenizer(cfg)
-    engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
-    engine.warm_up()
-    return ChatService(cfg, engines, engine, tokenizer, metrics)

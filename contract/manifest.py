@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.engines import TensorSpec
+from contract.engines import TensorSpec
 
 SCHEMA_VERSION = 2  # 2: in-place segment caches (past_*/present_* per layer), the static path as a chain
 MANIFEST_NAME = "manifest.json"
@@ -117,6 +117,13 @@ class Manifest:
             return cls(**raw)
         except (TypeError, KeyError) as e:
             raise ManifestError(f"malformed manifest {path}: {e}") from None
+
+
+def engines_path(engines_dir: str | Path, model: str, backend: str, quantize: str | None = None) -> Path:
+    """Where one export's engine files and manifest live: <engines_dir>/<model>/<backend>[-<quantize>]/,
+    so that an int8 export sits beside the fp16 one instead of replacing it. The export writes there
+    and the server, the bench and the probe read there; this is the only place that spells the rule."""
+    return Path(engines_dir).expanduser() / model / (f"{backend}-{quantize}" if quantize else backend)
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -272,15 +271,10 @@ def path_name(exit_layer: int, modalities: tuple[str, ...]) -> str:
     return f"exit{exit_layer}-" + "+".join(modalities)
 
 
-def engines_path(engines_dir: str | Path, model: str, backend: str, quantize: str | None = None) -> Path:
-    """Where one export's engines and manifest live: <engines_dir>/<model>/<backend>[-<quantize>],
-    so that an int8 export sits beside the fp16 one instead of replacing it."""
-    return Path(engines_dir).expanduser() / model / (f"{backend}-{quantize}" if quantize else backend)
-
-
 # --- inputs ---------------------------------------------------------------------------------
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in EXPORT_DTYPES.items()}  # a weight's bytes in each export dtype
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
                 "int32": torch.int32, "bool": torch.bool}
 

@@ -1,0 +1,153 @@
+"""ONNX backend, the run side: ONNX Runtime sessions over caller-owned torch tensors.
+
+What the serving runtime loads (exporters.get_runtime("onnx")); it imports onnxruntime and torch
+only, not the exporter stack (torch.onnx, onnxscript) that exporters/onnx.py builds with.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from contract.engines import TensorSpec, bind_sizes, concrete_shape
+from exporters import EngineIncompatible, device_stream
+
+# errors only: at warning level ONNX Runtime 1.31 reports a missing plugin EP for every CUDA session
+ort.set_default_logger_severity(3)
+
+
+class OrtRuntime:
+    name = "onnx"
+    cuda_graphs = True  # the CUDA provider captures a graph per set of bound buffers (enable_cuda_graph)
+    loads_from_memory = True  # load(host_files=...): a reload from host copies of the files, not the disk
+
+    def check_runtime(self, backend: dict, directory: Path) -> None:
+        recorded = backend["versions"].get("onnxruntime")
+        if recorded != ort.__version__:
+            raise EngineIncompatible(f"engines in {directory} were validated with onnxruntime {recorded}, "
+                                     f"found {ort.__version__} here: export again on this machine")
+
+    def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
+             built_with: dict | None = None, cuda_graphs: bool = False, host_files: dict | None = None) -> "OrtSession":
+        return OrtSession(path, inputs, outputs, device, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
+                          host_files=host_files)
+
+
+NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
+ONNX_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
+
+
+def device_context(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class OrtSession:
+    """An ONNX Runtime session over caller-owned torch tensors, bound by name through I/O binding.
+
+    `run(feeds, outputs)` binds every input in place; an output declared `inplace_of` an input is
+    bound to that input's memory (a segment's cache is written where it lies), one the caller
+    passes in `outputs` to that tensor, and any other is allocated by torch on the engine's device
+    at the shape the manifest declares. On CUDA the session runs on the device's engine stream
+    (`device_stream`), ordered after whatever torch queued before the call and before whatever it
+    queues after, with no host synchronisation.
+
+    With `cuda_graphs`, `run(..., graph=True)` replays one ONNX Runtime CUDA graph per set of bound
+    addresses and shapes, captured at its first run: the caller keeps those tensors (a decode step's
+    buffers for one batch size) and rewrites their contents between steps. Other runs (a prompt's
+    prefill) go through the same session uncaptured. The graphs live and die with the session: a
+    session made again (an engine reloaded) captures anew.
+
+    `host_files` (file name -> its contents) builds the session from memory instead of `path`: the
+    .onnx's bytes, and its external .onnx.data as any buffer (a pinned torch tensor's numpy view),
+    which ONNX Runtime copies from during session creation.
+    """
+
+    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu",
+                 cuda_graphs: bool = False, host_files: dict | None = None):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.inputs, self.outputs = inputs, outputs
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.stream = None
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[tuple, tuple] = {}  # bound addresses and shapes -> (binding, run options)
+        if self.device.type == "cuda":
+            self.stream = device_stream(self.device)
+            cuda = {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)}
+            if cuda_graphs:
+                cuda["enable_cuda_graph"] = "1"
+            providers = [("CUDAExecutionProvider", cuda)]
+        else:
+            options.intra_op_num_threads = int(os.environ.get("DYNGRAPH_CPU_THREADS", "0"))
+            providers = ["CPUExecutionProvider"]
+        self.run_options = self.options("-1" if cuda_graphs else None)
+        model = str(path)
+        if host_files is not None:
+            data = {name: buf for name, buf in host_files.items() if name != path.name}
+            if data:
+                options.add_external_initializers_from_files_in_memory(list(data), list(data.values()),
+                                                                       [memoryview(b).nbytes for b in data.values()])
+            model = host_files[path.name]
+        with device_context(self.device):  # ONNX Runtime makes its CUDA events on the current device
+            self.session = ort.InferenceSession(model, options, providers=providers)
+        self.output_dtypes = {o.name: ONNX_DTYPES[o.type] for o in self.session.get_outputs()}
+
+    def options(self, graph_id: str | None) -> ort.RunOptions:
+        options = ort.RunOptions()
+        if graph_id is not None:
+            options.add_run_config_entry("gpu_graph_id", graph_id)
+        if self.device.type == "cuda":  # ordering comes from the shared stream: no host sync at the end of every run
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return options
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
+            graph: bool = False) -> dict[str, torch.Tensor]:
+        results = self.bind_outputs(feeds, outputs or {})
+        if graph and self.cuda_graphs:
+            key = tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in (*feeds.items(), *results.items()))
+            if key not in self.graphs:  # ids from 1: 0 is ONNX Runtime's default
+                self.graphs[key] = (self.binding(feeds, results), self.options(str(len(self.graphs) + 1)))
+            self.launch(*self.graphs[key])
+        else:
+            self.launch(self.binding(feeds, results), self.run_options)
+        return results
+
+    def bind_outputs(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sizes = bind_sizes(self.inputs, {n: tuple(t.shape) for n, t in feeds.items()})
+        results = {}
+        for spec in self.outputs:
+            if spec.inplace_of:
+                results[spec.name] = feeds[spec.inplace_of]
+            elif spec.name in outputs:
+                results[spec.name] = outputs[spec.name]
+            else:
+                results[spec.name] = torch.empty(concrete_shape(spec, sizes), dtype=self.output_dtypes[spec.name], device=self.device)
+        return results
+
+    def binding(self, feeds: dict[str, torch.Tensor], results: dict[str, torch.Tensor]):
+        binding = self.session.io_binding()
+        for bind, tensors in ((binding.bind_input, feeds), (binding.bind_output, results)):
+            for name, t in tensors.items():
+                if not t.is_contiguous():  # bound by address
+                    raise ValueError(f"{name}: tensors bound to an engine must be contiguous")
+                device = t.device if t.device.type == "cuda" else torch.device("cpu")
+                bind(name, device.type, device.index or 0, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        return binding
+
+    def launch(self, binding, run_options) -> None:
+        if self.stream is None:
+            self.session.run_with_iobinding(binding, run_options)
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # inputs written by the caller's stream are ready
+        with torch.cuda.device(self.device):  # its events must belong to the engine's device, not device 0
+            self.session.run_with_iobinding(binding, run_options)
+        caller.wait_stream(self.stream)  # outputs are ready for whatever the caller queues next
