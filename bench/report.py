@@ -445,7 +445,9 @@ def build_report(app: BenchApp, manifest: Manifest, requests, workload_fingerpri
                      "backend": manifest.backend["name"], "backend_versions": manifest.backend.get("versions"), "dtype": manifest.dtype,
                      "created": manifest.created, "exit_layers": exit_layers,
                      "engines": {n: {"parameters": e.parameters, "bytes": e.bytes, "layers": e.layers} for n, e in manifest.engines.items()},
-                     "paths": paths},
+                     "paths": paths,
+                     # weight quantization: scheme and per-path agreement with the eager model (not the cache keys)
+                     "quantization": {k: v for k, v in (manifest.quantization or {}).items() if k != "keys"} or None},
         "workload": {"name": app.bench.name, "fingerprint": workload_fingerprint, "requests": len(requests),
                      "groups": {g: {"count": c.count, "max_tokens": c.max_tokens, "modalities": list(c.modalities)} for g, c in app.bench.groups.items()},
                      "concurrency": list(app.bench.concurrency), "request_rate": app.bench.request_rate},
@@ -474,6 +476,48 @@ def write_report(report: dict, directory: Path) -> list[Path]:
     plots = write_plots(report, directory)
     (directory / "report.md").write_text(render_markdown(report, [p.name for p in plots]))
     return [directory / "report.json", directory / "report.md", *plots]
+
+
+QUANTIZATION_FIGURES = (  # (headline key, column, format)
+    ("peak_memory_bytes", "peak memory", "bytes"), ("peak_allocated_bytes", "allocator peak", "bytes"),
+    ("weights_loaded_bytes", "engines loaded", "bytes"), ("mean_latency_s", "mean latency", "s"),
+    ("mean_ttft_s", "mean TTFT", "s"), ("mean_tpot_s", "mean TPOT", "s"), ("tokens_per_s", "tokens/s", "n"),
+)
+
+
+def write_quantizations(reports: dict[str, dict], directory: Path) -> None:
+    """bench.quantizations: each mode's headline per quantization, its ratio to the first entry's
+    (the baseline, e.g. unquantized), the engine load time and the export's agreement figures."""
+    base_label = next(iter(reports))
+    rows, out = [], {}
+    for label, report in reports.items():
+        for mode, head in report["headline"].items():
+            base = reports[base_label]["headline"].get(mode, {})
+            loads = report["modes"][mode].get("engine_loads") or {}
+            quantization = report["manifest"].get("quantization") or {}
+            figures = {key: head.get(key) for key, _, _ in QUANTIZATION_FIGURES}
+            out.setdefault(label, {})[mode] = {
+                **figures, "ratio_to_" + base_label: {k: ratio(v, base.get(k)) for k, v in figures.items()},
+                "engine_load_seconds": sum(f["load_seconds"] for f in loads.values()) if loads else None,
+                "min_top1_agreement": min((a["top1_agreement"] for a in (quantization.get("agreement") or {}).values()), default=None),
+                "report": report["name"]}
+            rows.append([label, mode, *(fmt(figures[k], kind) + (f" ({fmt_ratio(ratio(figures[k], base.get(k)))})" if label != base_label else "")
+                                        for k, _, kind in QUANTIZATION_FIGURES),
+                         f"{out[label][mode]['engine_load_seconds']:.1f} s" if loads else "",
+                         fmt_share(out[label][mode]["min_top1_agreement"])])
+    header = ["quantization", "mode", *(col for _, col, _ in QUANTIZATION_FIGURES), "engine loads", "worst path top-1 vs eager"]
+    method = next(iter(reports[base_label]["modes"].values()))["memory"]["method"]
+    md = ["# Weight quantizations side by side", "",
+          f"Each row is one mode of one quantization's bench (its own export and report folder); in brackets the ratio to "
+          f"`{base_label}` in the same mode. Peak memory: {method}. Engine loads: the seconds the server spent loading "
+          f"engines since it started. Top-1: the export's agreement with the eager model on the manifest's random prompts, "
+          f"worst path.", "", table(header, rows, "ll" + "r" * (len(header) - 2)), ""]
+    write_atomic(directory / "quantizations.json", (json.dumps(finite(out), indent=1) + "\n").encode())
+    (directory / "quantizations.md").write_text("\n".join(md))
+
+
+def fmt(x, kind: str) -> str:
+    return fmt_bytes(x) if kind == "bytes" else fmt_s(x) if kind == "s" else "n/a" if x is None else f"{x:,.1f}"
 
 
 def finite(x):

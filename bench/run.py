@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from importlib.util import find_spec
@@ -38,6 +38,7 @@ from bench import report as reporting
 from contract.manifest import Manifest, ManifestError, engines_path
 from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.client import RequestResult, arrival_times, drive
+from bench.compare import load_report
 from bench.server import BenchError, Server, server_env
 from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
 
@@ -174,6 +175,8 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
 
         return run_soak(app, server_overrides, console)
     console = console or Console(stderr=True)
+    if app.bench.quantizations:
+        return run_quantizations(app, server_overrides, console)
     engines, manifest, requests = check_request(app)
     # the bench's own torch (bandwidth, transformers) must number GPUs as the server and NVML do
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -206,6 +209,32 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
     if failed:
         raise BenchError(f"{len(failed)} requests failed (first: {failed[0].error}); the report in {report_dir} records them")
     return report_dir
+
+
+def run_quantizations(app: BenchApp, server_overrides: list[str], console: Console) -> Path:
+    """bench.quantizations: the comparison once per weight quantization, each on its own export
+    (a missing one is refused before anything runs), into one folder with a report per quantization
+    and `quantizations.md`/`.json` side by side; returns that folder."""
+    variants = {quantization_label(q): replace(app, export=replace(app.export, quantize=q), bench=replace(app.bench, quantizations=[]))
+                for q in app.bench.quantizations}
+    for variant in variants.values():
+        check_request(variant)
+    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{app.model.name}-{app.export.backend}-quantizations"
+    folder = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
+    reports = {}
+    for label, variant in variants.items():
+        console.print(f"[bold]quantization {label}[/]")
+        overrides = [o for o in server_overrides if not o.startswith("export.quantize=")]
+        overrides.append(f"export.quantize={variant.export.quantize or 'null'}")
+        run = run_bench(replace(variant, output_dir=str(folder), run_name=label), overrides, console)
+        reports[label] = load_report(run / "report.json")
+    reporting.write_quantizations(reports, folder)
+    console.print(f"quantizations side by side: {folder / 'quantizations.md'}")
+    return folder
+
+
+def quantization_label(quantize: str | None) -> str:
+    return quantize or "unquantized"
 
 
 def open_nvml(app: BenchApp) -> Nvml | None:

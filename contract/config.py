@@ -153,6 +153,9 @@ class BenchConfig:
     roofline: RooflineSettings = field(default_factory=RooflineSettings)
     peer: PeerSettings = field(default_factory=PeerSettings)
     soak: SoakConfig | None = None  # set (bench=soak): a soak of one server instead of the static/dynamic comparison
+    # weight quantizations to compare (e.g. [null, int8, int4], each its own export): the whole
+    # static/dynamic comparison once per entry, then one table of them side by side; empty: export.quantize only
+    quantizations: list[str | None] = field(default_factory=list)
 
 
 @dataclass

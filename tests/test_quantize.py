@@ -308,3 +308,28 @@ def test_bench_finds_the_int8_engines(int8_export, engines_root):
 
     directory, manifest, requests = check_request(compose_bench(["bench=ci", f"engines_dir={engines_root}", "export.quantize=int8"]))
     assert directory == int8_export.directory and manifest.quantization["scheme"] == "int8" and requests
+
+
+def test_bench_compares_quantizations_side_by_side(int8_export, engines_root, tmp_path):
+    """bench.quantizations: one comparison per quantization's export, then one table of them."""
+    out = tmp_path / "out"
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={engines_root}", f"output_dir={out}", "run_name=q", "progress=false",
+                     "bench.quantizations=[null,int8]", "bench.modes=[dynamic]", "bench.concurrency=[2]", "bench.groups.short.count=1",
+                     "bench.transformers.enabled=false", "bench.roofline.enabled=false", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / "q"
+    assert {"unquantized", "int8", "quantizations.md", "quantizations.json"} <= {p.name for p in folder.iterdir()}
+    table = json.loads((folder / "quantizations.json").read_text())
+    fp32, int8 = table["unquantized"]["dynamic"], table["int8"]["dynamic"]
+    # what the servers held: the int8 engines store about 0.3-0.5 of the fp32 bytes (see test_files_shrink...)
+    assert 0.2 < int8["weights_loaded_bytes"] / fp32["weights_loaded_bytes"] < 0.6
+    assert int8["ratio_to_unquantized"]["weights_loaded_bytes"] == pytest.approx(int8["weights_loaded_bytes"] / fp32["weights_loaded_bytes"])
+    assert int8["min_top1_agreement"] >= AGREEMENT and fp32["min_top1_agreement"] is None
+    assert "| int8 | dynamic |" in (folder / "quantizations.md").read_text()
+
+
+def test_bench_refuses_a_missing_quantization_before_running(engines_root, tmp_path):
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={engines_root}", f"output_dir={tmp_path}",
+                     "bench.quantizations=[null,int4]", "progress=false")
+    assert result.returncode == 2 and "export.quantize=int4" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
