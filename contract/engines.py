@@ -130,6 +130,21 @@ def bind_sizes(specs: list[TensorSpec], shapes: dict[str, tuple[int, ...]]) -> d
 # --- engine modules: thin wrappers where a part's own forward is not the engine's signature ----
 
 
+def segment_engine(k: int) -> str:
+    """The name of segment k's engine (layers of the k-th exit's span and its exit head)."""
+    return f"segment.{k}"
+
+
+def cross_kv_engine(k: int) -> str:
+    """The name of the engine that projects the media into segment k's cross-attention keys/values."""
+    return f"cross_kv.{k}"
+
+
+def cross_attn_engine(k: int) -> str:
+    """The name of the gated cross-attention block in front of segment k."""
+    return f"cross_attn.{k}"
+
+
 def cache_names(n_layers: int) -> list[tuple[str, str]]:
     """(input, output) names of a segment's in-place cache: layer 0's keys, its values, layer 1's keys, ..."""
     return [(f"past_{kv}.{i}", f"present_{kv}.{i}") for i in range(n_layers) for kv in ("key", "value")]
@@ -227,11 +242,11 @@ def engine_specs(model: AutoGLM, limits: Limits) -> list[EngineSpec]:
         cache = [(TensorSpec(i, ("batch", Hkv, "capacity", hd), "float"),
                   TensorSpec(o, ("batch", Hkv, "capacity", hd), "float", inplace_of=i)) for i, o in cache_names(L)]
         specs += [
-            EngineSpec(f"cross_kv.{k}", "cross_kv", model.cross_kv[k], [media], [cross_kv], text_cfg, (first, first)),
-            EngineSpec(f"cross_attn.{k}", "cross_attn", CrossAttnEngine(model.cross_attn[k]),
+            EngineSpec(cross_kv_engine(k), "cross_kv", model.cross_kv[k], [media], [cross_kv], text_cfg, (first, first)),
+            EngineSpec(cross_attn_engine(k), "cross_attn", CrossAttnEngine(model.cross_attn[k]),
                        [hidden, cross_kv, media_mask], [hidden_out], text_cfg, (first, first)),
             # segments of equal depth share a graph; an uneven cut gets one graph per depth
-            EngineSpec(f"segment.{k}", f"segment{L}", SegmentEngine(model.text.segments[k]),
+            EngineSpec(segment_engine(k), f"segment{L}", SegmentEngine(model.text.segments[k]),
                        [hidden, seqlens_k, total_len, *(i for i, _ in cache)],
                        [hidden_out, exit_hidden, *(o for _, o in cache)], text_cfg, (first, end),
                        fused=True, probes=segment_probes),
@@ -261,9 +276,9 @@ def chain(n_segments: int, media: bool) -> tuple[list[str], list[str]]:
     encode, step = [], ["embed"]
     for k in range(n_segments):
         if media:
-            encode.append(f"cross_kv.{k}")
-            step.append(f"cross_attn.{k}")
-        step.append(f"segment.{k}")
+            encode.append(cross_kv_engine(k))
+            step.append(cross_attn_engine(k))
+        step.append(segment_engine(k))
     return encode, [*step, "lm_head"]
 
 

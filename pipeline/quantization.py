@@ -78,18 +78,15 @@ def forward(path: PathSpec, run, feeds: dict[str, torch.Tensor], specs: dict[str
     b, s = ids.shape
     sizes = {"batch": b, "seq": s, "capacity": s, "media": MEDIA_TOKENS}
     (hidden,) = run("embed", [ids])
-    kv = {}
-    for name in path.encode:
-        if name.startswith("cross_kv."):
-            kv[name.split(".")[1]] = run(name, [feeds["media"]])[0]
+    # a cross-attention block and its media keys/values share the layer they sit in front of
+    kv = {specs[name].layers[0]: run(name, [feeds["media"]])[0] for name in path.encode if specs[name].graph == "cross_kv"}
     mask = torch.ones(b, MEDIA_TOKENS, dtype=torch.bool, device=device)
     exit_hidden = None
     for name in path.step:
-        k = name.split(".")[-1]
-        if name.startswith("cross_attn."):
-            (hidden,) = run(name, [hidden, kv[k], mask])
-        elif name.startswith("segment."):
-            spec = specs[name]
+        spec = specs[name]
+        if spec.graph == "cross_attn":
+            (hidden,) = run(name, [hidden, kv[spec.layers[0]], mask])
+        elif spec.fused:  # a segment
             cache = [torch.zeros(concrete_shape(t, sizes), dtype=tensor_dtype(t, dtype), device=device) for t in spec.inputs[3:]]
             seqlens = torch.full((b,), s - 1, dtype=torch.int32, device=device)  # no past: the prompt is each row's whole cache
             hidden, exit_hidden, *_ = run(name, [hidden, seqlens, torch.tensor(s, dtype=torch.int32), *cache])

@@ -42,14 +42,13 @@ class EngineMismatch(RuntimeError):
 
 
 def describe(record: EngineRecord) -> str:
-    """What an engine is for, as the load log says it."""
-    kind, _, k = record.name.partition(".")
+    """What an engine is for, as the load log says it (from its graph and layers, not its name)."""
+    kind = "segment" if record.graph.startswith("segment") else record.graph
     layers = f"layers {record.layers[0]}-{record.layers[1] - 1}" if record.layers else ""
     before = f"before layer {record.layers[0]}" if record.layers else ""  # a cross-attention block's record is (first, first)
     return {"vision": "ViT encoder for image processing", "audio": "audio encoder for audio processing",
-            "cross_kv": f"cross-attention keys/values of block {k} ({before}) for media",
-            "cross_attn": f"cross-attention block {k} ({before}) for media",
-            "segment": f"decoder segment {k} ({layers})", "embed": "token embedding", "lm_head": "LM head"}.get(kind, record.name)
+            "cross_kv": f"cross-attention keys/values ({before}) for media", "cross_attn": f"cross-attention block ({before}) for media",
+            "segment": f"decoder segment ({layers})", "embed": "token embedding", "lm_head": "LM head"}.get(kind, record.name)
 
 
 class EngineSet:

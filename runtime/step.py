@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from contract.engines import EXPORT_DTYPES, total_sequence_length
+from contract.engines import EXPORT_DTYPES, cross_attn_engine, cross_kv_engine, segment_engine, total_sequence_length
 from contract.manifest import Manifest
 from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
@@ -40,7 +40,7 @@ def captured_engines(manifest: Manifest) -> list[str]:
     (a segment's cache capacity is fixed when the runtime allocates it; cross-attention's media
     length is not)."""
     n_segments = len(manifest.model["config"]["text"]["exit_layers"])
-    return ["embed", *(f"segment.{k}" for k in range(n_segments)), "lm_head"]
+    return ["embed", *(segment_engine(k) for k in range(n_segments)), "lm_head"]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -89,11 +89,11 @@ class Stepper:
         self.head_device = engines.device("lm_head")
         self.caches = []
         for k in range(self.n_segments):
-            past = next(t for t in manifest.engines[f"segment.{k}"].inputs if t["name"] == "past_key.0")
+            past = next(t for t in manifest.engines[segment_engine(k)].inputs if t["name"] == "past_key.0")
             _, kv_heads, _, head_dim = past["shape"]
-            first, end = manifest.engines[f"segment.{k}"].layers
+            first, end = manifest.engines[segment_engine(k)].layers
             self.caches.append(SegmentCache(end - first, max_batch, kv_heads, capacity, head_dim, self.dtype,
-                                            engines.device(f"segment.{k}")))
+                                            engines.device(segment_engine(k))))
         self.buckets = batch_buckets(max_batch) if cuda_graphs else None
         self.buffers: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self.decode_total = torch.tensor(capacity, dtype=torch.int32)  # a CPU input of the engine, one address for every replay
@@ -147,13 +147,13 @@ class Stepper:
             cache = self.caches[k]
             row = cache.add(key)
             if media is not None:
-                media.cross_kv[k] = self.engines.run(f"cross_kv.{k}", {"media": media.tokens})["cross_kv"]
+                media.cross_kv[k] = self.engines.run(cross_kv_engine(k), {"media": media.tokens})["cross_kv"]
             for c, (a, b) in enumerate(spans):
                 h = hidden[c]
                 if media is not None:
                     h = self.cross_attention(k, h, media.cross_kv[k], media.mask)
                 seqlens = torch.tensor([b - 1], dtype=torch.int32, device=cache.device)
-                out = self.engines.run(f"segment.{k}", {
+                out = self.engines.run(segment_engine(k), {
                     "hidden": h, "seqlens_k": seqlens,
                     "total_sequence_length": torch.tensor(total_sequence_length(b - a, self.capacity, seqlens), dtype=torch.int32),
                     **cache.feeds(slice(row, row + 1))})
@@ -171,7 +171,7 @@ class Stepper:
         return logits, depth
 
     def cross_attention(self, k: int, hidden: torch.Tensor, cross_kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.engines.run(f"cross_attn.{k}", {"hidden": hidden, "cross_kv": cross_kv, "media_mask": mask})["hidden_out"]
+        return self.engines.run(cross_attn_engine(k), {"hidden": hidden, "cross_kv": cross_kv, "media_mask": mask})["hidden_out"]
 
     def head(self, exit_hidden: torch.Tensor) -> torch.Tensor:
         return self.engines.run("lm_head", {"exit_hidden": exit_hidden})["logits"]
@@ -202,7 +202,7 @@ class Stepper:
             if n == 0:
                 break
             b = bucket_for(n, self.buckets)
-            seg = self.buffer(f"segment.{k}", b)
+            seg = self.buffer(segment_engine(k), b)
             x = seg["hidden"] if k else hidden
             if k:  # the rows going on, in this segment's row order
                 torch.index_select(hidden.to(cache.device), 0, layout["from_previous"][k], out=x[:n])
@@ -238,9 +238,9 @@ class Stepper:
 
     def run_segment(self, k: int, batch: int, hidden: torch.Tensor) -> None:
         """Segment k's decode step over its first `batch` cache rows, from its buffers at that batch size."""
-        seg, cache = self.buffer(f"segment.{k}", batch), self.caches[k]
+        seg, cache = self.buffer(segment_engine(k), batch), self.caches[k]
         cache.allocate()  # a capture at start-up runs on spare rows before any sequence has come
-        self.run_captured(f"segment.{k}", {"hidden": hidden, "seqlens_k": cache.lengths[:batch],
+        self.run_captured(segment_engine(k), {"hidden": hidden, "seqlens_k": cache.lengths[:batch],
                                           "total_sequence_length": self.decode_total, **cache.feeds(slice(0, batch))},
                           {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
 
@@ -250,7 +250,7 @@ class Stepper:
         embed, head = self.buffer("embed", batch), self.buffer("lm_head", batch)
         self.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
         for k in range(depth):
-            self.run_segment(k, batch, embed["hidden"] if k == 0 else self.buffer(f"segment.{k}", batch)["hidden"])
+            self.run_segment(k, batch, embed["hidden"] if k == 0 else self.buffer(segment_engine(k), batch)["hidden"])
         self.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
 
     def plan(self, rows: dict[Hashable, Row]) -> dict:
@@ -318,7 +318,7 @@ class Stepper:
     def free_unloaded(self) -> list[int]:
         """Free the KV buffers of segments whose engine is unloaded and that no sequence holds a row of."""
         freed = [k for k, cache in enumerate(self.caches)
-                 if cache.buffer is not None and not cache.members and not self.engines.resident(f"segment.{k}") and cache.free()]
+                 if cache.buffer is not None and not cache.members and not self.engines.resident(segment_engine(k)) and cache.free()]
         if freed:
             self.layout_key = None
         return freed
