@@ -62,10 +62,14 @@ class Runtime(Protocol):
         """Raise EngineIncompatible, with what was recorded and what is found here, when engines
         built as the manifest's `backend` record says cannot run on this machine."""
 
+    def check_devices(self, dtype: str, devices: list[str]) -> None:
+        """Raise EngineIncompatible, saying what to do, when engines of `dtype` cannot run on these devices."""
+
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
              built_with: dict | None = None, cuda_graphs: bool = False) -> EngineSession:
         """An engine file, ready to run on `device` ("cpu", "cuda:0", ...); `built_with` is the
-        manifest's backend record; `cuda_graphs`: a session that captures graphs (decode steps)."""
+        manifest's backend record; `cuda_graphs`: a session that captures graphs (decode steps).
+        A runtime with `loads_from_memory` also takes `host_files` (file name -> contents)."""
 
 
 class Exporter(Protocol):

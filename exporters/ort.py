@@ -31,6 +31,11 @@ class OrtRuntime:
             raise EngineIncompatible(f"engines in {directory} were validated with onnxruntime {recorded}, "
                                      f"found {ort.__version__} here: export again on this machine")
 
+    def check_devices(self, dtype: str, devices: list[str]) -> None:
+        if dtype == "fp32" and any(torch.device(d).type == "cuda" for d in devices):
+            raise EngineIncompatible("these engines are fp32, and GroupQueryAttention has no fp32 CUDA kernel: export for the GPU "
+                                     "with export.dtype=fp16 (or bf16) export.device=cuda, or serve them with runtime=cpu")
+
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
              built_with: dict | None = None, cuda_graphs: bool = False, host_files: dict | None = None) -> "OrtSession":
         return OrtSession(path, inputs, outputs, device, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",

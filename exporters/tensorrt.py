@@ -334,6 +334,9 @@ class TensorRTRuntime:
         if not torch.cuda.is_available():
             raise BackendUnavailable("TensorRT engines run on a CUDA GPU and torch sees none")
 
+    def check_devices(self, dtype: str, devices: list[str]) -> None:
+        pass  # every dtype it builds runs on the GPUs it was built for (check_runtime checks the compute capability)
+
     def check_runtime(self, backend: dict, directory: Path) -> None:
         found = {"tensorrt": self.trt.__version__, "compute_capability": compute_capability("cuda:0")}
         check_compatible(directory, built_for(backend), found)

@@ -28,6 +28,7 @@ import torch
 from model.tokenizer import ChatTokenizer
 from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
+from exporters import EngineIncompatible
 from runtime.engines import EngineMismatch, EngineSet, mib
 from runtime.metrics import Metrics
 from runtime.placement import Placement
@@ -170,9 +171,11 @@ class GenerationEngine:
         if cfg.max_queue < 0:
             raise EngineConfigError("runtime.max_queue must not be negative")
         self.max_media_tokens = dims["media"]["max"]
-        if manifest.dtype == "fp32" and any(torch.device(d).type == "cuda" for d in placement.devices):
-            raise EngineConfigError("these engines are fp32, and GroupQueryAttention has no fp32 CUDA kernel: export for the GPU "
-                                    "with export.dtype=fp16 (or bf16) export.device=cuda, or serve them with runtime=cpu")
+        if engines.reference is None:  # the eager reference runs any dtype anywhere
+            try:
+                engines.backend.check_devices(manifest.dtype, placement.devices)
+            except EngineIncompatible as e:
+                raise EngineConfigError(str(e)) from None
         cuda_graphs = cfg.cuda_graphs and any(torch.device(d).type == "cuda" for d in placement.devices)
         self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs)
 
