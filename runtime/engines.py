@@ -12,7 +12,8 @@ builds its session from there: an evicted engine comes back without touching the
 
 Loads are serialised by `load_lock`, which the decode step also holds while ONNX Runtime captures
 a CUDA graph (a capture must see no allocation on the device from another thread); a load may
-run on a background thread while the engine thread decodes with what is resident.
+run on a background thread while the engine thread decodes with what is resident, and the decode
+step only tries the lock (runtime.step): it never waits out a load.
 """
 from __future__ import annotations
 

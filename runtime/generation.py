@@ -130,6 +130,7 @@ class Sequence:
     decision: Decision | None = None  # the path decision, made when it leaves the queue
     needs: tuple[str, ...] = ()  # the engines its path needs (what is known of them before prefill)
     loading: Future | None = None  # its missing engines, loading on the background thread
+    waited_from: tuple[float, int] = (0.0, 0)  # when it began waiting for them: (monotonic time, decode steps so far)
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     reasoning_tokens: int = 0
@@ -186,6 +187,7 @@ class GenerationEngine:
         self.numbers = itertools.count()
         self.stopping = False
         self.path_counts: Counter[str] = Counter()
+        self.decode_steps = 0  # decode steps so far: a load must not stop them (the loads' log says how many ran meanwhile)
         # modules on demand: what every request needs is resident from the start, the rest loads when a
         # request needs it (on a background thread) and unloads when idle or under the budget
         self.on_demand = cfg.offload.enabled and self.mode == "dynamic"
@@ -380,6 +382,7 @@ class GenerationEngine:
             if missing:
                 log.info("[DYNAMIC GRAPH] %s waits for %s to load; %d request(s) keep decoding", req.request_id,
                          ", ".join(missing), len(self.running))
+                seq.waited_from = (time.monotonic(), self.decode_steps)
                 seq.loading = self.loader.submit(self.load_engines, missing)
                 seq.loading.add_done_callback(lambda _: self.wake())
                 self.loading.append(seq)
@@ -397,6 +400,10 @@ class GenerationEngine:
 
     def loaded(self, seq: Sequence) -> None:
         seq.loading.result()  # a load that failed (a file that no longer verifies) fails its request here
+        since, steps = seq.waited_from
+        log.info("[DYNAMIC GRAPH] %s waited %.2f s for its engines; %d decode step(s) ran meanwhile (%d engine runs uncaptured "
+                 "so far, for want of a capture during a load)", seq.request.request_id, time.monotonic() - since,
+                 self.decode_steps - steps, sum(self.stepper.uncaptured.values()))
         self.admit(seq)
 
     def admit(self, seq: Sequence) -> None:
@@ -463,6 +470,7 @@ class GenerationEngine:
         """One token for every sequence in flight."""
         rows = {s.number: s for s in self.running}
         keys, logits = self.stepper.decode([s.row for s in self.running])
+        self.decode_steps += 1
         seqs = [rows[k] for k in keys]
         self.metrics.decode_batch.observe(len(seqs))
         for s, token in zip(seqs, self.sample(logits, seqs)):

@@ -19,6 +19,7 @@ most the export's `seq`, segment by segment so that the confidence policy can st
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable
@@ -32,7 +33,10 @@ from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
 
 SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
-CAPTURE_RUNS = 3  # a session's runs at one batch size within which the backend captures its graph (ONNX Runtime runs it uncaptured first)
+# a session's runs of one graph id on one thread within which ONNX Runtime's CUDA provider captures it: two
+# regular runs (its arena grows to what the graph needs), the capture on the third; its graph state is per
+# thread, so runs on another thread (the start-up capture on the main thread) do not count for the engine thread
+CAPTURE_RUNS = 3
 
 
 def captured_engines(manifest: Manifest) -> list[str]:
@@ -100,7 +104,9 @@ class Stepper:
         self.layout_key: tuple | None = None
         self.layout: dict = {}
         self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
-        self.graph_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> batch -> graph runs so far
+        # session -> (thread id, batch) -> graph runs so far on that thread (ONNX Runtime counts per thread)
+        self.graph_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.uncaptured: Counter[str] = Counter()  # engine -> decode runs made uncaptured because a load was in progress
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
 
     # --- encode: once per request ---------------------------------------------------------------
@@ -226,15 +232,24 @@ class Stepper:
             return
         # a session's first runs at a batch size capture its graph (at start-up, or after the engine was
         # reloaded: a new session has no graph, so nothing stale replays). A capture must not overlap a
-        # load's allocations on the device, so those runs wait for any load on the background thread.
+        # load's allocations on the device (ONNX Runtime captures in global mode), so those runs hold the
+        # load lock; but a load on the background thread holds it for seconds (10-12 s for a phone-9b
+        # segment), and waiting for it froze every sequence in flight: such a step runs uncaptured instead
+        # (ONNX Runtime's graph id -1), and the capture happens at a later step, when no load runs.
         runs = self.graph_runs.setdefault(session, Counter())
-        batch = next(iter(outputs.values())).shape[0]
-        if runs[batch] < CAPTURE_RUNS:
-            runs[batch] += 1
-            with self.engines.load_lock:
-                session.run(feeds, outputs, graph=True)
-        else:
+        key = (threading.get_ident(), next(iter(outputs.values())).shape[0])
+        if runs[key] >= CAPTURE_RUNS:
             session.run(feeds, outputs, graph=True)
+            return
+        if not self.engines.load_lock.acquire(blocking=False):
+            self.uncaptured[name] += 1
+            session.run(feeds, outputs)
+            return
+        try:
+            runs[key] += 1
+            session.run(feeds, outputs, graph=True)
+        finally:
+            self.engines.load_lock.release()
 
     def run_segment(self, k: int, batch: int, hidden: torch.Tensor) -> None:
         """Segment k's decode step over its first `batch` cache rows, from its buffers at that batch size."""
@@ -306,14 +321,16 @@ class Stepper:
 
     def capture(self, depth: int | None = None) -> None:
         """Capture every bucket's decode graphs of the first `depth` segments (default: all) now, on
-        spare rows, rather than in the first requests' steps; a segment loaded later captures in its
-        first steps."""
+        spare rows and on the calling thread, rather than in the first requests' steps; a segment loaded
+        later, or a decode on another thread, captures in its first steps."""
         if self.buckets is None:
             return
-        # ONNX Runtime may run a graph id uncaptured before it captures it: twice each
-        for b in [b for b in self.buckets for _ in range(2)]:
+        # ONNX Runtime runs a graph id uncaptured twice before it captures it on the third run (CAPTURE_RUNS);
+        # graphs captured here serve only this thread: another decoding thread captures its own in its first steps
+        for b in [b for b in self.buckets for _ in range(CAPTURE_RUNS)]:
             self.replay(b, self.n_segments if depth is None else depth)
-        torch.cuda.synchronize()
+        if any(c.device.type == "cuda" for c in self.caches):  # the CPU provider captures nothing: the bookkeeping is tested there
+            torch.cuda.synchronize()
 
     def free_unloaded(self) -> list[int]:
         """Free the KV buffers of segments whose engine is unloaded and that no sequence holds a row of."""

@@ -2,6 +2,8 @@
 GroupQueryAttention has no fp32 CUDA kernel, so these engines are exported on the GPU."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from rich.console import Console
@@ -122,6 +124,6 @@ def test_an_evicted_segment_recaptures_its_graphs_on_reload(cuda_export):
         new = engines.session("segment.3")
         assert new is not old and engines.loads["segment.3"][0] == 2
         if graphs:
-            assert len(new.graphs) >= 1 and stepper.graph_runs[new][1] == 3  # captured anew, under the load lock
+            assert len(new.graphs) >= 1 and stepper.graph_runs[new][threading.get_ident(), 1] == 3  # captured anew, under the load lock
         tokens[graphs] = out
     assert tokens[True] == tokens[False]

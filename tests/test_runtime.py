@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -430,7 +431,8 @@ def test_a_reloaded_segment_is_a_new_session_whose_graphs_are_captured_anew(tiny
             row.token = int(logits.argmax())
             out.append(row.token)
     new = engines.session("segment.3")
-    assert new is not old and stepper.graph_runs[new][1] == 3 and stepper.graph_runs[old][1] == 3
+    here = (threading.get_ident(), 1)  # ONNX Runtime counts a graph's runs per thread
+    assert new is not old and stepper.graph_runs[new][here] == 3 and stepper.graph_runs[old][here] == 3
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         want = []
@@ -438,6 +440,82 @@ def test_a_reloaded_segment_is_a_new_session_whose_graphs_are_captured_anew(tiny
             want.append(int(tiny_model(ids, 24)[0, -1].argmax()))
             ids = torch.cat([ids, torch.tensor([[want[-1]]])], dim=1)
     assert out == want  # the same greedy tokens across the eviction and reload
+
+
+def test_decode_steps_never_wait_for_a_load_and_capture_once_it_is_done(tiny_engines_dir, tiny_model, monkeypatch):
+    """On the H200 a request that found its segment missing froze the others for the whole 10 s load:
+    a decode step's capture runs waited for the load lock. Here a load is held open on the loader thread
+    while another thread (the engine thread's place; start-up captured on this one) decodes: its steps go
+    on uncaptured, capture once the load is done, then replay one graph per engine and batch."""
+    from runtime.step import CAPTURE_RUNS, Row, Stepper, captured_engines
+
+    engines = EngineSet(tiny_engines_dir, cuda_graphs=captured_engines(Manifest.load(tiny_engines_dir)))
+    stepper = Stepper(engines, max_batch=2, capacity=64, cuda_graphs=True)
+    for name in ("embed", "segment.0", "lm_head"):
+        engines.session(name)
+    with torch.inference_mode():
+        stepper.capture(1)  # at start-up, on the main thread
+    assert stepper.graph_runs[engines.session("segment.0")][threading.get_ident(), 1] == CAPTURE_RUNS
+    runs = {name: [] for name in ("embed", "segment.0", "lm_head")}  # per run: captured or not, and the addresses bound
+    for name, seen_runs in runs.items():
+        session = engines.session(name)
+
+        def spy(feeds, outputs=None, graph=False, real=session.run, seen_runs=seen_runs):
+            seen_runs.append((graph, tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in {**feeds, **(outputs or {})}.items())))
+            return real(feeds, outputs, graph)
+
+        monkeypatch.setattr(session, "run", spy)
+    loading, release = threading.Event(), threading.Event()
+    real_load = engines.load
+
+    def slow_load(*args, **kw):  # inside EngineSet.session, holding load_lock, as a real load does for seconds
+        loading.set()
+        release.wait(30)
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(engines, "load", slow_load)
+    loader = threading.Thread(target=engines.session, args=("segment.3",))
+    loader.start()
+    assert loading.wait(10)
+    tokens, seen = [], {}
+
+    def decode(steps: int) -> None:
+        with torch.inference_mode():
+            if not tokens:
+                logits, _ = stepper.prefill("a", [5, 6, 7], 1, None)
+                tokens.append(int(logits.argmax()))
+            for _ in range(steps):
+                _, logits = stepper.decode([Row("a", 1, tokens[-1])])
+                tokens.append(int(logits.argmax()))
+        seen["thread"] = threading.get_ident()
+
+    engine_thread = threading.Thread(target=decode, args=(4,))
+    engine_thread.start()
+    engine_thread.join(timeout=10)
+    try:
+        assert not engine_thread.is_alive(), "decode steps waited for the load"
+        assert stepper.uncaptured == {"embed": 4, "segment.0": 4, "lm_head": 4}  # nothing captured on the engine thread yet
+        assert all([graph for graph, _ in r] == [False] * 5 for r in runs.values())  # the prefill's run, then 4 steps'
+    finally:
+        release.set()
+        loader.join()
+        engine_thread.join()
+    engine_thread = threading.Thread(target=decode, args=(CAPTURE_RUNS + 3,))  # the load is done: capture, then replay
+    engine_thread.start()
+    engine_thread.join()
+    assert stepper.uncaptured == {"embed": 4, "segment.0": 4, "lm_head": 4}
+    for name in ("embed", "segment.0", "lm_head"):
+        session = engines.session(name)
+        assert stepper.graph_runs[session][seen["thread"], 1] == CAPTURE_RUNS
+        after = runs[name][5:]  # every step after the load: a graph run, on the same addresses (one graph id: no recapture)
+        assert len(after) == CAPTURE_RUNS + 3 and all(graph for graph, _ in after) and len({key for _, key in after}) == 1
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        want = []
+        for _ in range(len(tokens)):
+            want.append(int(tiny_model(ids, 6)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[want[-1]]])], dim=1)
+    assert tokens == want  # uncaptured and captured steps give the same greedy tokens
 
 
 def test_engines_that_differ_from_the_manifest_are_refused(tiny_engines_dir, tmp_path):
