@@ -170,7 +170,7 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
 def run_bench(app: BenchApp, server_overrides: list[str], console: Console | None = None) -> Path:
     """Run the benchmark; return the report folder. `server_overrides` select the same model and
     export for runtime.serve as the bench composed (model=..., export=..., and their overrides)."""
-    if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (pipeline/soak.py)
+    if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (bench/soak.py)
         from bench.soak import run_soak
 
         return run_soak(app, server_overrides, console)

@@ -31,8 +31,8 @@ from contract.manifest import Manifest
 from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
 
-SILENCE_LOG_MEL = -1.5
-CAPTURE_RUNS = 3  # a session's runs at one batch size within which ONNX Runtime captures its graph (it runs uncaptured first)  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
+SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
+CAPTURE_RUNS = 3  # a session's runs at one batch size within which ONNX Runtime captures its graph (it runs uncaptured first)
 
 
 def captured_engines(manifest: Manifest) -> list[str]:

@@ -106,5 +106,5 @@ benchrun)
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 *)
-  sed -n 2,13p "$0"; exit 2 ;;
+  sed -n 2,15p "$0"; exit 2 ;;
 esac
