@@ -39,7 +39,7 @@ sys.exit("the server was not ready after 300 s")
 PY
 }
 
-case "$1" in
+case "${1:-}" in
 export)
   start=$(date +%s)
   python3 -m pipeline export "${MODEL[@]}" export.progress=false 2>&1 | tee "$OUT/export.log"
