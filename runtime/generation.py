@@ -202,9 +202,12 @@ class GenerationEngine:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
+    def mode_paths(self) -> list[PathRecord]:
+        """The paths this mode serves: the static one, or every dynamic one."""
+        return [self.manifest.static_path] if self.mode == "static" else [p for p in self.manifest.paths if not p.static]
+
     def mode_engines(self) -> list[str]:
-        paths = [self.manifest.static_path] if self.mode == "static" else [p for p in self.manifest.paths if not p.static]
-        return list(dict.fromkeys(n for p in paths for n in p.encode + p.step))
+        return list(dict.fromkeys(n for p in self.mode_paths() for n in p.encode + p.step))
 
     def check_budget(self) -> None:
         """A budget that cannot hold the largest engine some path needs is refused; one that cannot
