@@ -28,7 +28,7 @@ import torch
 from model.tokenizer import ChatTokenizer
 from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
-from runtime.engines import EngineMismatch, EngineSet, mib
+from runtime.engines import EngineMismatch, EngineSet, describe, mib
 from runtime.metrics import Metrics
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
@@ -39,7 +39,6 @@ from runtime.text import Delta, TextStream
 log = logging.getLogger("dyngraph.runtime")
 
 MODES = ("dynamic", "static")
-ENCODER_NAMES = {"vision": "ViT encoder for image processing", "audio": "audio encoder for audio processing"}
 
 
 class EngineConfigError(ValueError):
@@ -424,7 +423,7 @@ class GenerationEngine:
             if not self.on_demand:  # on demand, the engine set logs each load as it happens
                 for encoder, modality in (("vision", "image"), ("audio", "audio")):
                     if static or modality in req.modalities:
-                        log.info("[DYNAMIC GRAPH] Loading %s (%s)", ENCODER_NAMES[encoder], req.request_id)
+                        log.info("[DYNAMIC GRAPH] Loading %s (%s)", describe(self.manifest.engines[encoder]), req.request_id)
             media = self.stepper.encode(req.pixel_values, req.mel, static)
         # the confidence policy starts towards full depth and stops at the first exit sure enough of the next token
         depth = self.exit_layers.index(decision.exit_layer or self.exit_layers[-1]) + 1
