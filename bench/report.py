@@ -608,7 +608,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         notes = [f"Latency: request sent to `[DONE]`, over every request of every concurrency level ({', '.join(str(c) for c in report['workload']['concurrency'])})."]
         notes.append(f"{memory_label(report)}: {modes['dynamic']['memory']['method']}; the highest of the runs.")
         q = report["quality"]
-        notes.append(f"Tokens equal to full-depth greedy: position by position against the {q['reference']} (pipeline/quality.py); dynamic per group: "
+        notes.append(f"Tokens equal to full-depth greedy: position by position against the {q['reference']} (bench/quality.py); dynamic per group: "
                      + ", ".join(f"{g} {fmt_share(v)}" for g, v in q["modes"]["dynamic"]["per_group"].items()) + "." if "modes" in q else
                      f"Tokens equal to full-depth greedy: n/a, {q['reason']}.")
         energy_reason = modes["dynamic"]["energy"]["reason"] or modes["static"]["energy"]["reason"]

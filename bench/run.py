@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from model.tokenizer import ChatTokenizer
 from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
-from contract.config import BenchApp
+from contract.config import BenchApp, ExportConfig
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from bench import report as reporting
 from contract.manifest import Manifest, ManifestError, engines_path
@@ -151,11 +151,15 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
     try:
         manifest = Manifest.load(engines)
     except ManifestError as e:
-        quantize = f" export.quantize={app.export.quantize}" if app.export.quantize else ""
-        raise BenchError(f"{e}; export first: python -m pipeline export model={app.model.name} export={app.export.backend}{quantize} "
+        # what the composed export differs in from the defaults (a preset sets dtype and device)
+        default = ExportConfig()
+        settings = "".join(f" export.{k}={getattr(app.export, k)}" for k in ("dtype", "device", "quantize")
+                           if getattr(app.export, k) != getattr(default, k))
+        raise BenchError(f"{e}; export first: python -m pipeline export model={app.model.name} export={app.export.backend}{settings} "
                          f"engines_dir={app.engines_dir}") from None
     if "static" in cfg.modes and manifest.static_path is None:
-        raise BenchError(f"the engines in {engines} have no static path (exported with export.static=false): export it, or bench.modes=[dynamic]")
+        raise BenchError(f"the engines in {engines} have no static path (an export older than the static path): "
+                         "export them again, or bench.modes=[dynamic]")
     if find_spec("runtime.serve") is None:
         raise BenchError("python -m runtime.serve is not available in this checkout")
     try:
@@ -170,7 +174,7 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
 def run_bench(app: BenchApp, server_overrides: list[str], console: Console | None = None) -> Path:
     """Run the benchmark; return the report folder. `server_overrides` select the same model and
     export for runtime.serve as the bench composed (model=..., export=..., and their overrides)."""
-    if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (pipeline/soak.py)
+    if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (bench/soak.py)
         from bench.soak import run_soak
 
         return run_soak(app, server_overrides, console)

@@ -14,7 +14,7 @@ malformed one that is not a 4xx), on RSS or GPU memory growing from start to end
 `max_rss_growth` / `max_gpu_growth`, or open files past `max_fd_growth`, and on a server that is
 not healthy at the end or does not drain cleanly on SIGTERM.
 
-Reports go to `<output_dir>/<date>-<device>-<model>-<backend>-soak/`: soak.json, soak.md and the
+Reports go to `<output_dir>/<date>-<device>-<model>-<backend>[-<quantize>]-soak/`: soak.json, soak.md and the
 server's log.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from contract.manifest import engines_path
 from bench.run import cpu_model, git_state, open_nvml, slug, unique_dir
 from bench.server import BenchError, Server
 from contract.config import BenchApp, SoakConfig
@@ -304,7 +305,7 @@ def run_soak(app: BenchApp, server_overrides: list[str], console: Console | None
         if nvml is not None:
             nvml.close()
     report = build_report(app, cfg, outcomes, samples, peaks, soak_s, health.status_code, health.json(), counted, exit_code, nvml, labels)
-    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{report['environment']['device_slug']}-{app.model.name}-{app.export.backend}-soak"
+    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{report['environment']['device_slug']}-{app.model.name}-{engines_path(app.engines_dir, app.model.name, app.export.backend, app.export.quantize).name}-soak"
     report_dir = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
     for f in log_dir.iterdir():
         shutil.move(f, report_dir / f.name)

@@ -33,6 +33,10 @@ BACKENDS = {
 }
 
 
+# an execution library a backend module imports at the top -> how to install it (an optional extra)
+EXECUTION_LIBRARIES = {"onnxruntime": "pip install -e '.[cpu]', or '.[gpu]' on a CUDA machine (never both)"}
+
+
 class BackendUnavailable(RuntimeError):
     """The backend's library is not installed or cannot run here; the message says what to do."""
 
@@ -123,7 +127,14 @@ def backend_class(name: str, side: int):
     if name not in BACKENDS:
         raise KeyError(f"unknown export backend {name!r}; known: {', '.join(BACKENDS)}")
     module_name, cls_name = BACKENDS[name][side].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in EXECUTION_LIBRARIES:
+            raise
+        raise BackendUnavailable(f"the {name} backend needs {e.name}, which is not installed here: "
+                                 f"{EXECUTION_LIBRARIES[e.name.split('.')[0]]}") from None
+    return getattr(module, cls_name)
 
 
 def get_exporter(cfg: ExportConfig) -> Exporter:

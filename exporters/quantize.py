@@ -17,7 +17,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 from torch.onnx._internal.exporter._core import TorchTensor
-from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
 MS = "com.microsoft"
 BITS = {"int8": 8, "int4": 4}  # export.quantize -> MatMulNBits' bits
@@ -38,6 +37,10 @@ class WeightQuant:
 
     def pack(self, weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """weight [K, N] (as MatMul reads it) -> (packed uint8 [N, K / block, block * bits / 8], scales [N, K / block])."""
+        # imported here: the export stage reads BITS and engine_quant for every backend, and onnxruntime
+        # is an optional extra that only the ONNX backend needs
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
         quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=self.block, is_symmetric=True, bits=self.bits))
         packed, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(weight.detach().float().cpu().numpy()))
         return torch.from_numpy(packed), torch.from_numpy(scales).to(dtype)

@@ -131,6 +131,8 @@ def check_request(model_cfg: ModelConfig, cfg: ExportConfig) -> Exporter:
         backend = backend_class(cfg.backend, 0)
     except KeyError as e:
         raise ExportError(e.args[0]) from None
+    except BackendUnavailable as e:
+        raise ExportError(str(e)) from None
     # what the backend can build, before its library is needed: installing TensorRT only to learn
     # that it cannot build int8 weights would be the wrong order
     built = getattr(backend, "quantizations", ())

@@ -75,10 +75,8 @@ class LocalEngine:
         broken = self.engines.broken
         if not broken:
             return {}
-        manifest = self.engines.manifest
-        paths = [manifest.static_path] if self.mode == "static" else [p for p in manifest.paths if not p.static]
         out = {}
-        for path in paths:
+        for path in self.engine.mode_paths():
             bad = next((broken[n] for n in path.encode + path.step if n in broken), None)
             if bad:
                 out[path.name] = bad

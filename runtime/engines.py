@@ -250,9 +250,7 @@ class EngineSet:
         return device or self.placement(self.manifest.engines[name])
 
     def resident_bytes(self, device: str) -> int:
-        with self.lock:
-            keys = list(self.sessions)
-        return sum(self.manifest.engines[k.partition("@")[0]].bytes for k in keys if self.key_device(k) == device)
+        return self.resident_by_device().get(device, 0)
 
     def resident_by_device(self) -> dict[str, int]:
         with self.lock:

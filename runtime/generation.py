@@ -29,7 +29,7 @@ from model.tokenizer import ChatTokenizer
 from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
 from exporters import EngineIncompatible
-from runtime.engines import EngineMismatch, EngineSet, mib
+from runtime.engines import EngineMismatch, EngineSet, describe, mib
 from runtime.metrics import Metrics
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
@@ -40,7 +40,6 @@ from runtime.text import Delta, TextStream
 log = logging.getLogger("dyngraph.runtime")
 
 MODES = ("dynamic", "static")
-ENCODER_NAMES = {"vision": "ViT encoder for image processing", "audio": "audio encoder for audio processing"}
 
 
 class EngineConfigError(ValueError):
@@ -207,9 +206,12 @@ class GenerationEngine:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
+    def mode_paths(self) -> list[PathRecord]:
+        """The paths this mode serves: the static one, or every dynamic one."""
+        return [self.manifest.static_path] if self.mode == "static" else [p for p in self.manifest.paths if not p.static]
+
     def mode_engines(self) -> list[str]:
-        paths = [self.manifest.static_path] if self.mode == "static" else [p for p in self.manifest.paths if not p.static]
-        return list(dict.fromkeys(n for p in paths for n in p.encode + p.step))
+        return list(dict.fromkeys(n for p in self.mode_paths() for n in p.encode + p.step))
 
     def check_budget(self) -> None:
         """A budget that cannot hold the largest engine some path needs is refused; one that cannot
@@ -431,7 +433,7 @@ class GenerationEngine:
             if not self.on_demand:  # on demand, the engine set logs each load as it happens
                 for encoder, modality in (("vision", "image"), ("audio", "audio")):
                     if static or modality in req.modalities:
-                        log.info("[DYNAMIC GRAPH] Loading %s (%s)", ENCODER_NAMES[encoder], req.request_id)
+                        log.info("[DYNAMIC GRAPH] Loading %s (%s)", describe(self.manifest.engines[encoder]), req.request_id)
             media = self.stepper.encode(req.pixel_values, req.mel, static)
         # the confidence policy starts towards full depth and stops at the first exit sure enough of the next token
         depth = self.exit_layers.index(decision.exit_layer or self.exit_layers[-1]) + 1

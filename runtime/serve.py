@@ -169,8 +169,9 @@ def dynamic_graph_env() -> bool | None:
 
 
 def export_command(app: ServeApp, overrides: list[str] | None = None) -> str:
-    """The export that would write the engines this serve looks for: same model, backend and engines_dir."""
-    wanted = ("model", "export", "engines_dir")
+    """The export that would write the engines this serve looks for: same model, backend and engines_dir
+    (and the preset or paths group that set them)."""
+    wanted = ("model", "export", "engines_dir", "preset", "paths")
     given = HydraConfig.get().overrides.task if overrides is None else overrides
     overrides = [o for o in given if o.lstrip("+~").split("=")[0].split(".")[0] in wanted]
     if not any(o.startswith("model=") for o in overrides):

@@ -39,7 +39,7 @@ sys.exit("the server was not ready after 300 s")
 PY
 }
 
-case "$1" in
+case "${1:-}" in
 export)
   start=$(date +%s)
   python3 -m pipeline export "${MODEL[@]}" export.progress=false 2>&1 | tee "$OUT/export.log"
@@ -106,5 +106,5 @@ benchrun)
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 *)
-  sed -n 2,13p "$0"; exit 2 ;;
+  sed -n 2,15p "$0"; exit 2 ;;
 esac

@@ -268,3 +268,16 @@ def test_bad_input_fails_cleanly(overrides, message, tmp_path):
     assert "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr
     assert not target.exists(), "a failed export wrote files"
+
+
+def test_without_onnxruntime_the_export_and_the_server_name_the_extra(tiny_export, engines_root, tmp_path):
+    """onnxruntime is an extra (.[cpu] or .[gpu]): an install without it gets one line saying which, not a traceback."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "onnxruntime.py").write_text("raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n")
+    env = {"PYTHONPATH": str(shadow)}
+    for result in (run_cli("pipeline", "export", f"engines_dir={tmp_path / 'engines'}", env=env),
+                   run_cli("runtime.serve", f"engines_dir={engines_root}", "server.port=1", env=env)):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "the onnx backend needs onnxruntime" in result.stderr and ".[cpu]" in result.stderr, result.stderr
+    assert not (tmp_path / "engines").exists()

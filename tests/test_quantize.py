@@ -11,7 +11,7 @@ fp32 model is not expected):
 - the manifest's per-path top-1 agreement with the eager fp32 model: at least AGREEMENT (0.9;
   measured 95-100 %);
 - served greedy tokens against runtime.backend=eager: at least GREEDY_AGREEMENT of the first
-  GREEDY_TOKENS tokens per request, position by position (pipeline/quality.py, as the bench counts).
+  GREEDY_TOKENS tokens per request, position by position (bench/quality.py, as the bench counts).
 """
 from __future__ import annotations
 

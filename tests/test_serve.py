@@ -193,6 +193,20 @@ def test_without_an_export_it_names_the_export_command(tmp_path, monkeypatch):
         dynamic_graph_env()
 
 
+
+def test_the_export_command_keeps_the_preset_that_chose_the_engines():
+    """+preset=phone-9b-gpu sets the model, fp16, CUDA and /data/engines: the export to suggest is that preset's."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from runtime.serve import CONF_DIR, export_command
+
+    overrides = ["+preset=phone-9b-gpu", "runtime=two_gpu", "export.quantize=int8"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        app = OmegaConf.to_object(compose(config_name="serve", overrides=overrides))
+    assert export_command(app, overrides) == "python -m pipeline export model=phone-9b +preset=phone-9b-gpu export.quantize=int8"
+    assert export_command(app, ["paths=gpu-host"]) == "python -m pipeline export model=phone-9b paths=gpu-host"
+
 # --- the dynamic server -------------------------------------------------------------------------------------
 
 
