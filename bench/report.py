@@ -513,7 +513,7 @@ def write_quantizations(reports: dict[str, dict], directory: Path) -> None:
           f"engines since it started. Top-1: the export's agreement with the eager model on the manifest's random prompts, "
           f"worst path.", "", table(header, rows, "ll" + "r" * (len(header) - 2)), ""]
     write_atomic(directory / "quantizations.json", (json.dumps(finite(out), indent=1) + "\n").encode())
-    (directory / "quantizations.md").write_text("\n".join(md))
+    write_atomic(directory / "quantizations.md", "\n".join(md).encode())
 
 
 def fmt(x, kind: str) -> str:

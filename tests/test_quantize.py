@@ -333,3 +333,9 @@ def test_bench_refuses_a_missing_quantization_before_running(engines_root, tmp_p
                      "bench.quantizations=[null,int4]", "progress=false")
     assert result.returncode == 2 and "export.quantize=int4" in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_a_soak_of_several_quantizations_is_refused_in_one_line(engines_root, tmp_path):
+    result = run_cli("pipeline", "bench", "bench=soak", f"engines_dir={engines_root}", f"output_dir={tmp_path}",
+                     "bench.quantizations=[null,int8]", "progress=false")
+    assert result.returncode == 2 and "export.quantize" in result.stderr and "Traceback" not in result.stderr
