@@ -255,8 +255,8 @@ def test_a_killed_replica_fails_its_requests_clearly_and_comes_back(ray_server):
     for r in raw:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "replica_unavailable" and r.headers["retry-after"] == "1"
-        else:
-            assert replica_of(r.headers, r.json()) != victim and r.json()["usage"]["completion_tokens"] == 800
+        else:  # a whole answer, never a cut one: from the survivor, or from the victim if it finished before the kill
+            assert r.json()["usage"]["completion_tokens"] == 800
     assert retried[0].usage.completion_tokens == 200
     # Serve starts a replacement: a third name answers while the survivor keeps answering
     deadline, names = time.monotonic() + 90, set()
