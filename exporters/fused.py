@@ -28,14 +28,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from exporters.quantize import WeightQuant
+from exporters.quantize import MS, WeightQuant
 from model.glm import Segment
 from contract.engines import EngineSpec, tensor_dtype
 
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
               torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL,
               torch.uint8: TensorProto.UINT8}
-MS = "com.microsoft"
 
 
 IR_VERSION = 10  # what ONNX Runtime 1.20 and later load (onnx 1.18+ writes 11 and up by default)

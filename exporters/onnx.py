@@ -26,7 +26,7 @@ from contract.engines import EXPORT_DTYPES, Dim, EngineSpec, TensorSpec, random_
 from contract.manifest import fsync
 from exporters import fused
 from exporters.ort import OrtRuntime, OrtSession
-from exporters.quantize import BITS, WeightQuant, engine_quant, quantize_program
+from exporters.quantize import BITS, engine_quant, quantize_program
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,13 @@ class OnnxExporter:
     def __init__(self, cfg: ExportConfig):
         self.cfg = cfg
         self.dtype = EXPORT_DTYPES[cfg.dtype]
-        self.quant = WeightQuant.of(cfg.quantize, cfg.quantize_block)
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": ort.__version__}
 
     def settings(self) -> dict:
         settings = self.engine_settings("")  # no graph: what every engine shares
-        if self.quant:
+        if self.cfg.quantize:
             settings |= {"quantize": self.cfg.quantize, "quantize_block": self.cfg.quantize_block, "quantize_head": self.cfg.quantize_head}
         return settings
 
@@ -59,7 +58,7 @@ class OnnxExporter:
         where it applies, so that export.quantize_head rebuilds only the head and an engine that
         stays in the export dtype keeps the unquantized export's key (its bytes are the same)."""
         settings = {"dtype": self.cfg.dtype, "opset": self.cfg.opset, "device": torch.device(self.cfg.device).type}
-        if quant := engine_quant(graph, self.quant, self.cfg.quantize_head):
+        if quant := engine_quant(graph, self.cfg):
             settings |= {"quantize": self.cfg.quantize, "quantize_block": quant.block}
         return settings
 
@@ -68,7 +67,7 @@ class OnnxExporter:
 
     def build(self, specs: list[EngineSpec], dims: dict[str, Dim], stems: list[Path], engines_dir: Path | None = None) -> None:
         first = specs[0]
-        quant = engine_quant(first.graph, self.quant, self.cfg.quantize_head)
+        quant = engine_quant(first.graph, self.cfg)
         if first.fused:  # built from fused operators, no trace
             for spec, stem in zip(specs, stems):
                 start = time.perf_counter()

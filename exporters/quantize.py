@@ -18,7 +18,9 @@ import onnx_ir as ir
 import torch
 from torch.onnx._internal.exporter._core import TorchTensor
 
-MS = "com.microsoft"
+from contract.config import ExportConfig
+
+MS = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulNBits, and the fused segment's)
 BITS = {"int8": 8, "int4": 4}  # export.quantize -> MatMulNBits' bits
 BLOCKS = (16, 32, 64, 128, 256)  # what MatMulNBits accepts (a power of two, at least 16)
 # the graphs whose matrices are quantized (the decoder and the cross-attention); the encoders and
@@ -30,10 +32,6 @@ QUANTIZED_GRAPHS = ("segment", "cross_kv", "cross_attn")
 class WeightQuant:
     bits: int
     block: int
-
-    @classmethod
-    def of(cls, quantize: str | None, block: int) -> WeightQuant | None:
-        return None if quantize is None else cls(BITS[quantize], block)
 
     def pack(self, weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """weight [K, N] (as MatMul reads it) -> (packed uint8 [N, K / block, block * bits / 8], scales [N, K / block])."""
@@ -50,12 +48,12 @@ class WeightQuant:
         return {"K": k, "N": n, "bits": self.bits, "block_size": self.block}
 
 
-def engine_quant(graph: str, quant: WeightQuant | None, head: bool) -> WeightQuant | None:
-    """The quantization an engine of `graph` gets: the decoder's and cross-attention's matrices,
-    and the LM head's when `head`."""
-    if quant is None:
+def engine_quant(graph: str, cfg: ExportConfig) -> WeightQuant | None:
+    """The quantization an engine of `graph` gets under `cfg`: the decoder's and cross-attention's
+    matrices, and the LM head's with export.quantize_head; None for the rest and without export.quantize."""
+    if cfg.quantize is None or not (graph.startswith(QUANTIZED_GRAPHS) or (cfg.quantize_head and graph == "lm_head")):
         return None
-    return quant if graph.startswith(QUANTIZED_GRAPHS) or (head and graph == "lm_head") else None
+    return WeightQuant(BITS[cfg.quantize], cfg.quantize_block)
 
 
 def quantize_program(model: ir.Model, quant: WeightQuant, dtype: torch.dtype) -> int:

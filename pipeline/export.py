@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from exporters import BackendUnavailable, Exporter, backend_class
-from exporters.quantize import BITS, BLOCKS, WeightQuant, engine_quant
+from exporters.quantize import BITS, BLOCKS, engine_quant
 from model.autoglm import AutoGLM, ModelConfig, count_parameters, materialize, meta_model
 from model.exits import ExitsError, ExitsInfo, check_exits, read_exits, resolve_exits
 from contract.config import ExportConfig
@@ -311,7 +311,7 @@ def validate_and_commit(spec: EngineSpec, stem: Path, key: str, dims: dict[str, 
     session = exporter.load(files[0], spec.inputs, spec.outputs, device)
     loaded = time.perf_counter()
     advance("validating")
-    quantized = engine_quant(spec.graph, WeightQuant.of(cfg.quantize, cfg.quantize_block), cfg.quantize_head) is not None
+    quantized = engine_quant(spec.graph, cfg) is not None
     tolerance = cfg.quantize_tolerance[cfg.quantize] if quantized else cfg.tolerance[cfg.dtype]
     checks, worst_abs, worst_rel = [], 0.0, 0.0
     generator = torch.Generator().manual_seed(int(key, 16) % (2**31))  # fresh inputs per build, reproducible per key
@@ -362,9 +362,8 @@ def quantization_record(specs: list[EngineSpec], records: dict[str, EngineRecord
     eager model (measured again whenever an engine was rebuilt, else the last export's)."""
     if cfg.quantize is None:
         return None
-    quant = WeightQuant.of(cfg.quantize, cfg.quantize_block)
-    record = {"scheme": cfg.quantize, "bits": quant.bits, "block_size": quant.block, "symmetric": True, "head": cfg.quantize_head,
-              "engines": [s.name for s in specs if engine_quant(s.graph, quant, cfg.quantize_head)],
+    record = {"scheme": cfg.quantize, "bits": BITS[cfg.quantize], "block_size": cfg.quantize_block, "symmetric": True,
+              "head": cfg.quantize_head, "engines": [s.name for s in specs if engine_quant(s.graph, cfg)],
               "keys": {s.name: records[s.name].key for s in specs}}
     if not built:
         try:

@@ -20,6 +20,7 @@ This module is the only one that knows the layout.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 
 import torch
@@ -40,7 +41,7 @@ class SegmentCache:
 
     @property
     def bytes_per_row(self) -> int:
-        return self.layers * 2 * self.shape[2] * self.capacity * self.shape[4] * torch.empty(0, dtype=self.dtype).element_size()
+        return math.prod(self.shape) // self.rows * self.dtype.itemsize
 
     @property
     def allocated_bytes(self) -> int:
