@@ -202,6 +202,8 @@ class GenerationEngine:
         self.kv_in_use: Counter[str] = Counter()
         self.kv_in_use_peak: Counter[str] = Counter()
         self.count_kv()
+        self.captured = threading.Event()  # set by the engine thread once its start-up capture is done (or failed)
+        self.capture_error: BaseException | None = None
         self.thread = threading.Thread(target=self.loop, name="dyngraph-engine", daemon=True)
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ class GenerationEngine:
 
     def warm_up(self) -> None:
         """Verify and load what the mode needs up front (with modules on demand, only what every text
-        request needs), and capture the decode graphs of every batch size for what is loaded."""
+        request needs); the engine thread captures their decode graphs when it starts."""
         if self.on_demand:
             self.check_budget()
             names = self.base
@@ -243,8 +245,6 @@ class GenerationEngine:
             names = self.mode_engines()
         for name in names:
             self.engines.session(name)
-        with torch.inference_mode():
-            self.stepper.capture(1 if self.on_demand else None)
         if self.mode == "static":
             log.info("[DYNAMIC GRAPH] Static mode: every request runs the full graph (%d layers, every encoder)", self.n_layers)
         elif self.on_demand:
@@ -253,7 +253,11 @@ class GenerationEngine:
                      "".join(f", budget {mib(b)} on {d}" for d, b in self.engines.budget_bytes.items() if b))
 
     def start(self) -> None:
+        """Start the engine thread; returns once it has captured the decode graphs of every batch size."""
         self.thread.start()
+        self.captured.wait()
+        if self.capture_error is not None:
+            raise self.capture_error
 
     def stop(self) -> None:
         with self.cond:
@@ -298,6 +302,15 @@ class GenerationEngine:
 
     def loop(self) -> None:
         with torch.inference_mode():
+            # here, not in warm_up: ONNX Runtime keeps a session's CUDA graphs per thread, so graphs
+            # captured on another thread would be captured again in this thread's first steps
+            try:
+                self.stepper.capture(1 if self.on_demand else None)
+            except BaseException as e:  # start() raises it in the caller
+                self.capture_error = e
+                return
+            finally:
+                self.captured.set()
             while True:
                 with self.cond:
                     while not self.stopping and not self.running and not self.loaded_ready() \

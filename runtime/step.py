@@ -35,7 +35,7 @@ from runtime.kv import SegmentCache
 SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
 # a session's runs of one graph id on one thread within which ONNX Runtime's CUDA provider captures it: two
 # regular runs (its arena grows to what the graph needs), the capture on the third; its graph state is per
-# thread, so runs on another thread (the start-up capture on the main thread) do not count for the engine thread
+# thread, so runs on another thread (a profile script's, say) do not count for the engine thread, which captures at its start
 CAPTURE_RUNS = 3
 
 
