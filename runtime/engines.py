@@ -31,7 +31,7 @@ from torch import nn
 
 from exporters import EngineIncompatible, EngineSession, get_runtime
 from contract.engines import TensorSpec
-from contract.manifest import EngineRecord, Manifest, sha256_file
+from contract.manifest import EngineRecord, FileRecord, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -171,23 +171,16 @@ class EngineSet:
         def read() -> dict[str, object]:
             files = {}
             for f in record.files:
-                path = self.directory / f.name
-                if not path.is_file():
-                    raise EngineMismatch(f"engine {record.name}: {path} is missing (manifest expects sha256 {f.sha256})")
+                path = self.existing(record, f)
                 if f.name == record.path:
-                    data = path.read_bytes()
-                    view = data
+                    data = view = path.read_bytes()
                 else:
-                    size = path.stat().st_size
-                    buf = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-                    data = buf.numpy()
+                    data = torch.empty(path.stat().st_size, dtype=torch.uint8, pin_memory=torch.cuda.is_available()).numpy()
                     with open(path, "rb") as fh:
                         fh.readinto(memoryview(data))
                     view = memoryview(data)
                 if self.verify:
-                    found = hashlib.sha256(view).hexdigest()
-                    if found != f.sha256:
-                        raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found}, manifest expects {f.sha256}")
+                    self.compare(record, f, path, hashlib.sha256(view).hexdigest())
                 files[f.name] = data
             return files
 
@@ -271,12 +264,19 @@ class EngineSet:
 
     def check_files(self, record: EngineRecord) -> None:
         for f in record.files:
-            path = self.directory / f.name
-            if not path.is_file():
-                raise EngineMismatch(f"engine {record.name}: {path} is missing (manifest expects sha256 {f.sha256})")
-            found = sha256_file(path)
-            if found != f.sha256:
-                raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found}, manifest expects {f.sha256}")
+            path = self.existing(record, f)
+            self.compare(record, f, path, sha256_file(path))
+
+    def existing(self, record: EngineRecord, f: FileRecord) -> Path:
+        path = self.directory / f.name
+        if not path.is_file():
+            raise EngineMismatch(f"engine {record.name}: {path} is missing (manifest expects sha256 {f.sha256})")
+        return path
+
+    @staticmethod
+    def compare(record: EngineRecord, f: FileRecord, path: Path, found: str) -> None:
+        if found != f.sha256:
+            raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found}, manifest expects {f.sha256}")
 
     def run(self, name: str, feeds: dict[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """One uncaptured run with session-allocated outputs (prefill, encoders)."""
