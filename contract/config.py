@@ -40,7 +40,7 @@ class ExportConfig:
     # per scale); activations, norms, embeddings and encoders keep `dtype`. Engines go to <backend>-<quantize>/
     quantize: str | None = None
     quantize_block: int = 32
-    quantize_head: bool = True  # the LM head too: read at every step, 1.2 GB of phone-9b's 2.5 GB exit-6 step
+    quantize_head: bool = True  # the LM head too: 1.24 of the 4.84 GB a phone-9b fp16 exit-6 step reads (not yet timed against off)
     # a quantized engine is validated against its eager module in `dtype` with this tolerance instead
     # (same measure as `tolerance`). Measured, random weights: tiny int8 6e-3, int4 0.11 (CPU); phone-9b
     # fp16 int8 3.2e-2, int4 0.507 (present_value.4 of segment.1, H200), which the first int4 bound of 0.5 refused
@@ -60,6 +60,9 @@ class PathsConfig:
 
 @dataclass
 class ExportApp:
+    """`python -m pipeline export`; also what the bench and the server need to find an export
+    (runtime.config.ServeApp and BenchApp extend it)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -183,14 +186,10 @@ class CompareConfig:
 
 
 @dataclass
-class BenchApp:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+class BenchApp(ExportApp):
     bench: BenchConfig = field(default_factory=BenchConfig)
     server: ServerLaunch = field(default_factory=ServerLaunch)
     compare: CompareConfig = field(default_factory=CompareConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    engines_dir: str = "engines"
     output_dir: str = "bench_results"
     run_name: str | None = None  # report folder name; default <date>-<device>-<model>-<backend>
     progress: bool = True

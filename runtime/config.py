@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.autoglm import ModelConfig
-from contract.config import ExportConfig, PathsConfig
+from contract.config import ExportApp
 
 
 @dataclass
@@ -138,13 +137,9 @@ class ClusterConfig:
 
 
 @dataclass
-class ServeApp:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+class ServeApp(ExportApp):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    engines_dir: str = "engines"
     tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one
 
