@@ -9,6 +9,8 @@ engines nobody used for a while. Each load is timed and reported (`on_load`), ea
 latency is made of. With `host_copy`, an engine's files are read once into host memory (pinned
 for a CUDA device, so that the copy to the device is a DMA) and every later load of that engine
 builds its session from there: an evicted engine comes back without touching the disk.
+`prefetch_host` reads them all at start-up on a background thread, so that even a module's first
+load costs only its session's creation, not the disk, the hash and the page-locking as well.
 
 Loads are serialised by `load_lock`, which the decode step also holds while ONNX Runtime captures
 a CUDA graph (a capture must see no allocation on the device from another thread); a load may
@@ -22,10 +24,12 @@ import hashlib
 import logging
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,6 +89,7 @@ class EngineSet:
         self.last_used: dict[str, float] = {}  # key -> monotonic time of its last session() call
         self.protected: set[str] = set()  # engine names in use by requests in flight: evicted only when nothing else can go
         self.host: dict[str, dict[str, object]] = {}  # engine -> file name -> contents, verified when read
+        self.host_locks = {name: threading.Lock() for name in self.manifest.engines}  # one reader per engine's files
         self.verified: dict[str, tuple] = {}  # engine -> its files' stat when hashed: an unchanged one reloads without rehashing
         self.broken: dict[str, str] = {}  # engine -> why its last load failed verification (its paths are degraded)
         self.loads: dict[str, list] = {}  # engine -> [loads, seconds]
@@ -134,7 +139,7 @@ class EngineSet:
         start = time.perf_counter()
         host = None
         if self.host_copy(device):
-            host = self.host.get(name) or self.read_host(record)
+            host = self.host_files(record)
         elif self.verify:
             stamp = file_stamp(self.directory, record)  # None also when a file is missing
             if stamp is None or self.verified.get(name) != stamp:
@@ -164,10 +169,10 @@ class EngineSet:
         self.broken.pop(record.name, None)
         return out
 
-    def read_host(self, record: EngineRecord) -> dict[str, object]:
-        """The engine's files in host memory, hashed as they are read: the .onnx as bytes (ONNX
-        Runtime parses the protobuf from bytes only), every other file (external weights) into a
-        pinned buffer where CUDA is available."""
+    def host_files(self, record: EngineRecord) -> dict[str, object]:
+        """The engine's files in host memory, read (and hashed as they are read) the first time: the
+        .onnx as bytes (ONNX Runtime parses the protobuf from bytes only), every other file (external
+        weights) into a host buffer, page-locked where CUDA is available."""
         def read() -> dict[str, object]:
             files = {}
             for f in record.files:
@@ -175,7 +180,7 @@ class EngineSet:
                 if f.name == record.path:
                     data = view = path.read_bytes()
                 else:
-                    data = torch.empty(path.stat().st_size, dtype=torch.uint8, pin_memory=torch.cuda.is_available()).numpy()
+                    data = host_buffer(path.stat().st_size)
                     with open(path, "rb") as fh:
                         fh.readinto(memoryview(data))
                     view = memoryview(data)
@@ -184,9 +189,32 @@ class EngineSet:
                 files[f.name] = data
             return files
 
-        files = self.verified_or_broken(record, read)
-        self.host[record.name] = files
-        return files
+        with self.host_locks[record.name]:  # the prefetch thread and a load may want the same engine
+            if record.name not in self.host:
+                self.host[record.name] = self.verified_or_broken(record, read)
+            return self.host[record.name]
+
+    def prefetch_host(self) -> threading.Thread | None:
+        """Read every engine whose loads come from host memory into it, on a background thread (the
+        disk, the hash and the page-locking off the request path); returns it, or None with nothing to read.
+        An engine whose files fail verification is left to its load, which reports it (and `broken`)."""
+        names = [n for n in self.manifest.engines if n not in self.host and self.host_copy(str(self.device(n)))]
+        if not names:
+            return None
+
+        def prefetch() -> None:
+            start = time.perf_counter()
+            for name in names:
+                try:
+                    self.host_files(self.manifest.engines[name])
+                except (EngineMismatch, OSError) as e:
+                    log.warning("[DYNAMIC GRAPH] not in host memory: %s", e)
+            log.info("[DYNAMIC GRAPH] %d engines (%s) read into host memory in %.1f s", len(names),
+                     mib(sum(self.manifest.engines[n].bytes for n in names)), time.perf_counter() - start)
+
+        thread = threading.Thread(target=prefetch, name="dyngraph-prefetch", daemon=True)
+        thread.start()
+        return thread
 
     def load(self, record: EngineRecord, device: str, host: dict | None = None) -> EngineSession:
         inputs, outputs = record.input_specs(), record.output_specs()
@@ -292,6 +320,18 @@ def file_stamp(directory: Path, record: EngineRecord) -> tuple | None:
         return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in ((directory / f.name).stat() for f in record.files))
     except OSError:
         return None
+
+
+def host_buffer(size: int) -> np.ndarray:
+    """`size` bytes of host memory, page-locked in place where CUDA is available (cudaHostRegister,
+    undone when the buffer goes): exactly the size asked for, where torch's pinned allocator rounds
+    each block up to a power of two."""
+    data = np.empty(size, dtype=np.uint8)
+    if torch.cuda.is_available() and size:
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(data.ctypes.data, size, 0)) == 0:  # cudaSuccess; otherwise it stays pageable
+            weakref.finalize(data, cudart.cudaHostUnregister, data.ctypes.data)
+    return data
 
 
 def mib(n: int) -> str:

@@ -6,6 +6,10 @@ The server must let requests choose their exit (`runtime.policy.request_override
 
     python -m runtime.serve model=phone-9b export.dtype=fp16 runtime=two_gpu runtime.policy.request_override=true &
     python -m runtime.probe --out probe.json
+
+Every request is greedy (temperature 0) and runs its full `--max-tokens`, so two servers' probes
+compare token by token: `--reference probe-fp16.json` adds each path's agreement with that earlier
+probe (the share of positions where both generated the same token), e.g. an int8 export's against fp16's.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.client import send
+from bench.quality import agreement
 from bench.workload import BenchRequest, draw_chart, encode_png, encode_wav, synth_sound
 
 MODALITY_SETS = [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]
@@ -47,8 +52,21 @@ async def probe(url: str, exits: list[int], max_tokens: int, model: str, headers
                 rows.append({"path": result.path, "exit_layer": result.exit_layer, "engines": result.engines,
                              "devices": result.devices, "ttft_ms": 1e3 * result.ttft_s,
                              "ms_per_token": 1e3 * result.tpot_s if result.tpot_s else None,
-                             "completion_tokens": result.completion_tokens})
+                             "completion_tokens": result.completion_tokens, "tokens": result.tokens})
     return rows
+
+
+def compare(rows: list[dict], reference: list[dict]) -> tuple[int, int]:
+    """Set each row's token agreement with the reference probe's row of the same path (None where
+    it has none); returns (tokens equal, tokens compared) over them all."""
+    by_path = {r["path"]: r["tokens"] for r in reference}
+    pooled = [0, 0]
+    for r in rows:
+        same, total = agreement(r["tokens"], by_path[r["path"]]) if r["path"] in by_path else (0, 0)
+        r["agreement"] = same / total if total else None
+        pooled[0] += same
+        pooled[1] += total
+    return pooled[0], pooled[1]
 
 
 def main() -> None:
@@ -59,20 +77,33 @@ def main() -> None:
     parser.add_argument("--model", default="autoglm-phone-9b")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--reference", default=None, help="an earlier probe's --out: each path's token agreement with it")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        reference = json.loads(open(args.reference).read()) if args.reference else None
+    except (OSError, ValueError) as e:
+        sys.exit(f"--reference {args.reference}: {e}")
     try:
         rows = asyncio.run(probe(args.url.rstrip("/"), args.exits, args.max_tokens, args.model, headers))
     except httpx.HTTPError as e:
         sys.exit(f"cannot reach the server at {args.url}: {e}")
+    columns = ["path", "engines", "devices", "TTFT ms", "ms/token"]
+    if reference is not None:
+        same, total = compare(rows, reference)
+        columns.append("agreement")
     table = Table(title=f"one request per path at {args.url}", title_justify="left")
-    for col in ("path", "engines", "devices", "TTFT ms", "ms/token"):
-        table.add_column(col, justify="right" if "ms" in col else "left")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("path", "engines", "devices") else "right")
     for r in rows:
         devices = ", ".join(sorted(set(r["devices"].values())))
-        table.add_row(r["path"], " ".join(r["engines"]), devices, f"{r['ttft_ms']:.1f}",
-                      f"{r['ms_per_token']:.2f}" if r["ms_per_token"] else "-")
+        cells = [r["path"], " ".join(r["engines"]), devices, f"{r['ttft_ms']:.1f}", f"{r['ms_per_token']:.2f}" if r["ms_per_token"] else "-"]
+        if reference is not None:
+            cells.append("-" if r["agreement"] is None else f"{r['agreement']:.0%}")
+        table.add_row(*cells)
     Console().print(table)
+    if reference is not None and total:
+        print(f"token agreement with {args.reference}: {same / total:.1%} over {total} tokens")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

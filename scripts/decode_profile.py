@@ -127,7 +127,8 @@ def main() -> None:
             # the text path's engines and caches resident, graphs captured: what a full-depth text server holds
             report["memory"].append({"cuda_graphs": graphs, "process_gpu_bytes": process_gpu_bytes(args.device),
                                      "engine_bytes": sum(manifest.engines[n].bytes for n in engines.loaded()),
-                                     "engines": engines.loaded()})
+                                     "engines": engines.loaded(),
+                                     "load_seconds": {n: round(engines.loads[n][1], 2) for n in engines.loaded()}})
             print(json.dumps(report["memory"][-1]), flush=True)
             for exit_layer in (exits[0], exits[-1]):
                 path = manifest.path(exit_layer, ["text"])

@@ -4,14 +4,18 @@
 #   scripts/gpu_host.sh export              phone-9b, fp16, CUDA, into $ENGINES (log in $OUT)
 #   scripts/gpu_host.sh gputests            the GPU tests (a tiny fp16 export on CUDA, captured decode steps)
 #   scripts/gpu_host.sh profile [ARGS]      where a decode step's time goes (scripts/decode_profile.py)
-#   scripts/gpu_host.sh probe PLACEMENT     serve it (one_gpu | two_gpu), one request per path, /stats
+#   scripts/gpu_host.sh probe PLACEMENT [QUANTIZE [REFERENCE]]  serve it (one_gpu | two_gpu), one request per path, /stats
+#                                           (REFERENCE: an earlier probe's JSON, for each path's token agreement with it)
 #   scripts/gpu_host.sh bench PLACEMENT [OVERRIDES]  start the default-mix benchmark detached (it outlives the call)
 #   scripts/gpu_host.sh wait [SECONDS]      wait for it, then pack the report into $OUT/bench.tgz
 #   scripts/gpu_host.sh soak                64 streams x 5 min against one_gpu (issue 11's GPU form), into $OUT/soak.tgz
 #   scripts/gpu_host.sh calibrate           a corpus from the installed packages, phone-9b's exits calibrated, into $OUT/calibration.tgz
 #   scripts/gpu_host.sh variants            fp16, int8 and int4 exports at once (logs in $OUT)
-#   scripts/gpu_host.sh profiles            their decode profiles (batch 1 and 16, CUDA graphs)
+#   scripts/gpu_host.sh profiles            their decode profiles (batch 1 and 16, CUDA graphs; the quantized ones
+#                                           also with ONNX Runtime's default MatMulNBits kernel, ORT_FPA_INTB_GEMM=0)
+#   scripts/gpu_host.sh hostcopy            host copies of engine weights: pinned, registered, pageable (scripts/host_copy_bench.py)
 #   scripts/gpu_host.sh benchrun NAME [OVERRIDES]   one bench in the foreground, its report into $OUT/bench-NAME.tgz
+#   scripts/gpu_host.sh pack NAME           everything under $OUT into $OUT/NAME.tgz
 #   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -50,15 +54,17 @@ profile)
   shift
   python3 scripts/decode_profile.py "$ENGINES/phone-9b/onnx" --out "$OUT/decode-profile.json" "$@" 2>&1 | tee "$OUT/decode-profile.log" ;;
 probe)
-  placement=$2 port=8123
+  placement=$2 quantize=${3:-null} reference=${4:-} port=8123
+  name=$placement${3:+-$3}
   start=$(date +%s)
-  python3 -m runtime.serve "${MODEL[@]}" "runtime=$placement" runtime.policy.request_override=true "server.port=$port" \
-    > "$OUT/serve-$placement.log" 2>&1 &
+  python3 -m runtime.serve "${MODEL[@]}" "export.quantize=$quantize" "runtime=$placement" runtime.policy.request_override=true \
+    "server.port=$port" > "$OUT/serve-$name.log" 2>&1 &
   pid=$!
   wait_healthy $port $pid
-  echo "server ready after $(( $(date +%s) - start )) s" | tee "$OUT/probe-$placement.txt"
-  python3 -m runtime.probe --url "http://127.0.0.1:$port" --out "$OUT/probe-$placement.json" 2>&1 | tee -a "$OUT/probe-$placement.txt"
-  python3 -c "import httpx, json; print(json.dumps(httpx.get('http://127.0.0.1:$port/stats').json(), indent=1))" > "$OUT/stats-$placement.json"
+  echo "server ready after $(( $(date +%s) - start )) s" | tee "$OUT/probe-$name.txt"
+  python3 -m runtime.probe --url "http://127.0.0.1:$port" --out "$OUT/probe-$name.json" ${reference:+--reference "$reference"} 2>&1 \
+    | tee -a "$OUT/probe-$name.txt"
+  python3 -c "import httpx, json; print(json.dumps(httpx.get('http://127.0.0.1:$port/stats').json(), indent=1))" > "$OUT/stats-$name.json"
   kill -TERM $pid && wait $pid || true ;;
 bench)
   placement=$2; shift 2
@@ -77,8 +83,9 @@ wait)
 soak)
   rm -rf /tmp/soak_results
   python3 -m pipeline bench bench=soak "${MODEL[@]}" server.runtime=one_gpu output_dir=/tmp/soak_results progress=false \
-    bench.soak.streams=64 bench.soak.duration_s=300 bench.soak.warmup_s=60 2>&1 | tail -n 60 | tee "$OUT/soak.log"
-  tar czf "$OUT/soak.tgz" -C /tmp/soak_results . ;;
+    bench.soak.streams=64 bench.soak.duration_s=300 bench.soak.warmup_s=60 > /tmp/soak.log 2>&1 || echo "soak failed: exit $?" >> /tmp/soak.log
+  tail -n 60 /tmp/soak.log | tee "$OUT/soak.log"
+  [ -d /tmp/soak_results ] && tar czf "$OUT/soak.tgz" -C /tmp/soak_results . ;;
 calibrate)
   rm -rf /tmp/corpus /tmp/calibration
   python3 scripts/build_corpus.py /tmp/corpus 2>&1 | tail -n 3 | tee "$OUT/calibrate.log"
@@ -92,11 +99,16 @@ variants)
   wait
   tail -n 3 "$OUT"/export-*.log; df -h /tmp | tail -n 1 ;;
 profiles)
-  for d in onnx onnx-int8 onnx-int4; do
-    timeout 120 python3 scripts/decode_profile.py "$ENGINES/phone-9b/$d" --graphs-only --steps 32 --out "$OUT/profile-$d.json" \
-      > "$OUT/profile-$d.log" 2>&1
-    tail -n 6 "$OUT/profile-$d.log"
+  for run in onnx onnx-int8 onnx-int4 onnx-int8:default onnx-int4:default; do
+    d=${run%%:*} name=${run/:/-kernel-}
+    # :default: ONNX Runtime's own MatMulNBits kernel instead of fpA_intB (exporters.ort.FPA_INTB_GEMM)
+    ( [ "$run" != "$d" ] && export ORT_FPA_INTB_GEMM=0
+      timeout 120 python3 scripts/decode_profile.py "$ENGINES/phone-9b/$d" --graphs-only --steps 32 --out "$OUT/profile-$name.json" \
+        > "$OUT/profile-$name.log" 2>&1 )
+    tail -n 6 "$OUT/profile-$name.log"
   done ;;
+hostcopy)
+  python3 scripts/host_copy_bench.py --out "$OUT/host-copy.json" 2>&1 | tee "$OUT/host-copy.log" ;;
 benchrun)
   name=$2; shift 2
   rm -rf /tmp/bench_results
@@ -105,6 +117,8 @@ benchrun)
   [ -d /tmp/bench_results ] && tar czf "$OUT/bench-$name.tgz" -C /tmp/bench_results . ;;
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
+pack)  # everything under $OUT into one $OUT/NAME.tgz (what comes back is at most 8 files)
+  tar czf "/tmp/$2.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "/tmp/$2.tgz" "$OUT/" ;;
 *)
-  sed -n 2,15p "$0"; exit 2 ;;
+  sed -n 2,19p "$0"; exit 2 ;;
 esac

@@ -1,10 +1,13 @@
 """ONNX Runtime's MatMulNBits (int8 / int4 weights, block 32, symmetric) against an fp16 MatMul, per
 decoder matrix of a model's dims, on the CUDA provider with CUDA graphs: what weight-only
-quantization can buy a decode step before it is built into the engines.
+quantization can buy a decode step before it is built into the engines, with each of the CUDA
+provider's two MatMulNBits kernels (its default dequantizing one, and fpA_intB, TensorRT-LLM's
+weight-only GEMV/GEMM, which the engines' sessions choose: exporters.ort.FPA_INTB_GEMM).
 
-Each case is a one-node model, quantized with ONNX Runtime's own quantizer kernel, run through I/O
-binding on torch buffers and replayed as a CUDA graph; the figure is the median of `--iters` replays
-timed with CUDA events, and the achieved bandwidth is the weight bytes stored over that time.
+Each case is a one-node model, packed as the exporter packs it (exporters.quantize.WeightQuant), run
+through I/O binding on torch buffers and replayed as a CUDA graph; the figure is the median of
+`--iters` replays timed with CUDA events, and the achieved bandwidth is the weight bytes stored over
+that time.
 
     python3 scripts/matmulnbits_bench.py --out matmulnbits.json            # phone-9b's matrices, M = 1 and 16
 """
@@ -19,9 +22,12 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
-from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+from exporters.ort import FPA_INTB_GEMM
+from exporters.quantize import MS, WeightQuant
 
 BLOCK = 32
+KERNELS = {"default": "0", "fpa_intb": "1"}  # the CUDA provider's MatMulNBits kernels, by FPA_INTB_GEMM
 # phone-9b: hidden 4096, 32 query heads and 2 KV heads of 128, FFN 13696, vocabulary 151552
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096), "lm_head": (4096, 151552)}
 
@@ -34,20 +40,21 @@ def model(k: int, n: int, bits: int | None, weight: np.ndarray) -> tuple[onnx.Mo
         node = helper.make_node("MatMul", ["x", "w"], ["y"])
         stored = weight.nbytes
     else:
-        quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, bits=bits))
-        packed, scales, _ = quantizer.qbits_block_quant(weight)
+        quant = WeightQuant(bits, BLOCK)
+        packed, scales = (t.numpy() for t in quant.pack(torch.from_numpy(weight), torch.float16))
         inits = [helper.make_tensor("wq", TensorProto.UINT8, list(packed.shape), packed.tobytes(), raw=True),
                  helper.make_tensor("scales", TensorProto.FLOAT16, list(scales.shape), scales.tobytes(), raw=True)]
-        node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK)
+        node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain=MS, **quant.attributes(torch.from_numpy(weight)))
         stored = packed.nbytes + scales.nbytes
     graph = helper.make_graph([node], "m", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=10), stored
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)], ir_version=10), stored
 
 
-def time_case(proto: onnx.ModelProto, m: int, k: int, n: int, iters: int) -> tuple[float, torch.Tensor]:
+def time_case(proto: onnx.ModelProto, m: int, k: int, n: int, iters: int, kernel: str) -> tuple[float, torch.Tensor]:
     stream = torch.cuda.Stream()
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry(FPA_INTB_GEMM, KERNELS[kernel])
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=[
         ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1", "user_compute_stream": str(stream.cuda_stream)})])
     x = torch.randn(m, k, dtype=torch.float16, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
@@ -84,15 +91,23 @@ def main() -> None:
         weight = (rng.standard_normal((k, n), dtype=np.float32) * 0.02).astype(np.float16)
         for bits in (None, 8, 4):
             proto, stored = model(k, n, bits, weight)
-            for m in args.batches:
-                ms, y = time_case(proto, m, k, n, args.iters)
-                if bits is None:
-                    reference[m] = y
-                err = float((y - reference[m]).abs().max() / reference[m].abs().max())
-                row = {"matrix": name, "k": k, "n": n, "bits": bits or 16, "m": m, "ms": round(ms, 4),
-                       "stored_bytes": stored, "gb_per_s": round(stored / ms / 1e6, 1), "max_rel_error_vs_fp16": round(err, 5)}
-                results.append(row)
-                print(json.dumps(row), flush=True)
+            for kernel in ("default",) if bits is None else KERNELS:
+                for m in args.batches:
+                    ms, y = time_case(proto, m, k, n, args.iters, kernel)
+                    if bits is None:
+                        reference[m] = y
+                    err = float((y - reference[m]).abs().max() / reference[m].abs().max())
+                    row = {"matrix": name, "k": k, "n": n, "bits": bits or 16, "kernel": kernel if bits else "MatMul", "m": m,
+                           "ms": round(ms, 4), "stored_bytes": stored, "gb_per_s": round(stored / ms / 1e6, 1),
+                           "max_rel_error_vs_fp16": round(err, 5)}
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    print(f"\n{'matrix':<8} {'M':>3} {'fp16 ms':>8}" + "".join(f" {f'int{b} {k}':>15}" for b in (8, 4) for k in KERNELS))
+    for name in SHAPES:
+        for m in args.batches:
+            at = {(r["bits"], r["kernel"]): r["ms"] for r in results if r["matrix"] == name and r["m"] == m}
+            base = at[16, "MatMul"]
+            print(f"{name:<8} {m:>3} {base:>8.4f}" + "".join(f" {at[b, k]:>8.4f} {base / at[b, k]:>4.2f}x" for b in (8, 4) for k in KERNELS))
     with open(args.out, "w") as f:
         json.dump({"onnxruntime": ort.__version__, "device": torch.cuda.get_device_name(), "block_size": BLOCK, "results": results}, f, indent=1)
 

@@ -341,6 +341,33 @@ def test_offload_keeps_engines_under_the_budget_with_lru_eviction(tiny_engines_d
     assert set(engines.host) >= {"segment.0", "segment.3"}
 
 
+def test_prefetch_reads_every_on_demand_engine_into_host_memory_once(tiny_engines_dir, tmp_path, caplog):
+    """After the start-up prefetch a first load needs no file (they are gone); a file that fails its
+    hash stays out of host memory, and its load names it."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_engines_dir, export)
+    manifest = Manifest.load(export)
+    corrupt = manifest.engines["segment.2"]
+    bad = next((f for f in corrupt.files if f.name != corrupt.path), corrupt.files[0])  # its weights, where they are apart
+    data = export / bad.name
+    data.write_bytes(bytes([data.read_bytes()[0] ^ 1]) + data.read_bytes()[1:])
+    engines = EngineSet(export, host_copy=lambda device: True)
+    engines.session("embed")
+    with caplog.at_level(logging.WARNING):
+        engines.prefetch_host().join(timeout=120)
+    assert set(engines.host) == set(manifest.engines) - {"segment.2"}
+    assert "segment.2" in caplog.text and "sha256" in caplog.text
+    for record in manifest.engines.values():
+        if record.name != "segment.2":
+            for f in record.files:
+                (export / f.name).unlink()
+    engines.session("segment.3")  # built from host memory alone
+    assert "segment.3" in engines.loaded()
+    with pytest.raises(EngineMismatch, match=rf"{re.escape(str(data))} has sha256 [0-9a-f]{{64}}, manifest expects {bad.sha256}"):
+        engines.session("segment.2")
+    assert engines.broken["segment.2"]
+
+
 def test_a_budget_below_the_largest_engine_is_refused_naming_both(tiny_engines_dir, tok):
     from runtime.generation import EngineConfigError
 

@@ -591,6 +591,15 @@ def test_probe_runs_one_request_per_path(server, tmp_path):
     rows = json.loads(out.read_text())
     assert [r["path"] for r in rows] == [f"exit{e}-{m}" for e in (6, 24) for m in ("text", "text+image", "text+audio", "text+image+audio")]
     assert all(r["completion_tokens"] == 3 and set(r["devices"].values()) == {"cpu"} for r in rows)
+    # against its own output, one token of the first path changed: greedy reproduces every other token
+    rows[0]["tokens"][0] = "\u2603"
+    (tmp_path / "reference.json").write_text(json.dumps(rows))
+    again = run_cli("runtime.probe", "--url", server.url, "--exits", "6", "24", "--max-tokens", "3", "--out", str(out),
+                    "--reference", str(tmp_path / "reference.json"))
+    assert again.returncode == 0, again.stderr
+    compared = json.loads(out.read_text())
+    assert [r["agreement"] for r in compared] == [2 / 3] + [1.0] * 7
+    assert f"token agreement with {tmp_path / 'reference.json'}: 95.8% over 24 tokens" in again.stdout
 
 
 def test_streaming_sends_a_chunk_per_token(server):
