@@ -145,8 +145,8 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
         metrics.engine_loads.labels(name, device).inc()
         metrics.engine_load_seconds.labels(name).observe(seconds)
 
-    def host_copy(device: str) -> bool:  # null: pinned host copies for a GPU (read at start-up), the page cache on the CPU
-        return on_demand and (torch.device(device).type == "cuda" if offload.host_copy is None else offload.host_copy)
+    def host_copy(device: str) -> bool:
+        return on_demand and offload.host_copy
 
     engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget,
                         cuda_graphs=captured_engines(manifest) if cfg.runtime.cuda_graphs else (),
@@ -155,7 +155,8 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
     tokenizer = load_tokenizer(cfg)
     engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
     engine.warm_up()
-    engines.prefetch_host()  # the rest of the on-demand engines into host memory, while the server starts and serves
+    if on_demand:
+        engines.prefetch()  # the first read and hash of the engines not loaded yet, while the server starts and serves
     return ChatService(cfg.server, LocalEngine(engines, engine), tokenizer, metrics)
 
 

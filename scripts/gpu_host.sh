@@ -12,7 +12,7 @@
 #   scripts/gpu_host.sh calibrate           a corpus from the installed packages, phone-9b's exits calibrated, into $OUT/calibration.tgz
 #   scripts/gpu_host.sh variants            fp16, int8 and int4 exports at once (logs in $OUT)
 #   scripts/gpu_host.sh profiles            their decode profiles (batch 1 and 16, CUDA graphs; the quantized ones
-#                                           also with ONNX Runtime's default MatMulNBits kernel, ORT_FPA_INTB_GEMM=0)
+#                                           also with ONNX Runtime's fpA_intB MatMulNBits kernels, ORT_FPA_INTB_GEMM=1)
 #   scripts/gpu_host.sh hostcopy            host copies of engine weights: pinned, registered, pageable (scripts/host_copy_bench.py)
 #   scripts/gpu_host.sh benchrun NAME [OVERRIDES]   one bench in the foreground, its report into $OUT/bench-NAME.tgz
 #   scripts/gpu_host.sh pack NAME           everything under $OUT into $OUT/NAME.tgz
@@ -99,10 +99,10 @@ variants)
   wait
   tail -n 3 "$OUT"/export-*.log; df -h /tmp | tail -n 1 ;;
 profiles)
-  for run in onnx onnx-int8 onnx-int4 onnx-int8:default onnx-int4:default; do
+  for run in onnx onnx-int8 onnx-int4 onnx-int8:fpa_intb onnx-int4:fpa_intb; do
     d=${run%%:*} name=${run/:/-kernel-}
-    # :default: ONNX Runtime's own MatMulNBits kernel instead of fpA_intB (exporters.ort.FPA_INTB_GEMM)
-    ( [ "$run" != "$d" ] && export ORT_FPA_INTB_GEMM=0
+    # :fpa_intb: ONNX Runtime's fpA_intB MatMulNBits kernels instead of its default one
+    ( [ "$run" != "$d" ] && export ORT_FPA_INTB_GEMM=1
       timeout 120 python3 scripts/decode_profile.py "$ENGINES/phone-9b/$d" --graphs-only --steps 32 --out "$OUT/profile-$name.json" \
         > "$OUT/profile-$name.log" 2>&1 )
     tail -n 6 "$OUT/profile-$name.log"

@@ -2,7 +2,7 @@
 decoder matrix of a model's dims, on the CUDA provider with CUDA graphs: what weight-only
 quantization can buy a decode step before it is built into the engines, with each of the CUDA
 provider's two MatMulNBits kernels (its default dequantizing one, and fpA_intB, TensorRT-LLM's
-weight-only GEMV/GEMM, which the engines' sessions choose: exporters.ort.FPA_INTB_GEMM).
+weight-only GEMV/GEMM, which ONNX Runtime turns on with ORT_FPA_INTB_GEMM=1 or this session option).
 
 Each case is a one-node model, packed as the exporter packs it (exporters.quantize.WeightQuant), run
 through I/O binding on torch buffers and replayed as a CUDA graph; the figure is the median of
@@ -23,10 +23,10 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from exporters.ort import FPA_INTB_GEMM
 from exporters.quantize import MS, WeightQuant
 
 BLOCK = 32
+FPA_INTB_GEMM = "ep.cuda.fpa_intb_gemm"  # ONNX Runtime's session option for ORT_FPA_INTB_GEMM
 KERNELS = {"default": "0", "fpa_intb": "1"}  # the CUDA provider's MatMulNBits kernels, by FPA_INTB_GEMM
 # phone-9b: hidden 4096, 32 query heads and 2 KV heads of 128, FFN 13696, vocabulary 151552
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096), "lm_head": (4096, 151552)}

@@ -341,9 +341,10 @@ def test_offload_keeps_engines_under_the_budget_with_lru_eviction(tiny_engines_d
     assert set(engines.host) >= {"segment.0", "segment.3"}
 
 
-def test_prefetch_reads_every_on_demand_engine_into_host_memory_once(tiny_engines_dir, tmp_path, caplog):
-    """After the start-up prefetch a first load needs no file (they are gone); a file that fails its
-    hash stays out of host memory, and its load names it."""
+@pytest.mark.parametrize("host_copy", [False, True], ids=["page-cache", "host-copy"])
+def test_prefetch_reads_and_verifies_every_engine_ahead_of_its_first_load(tiny_engines_dir, tmp_path, caplog, monkeypatch, host_copy):
+    """After the start-up prefetch a first load hashes nothing again (and, from host copies, needs no
+    file at all); a file that fails its hash is reported by its load, naming it."""
     export = tmp_path / "export"
     shutil.copytree(tiny_engines_dir, export)
     manifest = Manifest.load(export)
@@ -351,18 +352,22 @@ def test_prefetch_reads_every_on_demand_engine_into_host_memory_once(tiny_engine
     bad = next((f for f in corrupt.files if f.name != corrupt.path), corrupt.files[0])  # its weights, where they are apart
     data = export / bad.name
     data.write_bytes(bytes([data.read_bytes()[0] ^ 1]) + data.read_bytes()[1:])
-    engines = EngineSet(export, host_copy=lambda device: True)
+    engines = EngineSet(export, host_copy=lambda device: host_copy)
     engines.session("embed")
     with caplog.at_level(logging.WARNING):
-        engines.prefetch_host().join(timeout=120)
-    assert set(engines.host) == set(manifest.engines) - {"segment.2"}
-    assert "segment.2" in caplog.text and "sha256" in caplog.text
-    for record in manifest.engines.values():
-        if record.name != "segment.2":
-            for f in record.files:
-                (export / f.name).unlink()
-    engines.session("segment.3")  # built from host memory alone
+        engines.prefetch().join(timeout=120)
+    read = set(engines.host) if host_copy else set(engines.verified)
+    assert read == set(manifest.engines) - {"segment.2"}  # embed by its load, the rest by the prefetch
+    assert f"{data} has sha256" in caplog.text
+    monkeypatch.setattr("runtime.engines.sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
+    if host_copy:
+        for record in manifest.engines.values():
+            if record.name != "segment.2":
+                for f in record.files:
+                    (export / f.name).unlink()
+    engines.session("segment.3")  # no hash again; from host memory alone
     assert "segment.3" in engines.loaded()
+    monkeypatch.undo()
     with pytest.raises(EngineMismatch, match=rf"{re.escape(str(data))} has sha256 [0-9a-f]{{64}}, manifest expects {bad.sha256}"):
         engines.session("segment.2")
     assert engines.broken["segment.2"]
