@@ -84,6 +84,9 @@ def main() -> None:
         reference = json.loads(open(args.reference).read()) if args.reference else None
     except (OSError, ValueError) as e:
         sys.exit(f"--reference {args.reference}: {e}")
+    if reference is not None and not (isinstance(reference, list) and all(isinstance(r, dict) and {"path", "tokens"} <= r.keys()
+                                                                          for r in reference)):
+        sys.exit(f"--reference {args.reference}: not the --out of a probe (a list of rows with path and tokens)")
     try:
         rows = asyncio.run(probe(args.url.rstrip("/"), args.exits, args.max_tokens, args.model, headers))
     except httpx.HTTPError as e:

@@ -145,13 +145,11 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
         metrics.engine_loads.labels(name, device).inc()
         metrics.engine_load_seconds.labels(name).observe(seconds)
 
-    def host_copy(device: str) -> bool:
-        return on_demand and offload.host_copy
-
     engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget,
                         cuda_graphs=captured_engines(manifest) if cfg.runtime.cuda_graphs else (),
                         on_load=loaded, on_unload=lambda name, device, reason: metrics.engine_unloads.labels(name, reason).inc(),
-                        announce=on_demand, host_copy=host_copy, reference=reference_modules(cfg, manifest))
+                        announce=on_demand, host_copy=lambda device: on_demand and offload.host_copy,
+                        reference=reference_modules(cfg, manifest))
     tokenizer = load_tokenizer(cfg)
     engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
     engine.warm_up()

@@ -602,6 +602,14 @@ def test_probe_runs_one_request_per_path(server, tmp_path):
     assert f"token agreement with {tmp_path / 'reference.json'}: 95.8% over 24 tokens" in again.stdout
 
 
+def test_probe_refuses_a_reference_that_is_not_a_probe(tmp_path):
+    bad = tmp_path / "stats.json"
+    bad.write_text('{"engine_loads": {}}')
+    result = run_cli("runtime.probe", "--url", "http://127.0.0.1:9", "--reference", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"--reference {bad}: not the --out of a probe (a list of rows with path and tokens)"
+
+
 def test_streaming_sends_a_chunk_per_token(server):
     """Token timing is visible to clients even while bytes do not yet decode to text."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "ignore_eos": True,
