@@ -206,8 +206,8 @@ class EngineSet:
         disk and the hash off the request path. Returns the thread, or None with nothing to read.
         An engine whose files fail verification is left to its load, which reports it (and `broken`)."""
         loaded = {key.partition("@")[0] for key in self.loaded()}
-        names = [n for n in self.manifest.engines if n not in loaded and n not in self.host
-                 and (self.verify or self.host_copy(str(self.device(n))))]
+        to_host = {n: self.host_copy(str(self.device(n))) for n in self.manifest.engines if n not in loaded and n not in self.host}
+        names = [n for n, host in to_host.items() if host or self.verify]
         if not names:
             return None
 
@@ -216,7 +216,7 @@ class EngineSet:
             for name in names:
                 record = self.manifest.engines[name]
                 try:
-                    self.host_files(record) if self.host_copy(str(self.device(name))) else self.verify_files(record)
+                    self.host_files(record) if to_host[name] else self.verify_files(record)
                 except (EngineMismatch, OSError) as e:
                     log.warning("[DYNAMIC GRAPH] not prefetched: %s", e)
             log.info("[DYNAMIC GRAPH] %d engines (%s) read and verified ahead of their loads in %.1f s", len(names),

@@ -40,11 +40,11 @@ def model(k: int, n: int, bits: int | None, weight: np.ndarray) -> tuple[onnx.Mo
         node = helper.make_node("MatMul", ["x", "w"], ["y"])
         stored = weight.nbytes
     else:
-        quant = WeightQuant(bits, BLOCK)
-        packed, scales = (t.numpy() for t in quant.pack(torch.from_numpy(weight), torch.float16))
+        quant, w = WeightQuant(bits, BLOCK), torch.from_numpy(weight)
+        packed, scales = (t.numpy() for t in quant.pack(w, torch.float16))
         inits = [helper.make_tensor("wq", TensorProto.UINT8, list(packed.shape), packed.tobytes(), raw=True),
                  helper.make_tensor("scales", TensorProto.FLOAT16, list(scales.shape), scales.tobytes(), raw=True)]
-        node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain=MS, **quant.attributes(torch.from_numpy(weight)))
+        node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain=MS, **quant.attributes(w))
         stored = packed.nbytes + scales.nbytes
     graph = helper.make_graph([node], "m", [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)], ir_version=10), stored
