@@ -19,6 +19,17 @@ from exporters import EngineIncompatible, device_stream
 # errors only: at warning level ONNX Runtime 1.31 reports a missing plugin EP for every CUDA session
 ort.set_default_logger_severity(3)
 
+# How a CUDA session holds memory. ONNX Runtime's defaults put the weights in the session's BFC arena,
+# which grows in powers of two: a 3.35 GiB segment took a 4 GiB region, a 1.16 GiB head 2 GiB, and
+# MatMulNBits's dequantization scratch rounded up the same way. Weights get exact allocations of
+# their own, the arena only what a run asks for: phone-9b's text path held 17.7 GiB instead of 22.2
+# (bench_results/2026-12-03-nvidia-h200-phone-9b-ort-memory/). With exact weight allocations MatMulNBits's
+# fpA_intB kernels no longer keep a second copy: int8 held 11.2 GiB against the default kernel's 12.6 and
+# decoded 4.5 / 5.5 ms per full-depth step at batch 1 / 16 against 5.3 / 13.6, so quantized engines run them.
+# Module level so that a measurement can put ONNX Runtime's defaults back (scripts/decode_profile.py --ort-defaults).
+CUDA_SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1", "ep.cuda.fpa_intb_gemm": "1"}
+CUDA_PROVIDER_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
+
 
 class OrtRuntime:
     name = "onnx"
@@ -86,12 +97,11 @@ class OrtSession:
         self.graphs: dict[tuple, tuple] = {}  # bound addresses and shapes -> (binding, run options)
         if self.device.type == "cuda":
             self.stream = device_stream(self.device)
-            cuda = {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)}
+            cuda = {**CUDA_PROVIDER_OPTIONS, "device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)}
+            for key, value in CUDA_SESSION_CONFIG.items():
+                options.add_session_config_entry(key, value)
             if cuda_graphs:
                 cuda["enable_cuda_graph"] = "1"
-            # MatMulNBits (export.quantize) runs ONNX Runtime's default CUDA kernel: its fpA_intB kernels
-            # (ORT_FPA_INTB_GEMM=1) decode int8 2.4-2.5x faster at batch 16, but held 5.4 GiB more on phone-9b's
-            # text path, as much as fp16 does (README, "export.quantize")
             providers = [("CUDAExecutionProvider", cuda)]
         else:
             options.intra_op_num_threads = int(os.environ.get("DYNGRAPH_CPU_THREADS", "0"))

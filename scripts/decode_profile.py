@@ -9,6 +9,11 @@ of a 512-token prompt (prefill and head, one sequence), and the step without CUD
 
 Run on the GPU host after an export:
     python3 scripts/decode_profile.py ENGINES_DIR/phone-9b/onnx --out profile.json
+
+The process's GPU memory is sampled with the engines loaded and captured, and again after the runs
+(prefill and decode grow ONNX Runtime's arenas). --ort-defaults measures ONNX Runtime's own memory
+settings instead of the runtime's (exporters.ort.CUDA_SESSION_CONFIG, CUDA_PROVIDER_OPTIONS);
+--session-config KEY=VALUE adds a session option (ep.cuda.fpa_intb_gemm=1: MatMulNBits's fpA_intB kernels).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import exporters.ort
 from bench.baseline import copy_bandwidth, step_weight_bytes
 from contract.config import RooflineSettings
 from contract.manifest import Manifest
@@ -107,14 +113,24 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=2048)
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--graphs-only", action="store_true", help="on a GPU, skip the second pass without CUDA graphs")
+    parser.add_argument("--ort-defaults", action="store_true", help="ONNX Runtime's own arena and initializer settings")
+    parser.add_argument("--session-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="an ONNX Runtime session option for every CUDA session (repeatable)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.ort_defaults:
+        exporters.ort.CUDA_SESSION_CONFIG.clear()
+        exporters.ort.CUDA_PROVIDER_OPTIONS.clear()
+    for entry in args.session_config:
+        key, _, value = entry.partition("=")
+        exporters.ort.CUDA_SESSION_CONFIG[key] = value
     max_batch = max(args.batches)
     bandwidth = copy_bandwidth(args.device, RooflineSettings())
     manifest = Manifest.load(Path(args.engines))
     quantization = manifest.quantization or {}
     report = {"bandwidth_bytes_per_s": bandwidth.bytes_per_s, "dtype": manifest.dtype, "quantize": quantization.get("scheme"),
-              "agreement": quantization.get("agreement"), "rows": [], "memory": []}
+              "agreement": quantization.get("agreement"), "rows": [], "memory": [],
+              "ort_session_config": dict(exporters.ort.CUDA_SESSION_CONFIG), "ort_provider_options": dict(exporters.ort.CUDA_PROVIDER_OPTIONS)}
     with torch.inference_mode():
         for graphs in ((True,) if args.graphs_only else (True, False)) if args.device.startswith("cuda") else (False,):
             captured = captured_engines(manifest) if graphs else ()
@@ -140,10 +156,16 @@ def main() -> None:
                             "roofline_fraction": roofline_ms / row["step_ms_median"]}
                     report["rows"].append(row)
                     print(json.dumps(row), flush=True)
+            report["memory"][-1]["process_gpu_bytes_after_runs"] = process_gpu_bytes(args.device)
+            print(json.dumps(report["memory"][-1]), flush=True)
             del stepper, engines
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print(f"\ncopy bandwidth {bandwidth.bytes_per_s / 1e12:.2f} TB/s")
+    for m in report["memory"]:
+        gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "n/a"
+        print(f"graphs {m['cuda_graphs']}: engines {gib(m['engine_bytes'])}, process {gib(m['process_gpu_bytes'])} loaded and "
+              f"captured, {gib(m['process_gpu_bytes_after_runs'])} after the runs")
     print(f"{'path':<12} {'graphs':>6} {'batch':>5} {'step ms':>8} {'engines ms':>10} {'other ms':>8} {'roofline':>8} {'fraction':>8} {'TTFT ms':>8}")
     for r in report["rows"]:
         step, alone = r["step_ms_median"], r["engines_alone_ms"]
