@@ -20,8 +20,8 @@ from exporters import EngineIncompatible, device_stream
 ort.set_default_logger_severity(3)
 
 # How a CUDA session holds memory. ONNX Runtime's defaults put the weights in the session's BFC arena,
-# which grows in powers of two: a 3.35 GiB segment took a 4 GiB region, a 1.16 GiB head 2 GiB, and
-# MatMulNBits's dequantization scratch rounded up the same way. Weights get exact allocations of
+# which grows in powers of two (a 3.35 GiB segment's weights need a 4 GiB region), and so does
+# MatMulNBits's dequantization scratch. Weights get exact allocations of
 # their own, the arena only what a run asks for: phone-9b's text path held 17.7 GiB instead of 22.2
 # (bench_results/2026-12-03-nvidia-h200-phone-9b-ort-memory/). With exact weight allocations MatMulNBits's
 # fpA_intB kernels no longer keep a second copy: int8 held 11.2 GiB against the default kernel's 12.6 and

@@ -13,7 +13,7 @@ Run on the GPU host after an export:
 The process's GPU memory is sampled with the engines loaded and captured, and again after the runs
 (prefill and decode grow ONNX Runtime's arenas). --ort-defaults measures ONNX Runtime's own memory
 settings instead of the runtime's (exporters.ort.CUDA_SESSION_CONFIG, CUDA_PROVIDER_OPTIONS);
---session-config KEY=VALUE adds a session option (ep.cuda.fpa_intb_gemm=1: MatMulNBits's fpA_intB kernels).
+--session-config KEY=VALUE sets a session option (ep.cuda.fpa_intb_gemm=0: MatMulNBits's default kernel).
 """
 from __future__ import annotations
 
@@ -162,8 +162,8 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print(f"\ncopy bandwidth {bandwidth.bytes_per_s / 1e12:.2f} TB/s")
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "n/a"
     for m in report["memory"]:
-        gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "n/a"
         print(f"graphs {m['cuda_graphs']}: engines {gib(m['engine_bytes'])}, process {gib(m['process_gpu_bytes'])} loaded and "
               f"captured, {gib(m['process_gpu_bytes_after_runs'])} after the runs")
     print(f"{'path':<12} {'graphs':>6} {'batch':>5} {'step ms':>8} {'engines ms':>10} {'other ms':>8} {'roofline':>8} {'fraction':>8} {'TTFT ms':>8}")

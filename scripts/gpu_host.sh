@@ -11,11 +11,9 @@
 #   scripts/gpu_host.sh soak                64 streams x 5 min against one_gpu (issue 11's GPU form), into $OUT/soak.tgz
 #   scripts/gpu_host.sh calibrate           a corpus from the installed packages, phone-9b's exits calibrated, into $OUT/calibration.tgz
 #   scripts/gpu_host.sh variants            fp16, int8 and int4 exports at once (logs in $OUT)
-#   scripts/gpu_host.sh profiles            their decode profiles (batch 1 and 16, CUDA graphs; the quantized ones
-#                                           also with ONNX Runtime's fpA_intB MatMulNBits kernels, ORT_FPA_INTB_GEMM=1)
 #   scripts/gpu_host.sh memory EXPORT:SETTINGS ...  decode profiles (batch 1 and 16) with the process's GPU memory, per export
 #                                           (onnx, onnx-int8, onnx-int4) and settings: ours, ort (ONNX Runtime's own arena and
-#                                           initializer settings), fpa (ours with the fpA_intB MatMulNBits kernels)
+#                                           initializer settings), dequant (ours with MatMulNBits's default kernel instead of fpA_intB)
 #   scripts/gpu_host.sh hostcopy            host copies of engine weights: pinned, registered, pageable (scripts/host_copy_bench.py)
 #   scripts/gpu_host.sh benchrun NAME [OVERRIDES]   one bench in the foreground, its report into $OUT/bench-NAME.tgz
 #   scripts/gpu_host.sh pack NAME           everything under $OUT into $OUT/NAME.tgz
@@ -101,20 +99,11 @@ variants)
   done
   wait
   tail -n 3 "$OUT"/export-*.log; df -h /tmp | tail -n 1 ;;
-profiles)
-  for run in onnx onnx-int8 onnx-int4 onnx-int8:fpa_intb onnx-int4:fpa_intb; do
-    d=${run%%:*} name=${run/:/-kernel-}
-    # :fpa_intb: ONNX Runtime's fpA_intB MatMulNBits kernels instead of its default one
-    ( [ "$run" != "$d" ] && export ORT_FPA_INTB_GEMM=1
-      timeout 120 python3 scripts/decode_profile.py "$ENGINES/phone-9b/$d" --graphs-only --steps 32 --out "$OUT/profile-$name.json" \
-        > "$OUT/profile-$name.log" 2>&1 )
-    tail -n 6 "$OUT/profile-$name.log"
-  done ;;
 memory)
   shift
   for run in "$@"; do
     d=${run%%:*} settings=${run#*:}
-    flags=(); [ "$settings" = ort ] && flags=(--ort-defaults); [ "$settings" = fpa ] && flags=(--session-config ep.cuda.fpa_intb_gemm=1)
+    flags=(); [ "$settings" = ort ] && flags=(--ort-defaults); [ "$settings" = dequant ] && flags=(--session-config ep.cuda.fpa_intb_gemm=0)
     timeout 150 python3 scripts/decode_profile.py "$ENGINES/phone-9b/$d" --graphs-only --steps 32 "${flags[@]}" \
       --out "$OUT/memory-$d-$settings.json" > "$OUT/memory-$d-$settings.log" 2>&1 || echo "$run: exit $?"
     tail -n 8 "$OUT/memory-$d-$settings.log"
