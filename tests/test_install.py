@@ -18,16 +18,17 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 LOCKS = {"cpu": ("cpu", "test", "peer", "ray"), "gpu": ("gpu", "test", "peer-cuda", "ray")}
 
 
-def pins(lock: str) -> dict[str, Version]:
-    """name -> pinned version; a pin whose marker is never true (torch in gpu.txt) is no pin."""
-    out = {}
+def pins(lock: str) -> dict[str, list[Version]]:
+    """name -> its pinned versions (one per line: a universal lock pins some packages per Python
+    version); a pin whose marker is never true (torch in gpu.txt) is no pin."""
+    out: dict[str, list[Version]] = {}
     for line in (ROOT / "constraints" / f"{lock}.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             req = Requirement(line)
             if "never" not in str(req.marker or ""):
                 (spec,) = req.specifier
-                out[canonicalize_name(req.name)] = Version(spec.version)
+                out.setdefault(canonicalize_name(req.name), []).append(Version(spec.version))
     return out
 
 
@@ -60,6 +61,7 @@ def test_constraints_pin_every_declared_dependency_within_its_range(lock):
             assert name not in pinned  # the user's CUDA build owns it
             continue
         assert name in pinned, f"{req} is not in constraints/{lock}.txt: run `bash scripts/lock.sh`"
-        assert req.specifier.contains(pinned[name], prereleases=True), \
-            f"constraints/{lock}.txt pins {name}=={pinned[name]}, outside pyproject's {req}: run `bash scripts/lock.sh`"
-    assert pinned.get("torch", Version("2.13.0")) == Version("2.13.0")  # the README's CPU pin
+        for version in pinned[name]:
+            assert req.specifier.contains(version, prereleases=True), \
+                f"constraints/{lock}.txt pins {name}=={version}, outside pyproject's {req}: run `bash scripts/lock.sh`"
+    assert pinned.get("torch", [Version("2.13.0")]) == [Version("2.13.0")]  # the README's CPU pin
