@@ -41,6 +41,7 @@ from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
 from bench.server import BenchError, Server, server_env
 from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
+from pipeline.console import make_console
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
         from bench.soak import run_soak
 
         return run_soak(app, server_overrides, console)
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if app.bench.quantizations:
         return run_quantizations(app, server_overrides, console)
     engines, manifest, requests = check_request(app)

@@ -53,6 +53,7 @@ from model.glm import Segment
 from model.tokenizer import ChatTokenizer
 from contract.config import CalibrateApp, CalibrateConfig, ExportConfig
 from contract.engines import EXPORT_DTYPES
+from pipeline.console import make_console
 from pipeline.export import ExportError, check_writable, weights_identity
 from contract.manifest import write_atomic
 from bench.workload import WorkloadError, build_workload
@@ -497,7 +498,7 @@ def load_tokenizer(app: CalibrateApp) -> ChatTokenizer:
 
 def run_calibrate(app: CalibrateApp, console: Console | None = None) -> Path:
     """Calibrate the exits; return the output folder (exits.safetensors and the report)."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cfg = app.calibrate
     check_request(app)
     if threads := int(os.environ.get("DYNGRAPH_CPU_THREADS", "0")):

@@ -37,6 +37,7 @@ from contract.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_spe
                               probe_sizes, random_inputs, tensor_dtype)
 from contract.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, ManifestError, PathRecord, engines_path,
                                fsync, sha256_file, write_atomic)
+from pipeline.console import make_console
 from pipeline.quantization import path_agreement
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ExportResult:
 
 def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Path, console: Console | None = None) -> ExportResult:
     start = time.perf_counter()
-    console = console or Console(stderr=True)
+    console = console or make_console()
     exporter = check_request(model_cfg, cfg)
     out_dir = engines_path(engines_dir, model_cfg.name, exporter.name, cfg.quantize)
     check_writable(out_dir)

@@ -92,7 +92,9 @@ def calibrated(checkpoint, corpus, tmp_path_factory) -> Path:
                        f"calibrate.output_dir={out}", "calibrate.seq_len=128", "calibrate.max_train_tokens=20000",
                        "calibrate.max_heldout_tokens=10000", "calibrate.batch_tokens=512", "calibrate.max_steps=150", "calibrate.lr=0.02")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"model.exits={out / EXITS_NAME}" in result.stderr.replace("\n", "")  # the export command it prints
+    # the export command it prints, whole on one line (not on a terminal rich would wrap it at 80 columns)
+    assert any(f"export with: python -m pipeline export model=tiny model.exits={out / EXITS_NAME} model.text.exit_adapter_rank={RANK};" in line
+               for line in result.stderr.splitlines()), result.stderr[-3000:]
     return out
 
 

@@ -172,6 +172,16 @@ def test_second_export_rebuilds_nothing(tiny_export, engines_root):
     assert "0 built, 16 cached" in result.stderr
 
 
+def test_printed_lines_are_whole_when_not_on_a_terminal(tiny_export, engines_root, tmp_path):
+    """Into a pipe (a CI log) rich would wrap at 80 columns: a path it prints must stay one line to copy."""
+    long = tmp_path / ("a-folder-with-a-long-name-" * 4)
+    long.symlink_to(engines_root, target_is_directory=True)
+    result = run_cli("pipeline", "export", f"engines_dir={long}", "export.progress=false")
+    assert result.returncode == 0, result.stderr
+    lines = [line.rstrip() for line in result.stderr.splitlines()]
+    assert f"engines in {engines_path(long, 'tiny', 'onnx')}" in lines
+
+
 def test_one_change_rebuilds_only_what_it_touches(tiny_export, tmp_path):
     root, directory = copy_export(tiny_export.directory, tmp_path)
     before = Manifest.load(directory)
