@@ -73,7 +73,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
     specs = engine_specs(model, limits)
     dims = model_dims(model, limits)
     n_params = count_parameters(model)
-    console.print(f"[bold]{model_cfg.name}[/]: {n_params:,} parameters ({n_params / 1e9:.2f} B); "
+    console.print(f"[bold]{model_cfg.name}[/]: {human_parameters(n_params)} parameters ({n_params:,}); "
                   f"{len(specs)} engines, backend {exporter.name}, {cfg.dtype} on {cfg.device}")
     weights = weights_identity(model_cfg, cfg)
     exits = calibrated_exits(model_cfg, model, weights)
@@ -429,11 +429,16 @@ def print_summary(result: ExportResult, console: Console) -> None:
     for e in result.manifest.engines.values():
         total += e.bytes
         status = "built" if e.name in result.built else "cached"
-        table.add_row(e.name, human_bytes(e.bytes), f"{e.parameters / 1e6:.1f}M", f"{e.build_seconds:.1f}", f"{e.max_rel_error:.2e}", status)
+        table.add_row(e.name, human_bytes(e.bytes), human_parameters(e.parameters), f"{e.build_seconds:.1f}", f"{e.max_rel_error:.2e}", status)
     console.print(table)
     worst = max(result.manifest.engines.values(), key=lambda e: e.max_rel_error)
     console.print(f"{len(result.built)} built, {len(result.cached)} cached, {human_bytes(total)} in all, "
                   f"largest validation error {worst.max_rel_error:.2e} ({worst.name}); {result.seconds:.1f} s")
+
+
+def human_parameters(n: int) -> str:
+    """A parameter count in millions, or from a billion in billions: 4.69 M, 9.06 B."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def human_bytes(n: int) -> str:
