@@ -904,6 +904,14 @@ def plot_exits(report: dict, plt):
 
 
 KIND_COLORS = {"dynamic": COLORS["dynamic"], "static": COLORS["static"], "peer": "#55a868", "transformers": "#8172b2"}
+DECODE_NAMES = {"dynamic": "dyngraph", "static": "dyngraph", "peer": "ORT GenAI", "transformers": "transformers"}
+
+
+def decode_title(rows: list[dict], roofline: bool) -> str:
+    """The decode plot's title, naming only what it draws: a yardstick that did not run is not in it."""
+    names = list(dict.fromkeys(DECODE_NAMES[r["kind"]] for r in rows)) + (["the roofline"] if roofline else [])
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"Decode at batch 1: {listed}"
 
 
 def plot_decode(report: dict, plt):
@@ -926,7 +934,7 @@ def plot_decode(report: dict, plt):
     ax.set_xlabel("ms per output token, batch 1")
     ax.set_xlim(0, max(values) * 1.35)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("Decode at batch 1: dyngraph, ORT GenAI, transformers and the roofline", fontsize=10)
+    ax.set_title(decode_title(rows, bool(roofs)), fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -24,7 +24,7 @@ from bench.compare import CompareError, load_report, run_compare, tolerance_for
 from contract.config import BenchApp, CompareConfig, RequestGroup
 from pipeline.commands import register_configs
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
-from bench.report import build_report, stats, write_report
+from bench.report import build_report, decode_title, plot_decode, stats, write_report
 from bench.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
 
 from .conftest import CONF_DIR, ROOT, run_cli
@@ -302,6 +302,18 @@ def test_report_renders(tiny_manifest, tmp_path):
     assert "| Mean latency |" in md and "| Peak GPU memory |" in md and "| Energy per request |" in md and "| Early exit" in md
     assert "| 0.50 | -50% |" in md  # dynamic/static of the mean latency
     assert "![energy.png](energy.png)" in md and "transformers `generate`" in md and "## Roofline" in md
+
+
+def test_decode_plot_names_only_what_ran(tiny_manifest):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot_decode(fake_report(tiny_manifest), plt)  # the peer did not run
+    assert fig.axes[0].get_title() == "Decode at batch 1: dyngraph, transformers and the roofline"
+    plt.close(fig)
+    assert decode_title([{"kind": "dynamic"}, {"kind": "static"}, {"kind": "peer"}], roofline=False) == "Decode at batch 1: dyngraph and ORT GenAI"
 
 
 def test_cpu_report_says_energy_is_unavailable(tiny_manifest, tmp_path):
