@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import subprocess
 import wave
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,6 +92,15 @@ def test_stats_and_slug():
     assert stats([None, None]) is None
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon"
+
+
+@pytest.mark.parametrize("paths", ["local", "gpu-host"])
+def test_reports_and_environments_stay_out_of_git_status(paths):
+    """A run's reports land where git ignores them (the ones kept are committed under bench_results/), and so does a virtual environment."""
+    run = Path(compose_bench([f"paths={paths}"]).output_dir) / "2026-01-01-cpu-tiny-onnx" / "report.json"
+    assert not run.is_absolute() and run.parts[0] != "bench_results"
+    for path in (run, Path(".venv/bin/python"), Path("venv/bin/python")):
+        assert subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT).returncode == 0, f"git does not ignore {path}"
 
 
 # --- NVML, against a stand-in library -------------------------------------------------------
