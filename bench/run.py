@@ -300,10 +300,12 @@ def gather_environment(app: BenchApp, nvml: Nvml | None, modes: dict[str, ModeRe
     else:
         name = cpu_model()
         device = {"kind": "cpu", "name": name, "slug": "cpu-" + slug(name), "driver": None}
+    cores = os.cpu_count()
     return {
         "device": {**device, "placement": app.server.runtime, "gpus": gpus},
+        "machine_class": reporting.machine_class(device["kind"], name, app.server.runtime, len(labels), cores),
         # other work on the host slows a CPU run (and a GPU run's host side): the 1-minute load average at the end
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "cpu": {"model": cpu_model(), "cores": cores, "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "python": platform.python_version(),
         "platform": platform.platform(),
         "libraries": versions,

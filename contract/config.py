@@ -179,7 +179,7 @@ class CompareConfig:
 
     base: str = ""
     new: str = ""
-    kinds: list[str] = field(default_factory=lambda: ["exits", "work", "memory", "time", "energy", "errors"])
+    kinds: list[str] = field(default_factory=lambda: ["exits", "work", "quality", "memory", "errors", "time", "energy"])
     # metric name or glob -> allowed change: a fraction of the base value, or share points for
     # metrics whose report entry says "absolute"; the longest matching pattern wins
     tolerances: dict[str, float] = field(default_factory=dict)
