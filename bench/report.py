@@ -740,6 +740,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in env["libraries"].items())
     out += ["## Environment", "",
             table(["", ""], [["device", f"{device['name']} ({device['kind']})"], ["GPUs", gpus], ["driver", device.get("driver") or "n/a"],
+                             ["machine class", f"{env['machine_class']} (`compare` checks timings only against this class)"],
                              ["CPU", f"{env['cpu']['model']} ({env['cpu']['cores']} cores, 1-minute load average {get(env, 'cpu', 'load_average_1m', default=float('nan')):.1f} at the end)"], ["Python", env["python"]], ["libraries", libs],
                              ["commit", f"{get(env, 'git', 'commit') or 'n/a'}{' (dirty)' if get(env, 'git', 'dirty') else ''}"],
                              ["engines", f"{man['parameters']:,} parameters, weights {man['weights_hash'][:12]}, exported {man['created']}"],

@@ -317,6 +317,7 @@ def test_report_renders(tiny_manifest, tmp_path):
     assert "| Mean latency |" in md and "| Peak GPU memory |" in md and "| Energy per request |" in md and "| Early exit" in md
     assert "| 0.50 | -50% |" in md  # dynamic/static of the mean latency
     assert "![energy.png](energy.png)" in md and "transformers `generate`" in md and "## Roofline" in md
+    assert "| machine class | cuda: 1 x NVIDIA H100 80GB HBM3, placement one_gpu (`compare` checks timings only against this class) |" in md
 
 
 def test_decode_plot_names_only_what_ran(tiny_manifest):
