@@ -1,10 +1,11 @@
 """`python -m pipeline compare BASE.json NEW.json`: every metric of two bench reports, its change,
 and whether the change is a regression past its tolerance (exit status 1) or not (0).
 
-Each metric in a report says what may be compared with what (see bench/report.py): ratios,
-exit shares and work compare across machines; memory bytes between two GPU runs or two CPU
-runs; absolute times, throughput and energy only between reports from the same GPU (or CPU)
-model and placement. What is skipped, and why, is printed.
+Each metric in a report says what may be compared with what (see bench/report.py): what ran
+(exit shares, weights read per token, engine bytes, failed requests, tokens equal to full-depth
+greedy) across machines; peak memory between two GPU runs or two CPU runs; times, throughput,
+energy and every ratio of them only between reports of the same machine class. What is skipped,
+and why, is printed: one line per reason.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import TextIO
 
 from contract.config import CompareConfig
-from bench.report import REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
+from bench.report import KIND_SCOPES, REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
 
-KINDS = ("exits", "work", "memory", "time", "energy", "errors")
+KINDS = tuple(KIND_SCOPES)
 DEFAULT_TOLERANCE = 0.10
 EPSILON = 1e-9  # float noise in a ratio of equal numbers is not a change
 
@@ -98,18 +99,23 @@ def judge(better: str, base: float, new: float, tolerance: float, absolute: bool
 
 
 def describe(report: dict) -> str:
-    d, m, w = report["environment"]["device"], report["manifest"], report["workload"]
-    return (f"{report.get('name')}: {m['model']}/{m['backend']} {m['dtype']} on {d['name']} ({d['kind']}, placement {d['placement']}), "
+    m, w = report["manifest"], report["workload"]
+    return (f"{report.get('name')}: {m['model']}/{m['backend']} {m['dtype']} on {report['environment']['machine_class']}, "
             f"workload {w['name']} [{w['fingerprint'][:8]}]")
 
 
 def compare_reports(base: dict, new: dict, cfg: CompareConfig, tolerances: dict[str, float]) -> Comparison:
     out = Comparison()
+    unknown = [k for k in cfg.kinds if k not in KINDS]
+    if unknown:
+        raise CompareError(f"compare.kinds has {unknown}; the kinds are {list(KINDS)}")
     bd, nd = base["environment"]["device"], new["environment"]["device"]
-    same_kind = bd["kind"] == nd["kind"]
-    same_model = same_kind and bd["name"] == nd["name"] and bd["placement"] == nd["placement"]
-    why = (f"base ran on {bd['name']} ({bd['placement']}), new on {nd['name']} ({nd['placement']}): absolute times and energy "
-           "compare only between reports from the same GPU model and placement")
+    base_class, new_class = base["environment"]["machine_class"], new["environment"]["machine_class"]
+    # why the timings are not compared, if they are not: one reason, so that it is said in one line
+    timings_skipped = None
+    if base_class != new_class:
+        timings_skipped = (f"another machine class (base {base_class}; new {new_class}): times, throughput, energy "
+                           "and their ratios compare only within one machine class")
     if base["workload"]["fingerprint"] != new["workload"]["fingerprint"]:
         out.notes.append(f"the workloads differ ({base['workload']['name']} [{base['workload']['fingerprint'][:8]}] vs "
                          f"{new['workload']['name']} [{new['workload']['fingerprint'][:8]}]): the figures measure different requests")
@@ -117,12 +123,9 @@ def compare_reports(base: dict, new: dict, cfg: CompareConfig, tolerances: dict[
               if base["manifest"][key] != new["manifest"][key]]
     if differ:
         out.notes.append("the engines differ: " + ", ".join(differ))
-        if same_model:  # the same GPU running other engines: its times say nothing about a regression
-            same_model = False
-            why = f"the engines differ ({', '.join(differ)}): absolute times and energy compare only between runs of the same engines"
-    unknown = [k for k in cfg.kinds if k not in KINDS]
-    if unknown:
-        raise CompareError(f"compare.kinds has {unknown}; the kinds are {list(KINDS)}")
+        # the same machine running other engines: its times say nothing about a regression
+        timings_skipped = timings_skipped or (f"the engines differ ({', '.join(differ)}): times and energy compare only "
+                                              "between runs of the same engines")
 
     for name, b in base["metrics"].items():
         n = new["metrics"].get(name)
@@ -130,13 +133,13 @@ def compare_reports(base: dict, new: dict, cfg: CompareConfig, tolerances: dict[
             out.skip(f"{b['kind']} metrics are not compared (compare.kinds={list(cfg.kinds)})", name)
         elif n is None:
             out.skip("missing in the new report", name)
+        elif b["scope"] == "machine_class" and timings_skipped:
+            out.skip(timings_skipped, name)
+        elif b["scope"] == "device_kind" and bd["kind"] != nd["kind"]:
+            out.skip(f"base measured {bd['kind']} memory, new {nd['kind']} memory: bytes compare only between two GPU runs or two CPU runs", name)
         elif b["value"] is None or n["value"] is None:
             out.skip("unavailable (null) in " + ("both reports" if b["value"] is None and n["value"] is None else
                                                  "the base report" if b["value"] is None else "the new report"), name)
-        elif b["scope"] == "device_model" and not same_model:
-            out.skip(why, name)
-        elif b["scope"] == "device_kind" and not same_kind:
-            out.skip(f"base measured {bd['kind']} memory, new {nd['kind']} memory: bytes compare only between two GPU runs or two CPU runs", name)
         else:
             tol = tolerance_for(name, tolerances)
             absolute = b.get("tolerance") == "absolute"

@@ -5,9 +5,13 @@ measured (energy on a CPU, a yardstick that was switched off) is null with the r
 never filled in. `metrics` flattens the figures that `compare` checks, each with its unit, its
 kind, the scope across which it may be compared and which direction is better:
 
-  scope "any"           ratios, exit shares, work: compare across machines
-  scope "device_kind"   memory bytes: a GPU's against a GPU's, a host's against a host's
-  scope "device_model"  absolute times, throughput, energy: only on the same GPU (or CPU) model
+  scope "any"            what ran, not how fast: exit shares, weights read per token, engine bytes
+                         loaded, failed requests, tokens equal to full-depth greedy
+  scope "device_kind"    peak memory (and its dynamic/static ratio): a GPU's against a GPU's, a host's
+                         RSS against a host's
+  scope "machine_class"  whatever a clock or an energy counter measured, ratios of them included
+                         (latency, throughput, energy, roofline fractions, against transformers or
+                         the peer): only against a report from the same machine class (below)
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from contract.config import BenchApp
 from contract.manifest import Manifest, write_atomic
 from bench.quality import quality_block
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REPORT_KIND = "dyngraph-bench-report"
 MODE_TITLES = {"static": "Static graph", "dynamic": "Dynamic graph"}
 COLORS = {"static": "#4c72b0", "dynamic": "#dd8452"}
@@ -40,6 +44,19 @@ TARGETS = [
     ("ratio.over_peer.full_depth", "full-depth text decode at batch 1 over ORT GenAI's at the same depth", "<=", 1.0),
     ("ratio.over_peer.first_exit", "first-exit text decode at batch 1 over ORT GenAI's at that depth", "<=", 1.0),
 ]
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+def machine_class(kind: str, name: str, placement: str, gpu_count: int, cpu_cores: int | None) -> str:
+    """What a run's timings depend on besides the code and the engines: two reports' times, energy
+    and their ratios are compared only when this string is equal. A GPU run: how many GPUs of which
+    model, and the placement over them; a CPU run: the CPU model and its cores (ONNX Runtime's
+    threads, and what the server and the bench client share)."""
+    if kind == "cpu":
+        return f"cpu: {name}, {cpu_cores} cores, placement {placement}"
+    return f"{kind}: {gpu_count} x {name}, placement {placement}"
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -358,8 +375,18 @@ def decode_batch1(modes: dict, paths: dict[str, dict], roof: dict, hf: dict, pee
             "roofline_skipped": roof.get("skipped"), "peer_skipped": peer.get("skipped")}
 
 
-def metric(value, unit: str, kind: str, scope: str, better: str, tolerance: str = "relative") -> dict:
-    return {"value": value, "unit": unit, "kind": kind, "scope": scope, "better": better, "tolerance": tolerance}
+# where each kind of metric may be compared (module docstring); a memory figure that counts what
+# was loaded rather than measuring a process (engine bytes) says "any" itself
+KIND_SCOPES = {"exits": "any", "work": "any", "errors": "any", "quality": "any", "memory": "device_kind",
+               "time": "machine_class", "energy": "machine_class"}
+# dynamic/static ratio name (a part of it) -> the kind of the figures it divides
+RATIO_KINDS = {"latency": "time", "ttft": "time", "tpot": "time", "requests_per_s": "time", "tokens_per_s": "time",
+               "peak_memory": "memory", "peak_allocated": "memory", "weights_loaded_bytes": "memory",
+               "energy_per_request": "energy", "weight_bytes": "work"}
+
+
+def metric(value, unit: str, kind: str, better: str, tolerance: str = "relative", scope: str | None = None) -> dict:
+    return {"value": value, "unit": unit, "kind": kind, "scope": scope or KIND_SCOPES[kind], "better": better, "tolerance": tolerance}
 
 
 def build_metrics(report: dict) -> dict[str, dict]:
@@ -368,52 +395,53 @@ def build_metrics(report: dict) -> dict[str, dict]:
     for mode, block in report["modes"].items():
         h = report["headline"][mode]
         for key in ("mean_latency_s", "p50_latency_s", "p90_latency_s", "p99_latency_s", "mean_ttft_s", "p90_ttft_s", "mean_tpot_s"):
-            m[f"{mode}.{key}"] = metric(h[key], "s", "time", "device_model", "lower")
+            m[f"{mode}.{key}"] = metric(h[key], "s", "time", "lower")
         for key in ("requests_per_s", "tokens_per_s"):
-            m[f"{mode}.{key}"] = metric(h[key], key.removesuffix("_per_s") + "/s", "time", "device_model", "higher")
+            m[f"{mode}.{key}"] = metric(h[key], key.removesuffix("_per_s") + "/s", "time", "higher")
         for run in block["runs"]:
             s, c = run["summary"], run["concurrency"]
-            m[f"{mode}.c{c}.mean_latency_s"] = metric(get(s, "latency_s", "mean"), "s", "time", "device_model", "lower")
-            m[f"{mode}.c{c}.mean_ttft_s"] = metric(get(s, "ttft_s", "mean"), "s", "time", "device_model", "lower")
-            m[f"{mode}.c{c}.mean_tpot_s"] = metric(get(s, "tpot_s", "mean"), "s", "time", "device_model", "lower")
-            m[f"{mode}.c{c}.tokens_per_s"] = metric(s["tokens_per_s"], "tokens/s", "time", "device_model", "higher")
-        m[f"{mode}.peak_memory_bytes"] = metric(h["peak_memory_bytes"], "B", "memory", "device_kind", "lower")
-        m[f"{mode}.peak_allocated_bytes"] = metric(h["peak_allocated_bytes"], "B", "memory", "device_kind", "lower")
-        m[f"{mode}.weights_loaded_bytes"] = metric(h["weights_loaded_bytes"], "B", "memory", "any", "lower")
-        m[f"{mode}.energy_per_request_j"] = metric(h["energy_per_request_j"], "J", "energy", "device_model", "lower")
-        m[f"{mode}.weight_bytes_per_token"] = metric(h["weight_bytes_per_token"], "B", "work", "any", "lower")
-        m[f"{mode}.encode_weight_bytes_per_request"] = metric(h["encode_weight_bytes_per_request"], "B", "work", "any", "lower")
-        m[f"{mode}.failed_requests"] = metric(h["failed_requests"], "requests", "errors", "any", "lower", "absolute")
+            m[f"{mode}.c{c}.mean_latency_s"] = metric(get(s, "latency_s", "mean"), "s", "time", "lower")
+            m[f"{mode}.c{c}.mean_ttft_s"] = metric(get(s, "ttft_s", "mean"), "s", "time", "lower")
+            m[f"{mode}.c{c}.mean_tpot_s"] = metric(get(s, "tpot_s", "mean"), "s", "time", "lower")
+            m[f"{mode}.c{c}.tokens_per_s"] = metric(s["tokens_per_s"], "tokens/s", "time", "higher")
+        m[f"{mode}.peak_memory_bytes"] = metric(h["peak_memory_bytes"], "B", "memory", "lower")
+        m[f"{mode}.peak_allocated_bytes"] = metric(h["peak_allocated_bytes"], "B", "memory", "lower")
+        m[f"{mode}.weights_loaded_bytes"] = metric(h["weights_loaded_bytes"], "B", "memory", "lower", scope="any")
+        m[f"{mode}.energy_per_request_j"] = metric(h["energy_per_request_j"], "J", "energy", "lower")
+        m[f"{mode}.weight_bytes_per_token"] = metric(h["weight_bytes_per_token"], "B", "work", "lower")
+        m[f"{mode}.encode_weight_bytes_per_request"] = metric(h["encode_weight_bytes_per_request"], "B", "work", "lower")
+        m[f"{mode}.failed_requests"] = metric(h["failed_requests"], "requests", "errors", "lower", "absolute")
+        # null where the quality block says why (sampled outputs, no static mode to be the reference)
+        m[f"{mode}.token_agreement"] = metric(get(report, "quality", "modes", mode, "token_agreement"), "share", "quality", "higher", "absolute")
     if "dynamic" in report["modes"]:
         histogram = report["modes"]["dynamic"]["summary"]["exit_histogram"]
         ok = report["modes"]["dynamic"]["summary"]["ok"]
         for layer in exits:
-            m[f"dynamic.exit_share.{layer}"] = metric(histogram.get(str(layer), 0) / ok if ok else None, "share", "exits", "any", "equal", "absolute")
-        m["dynamic.early_exit_share"] = metric(report["headline"]["dynamic"]["early_exit_share"], "share", "exits", "any", "equal", "absolute")
-    kinds = {"latency": "time", "ttft": "time", "tpot": "time", "requests_per_s": "time", "tokens_per_s": "time", "peak_memory": "memory",
-             "peak_allocated": "memory", "weights_loaded_bytes": "memory", "energy_per_request": "energy", "weight_bytes": "work"}
+            m[f"dynamic.exit_share.{layer}"] = metric(histogram.get(str(layer), 0) / ok if ok else None, "share", "exits", "equal", "absolute")
+        m["dynamic.early_exit_share"] = metric(report["headline"]["dynamic"]["early_exit_share"], "share", "exits", "equal", "absolute")
     for name, value in report["ratios"].items():
-        kind = next(v for k, v in kinds.items() if k in name)
-        m[f"ratio.{name}"] = metric(value, "dynamic/static", kind, "any", "higher" if name.endswith("per_s") else "lower")
+        kind = next(v for k, v in RATIO_KINDS.items() if k in name)
+        m[f"ratio.{name}"] = metric(value, "dynamic/static", kind, "higher" if name.endswith("per_s") else "lower",
+                                    scope="any" if name == "weights_loaded_bytes" else None)
     hf = report["transformers"]
     if "skipped" not in hf:
-        m["transformers.tpot_s"] = metric(hf["tpot_s"], "s", "time", "device_model", "lower")
-        m["ratio.transformers_over_dynamic_tpot"] = metric(hf["speedup"].get("dynamic"), "x", "time", "any", "higher")
+        m["transformers.tpot_s"] = metric(hf["tpot_s"], "s", "time", "lower")
+        m["ratio.transformers_over_dynamic_tpot"] = metric(hf["speedup"].get("dynamic"), "x", "time", "higher")
     roof = report["roofline"]
     if "skipped" not in roof:
         for device, bw in roof["bandwidth"].items():
-            m[f"roofline.bandwidth.{device}_bytes_per_s"] = metric(bw["bytes_per_s"], "B/s", "time", "device_model", "higher")
+            m[f"roofline.bandwidth.{device}_bytes_per_s"] = metric(bw["bytes_per_s"], "B/s", "time", "higher")
         for row in roof["paths"]:
-            m[f"roofline.{row['mode']}.{row['path']}.fraction"] = metric(row["fraction"], "of roofline", "time", "any", "higher")
-        m["roofline.full_depth_fraction"] = metric(roof["full_depth_fraction"], "of roofline", "time", "any", "higher")
+            m[f"roofline.{row['mode']}.{row['path']}.fraction"] = metric(row["fraction"], "of roofline", "time", "higher")
+        m["roofline.full_depth_fraction"] = metric(roof["full_depth_fraction"], "of roofline", "time", "higher")
     batch1 = report["decode_batch1"]
     for row in batch1["rows"]:
         if row["kind"] == "peer" and row["tpot_s"] is not None:
-            m[f"peer.l{row['layers']}.decode_s"] = metric(row["tpot_s"], "s", "time", "device_model", "lower")
-            m[f"peer.l{row['layers']}.roofline_fraction"] = metric(row["fraction"], "of roofline", "time", "any", "higher")
+            m[f"peer.l{row['layers']}.decode_s"] = metric(row["tpot_s"], "s", "time", "lower")
+            m[f"peer.l{row['layers']}.roofline_fraction"] = metric(row["fraction"], "of roofline", "time", "higher")
     for key, value in batch1["over_peer"].items():
         if value is not None:  # dyngraph's text path over the peer at the same depth, batch 1
-            m[f"ratio.over_peer.{key}"] = metric(value, "dyngraph/peer", "time", "any", "lower")
+            m[f"ratio.over_peer.{key}"] = metric(value, "dyngraph/peer", "time", "lower")
     return m
 
 
@@ -712,6 +740,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in env["libraries"].items())
     out += ["## Environment", "",
             table(["", ""], [["device", f"{device['name']} ({device['kind']})"], ["GPUs", gpus], ["driver", device.get("driver") or "n/a"],
+                             ["machine class", f"{env['machine_class']} (`compare` checks timings only against this class)"],
                              ["CPU", f"{env['cpu']['model']} ({env['cpu']['cores']} cores, 1-minute load average {get(env, 'cpu', 'load_average_1m', default=float('nan')):.1f} at the end)"], ["Python", env["python"]], ["libraries", libs],
                              ["commit", f"{get(env, 'git', 'commit') or 'n/a'}{' (dirty)' if get(env, 'git', 'dirty') else ''}"],
                              ["engines", f"{man['parameters']:,} parameters, weights {man['weights_hash'][:12]}, exported {man['created']}"],
@@ -904,6 +933,14 @@ def plot_exits(report: dict, plt):
 
 
 KIND_COLORS = {"dynamic": COLORS["dynamic"], "static": COLORS["static"], "peer": "#55a868", "transformers": "#8172b2"}
+DECODE_NAMES = {"dynamic": "dyngraph", "static": "dyngraph", "peer": "ORT GenAI", "transformers": "transformers"}
+
+
+def decode_title(rows: list[dict], roofline: bool) -> str:
+    """The decode plot's title, naming only what it draws: a yardstick that did not run is not in it."""
+    names = list(dict.fromkeys(DECODE_NAMES[r["kind"]] for r in rows)) + (["the roofline"] if roofline else [])
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"Decode at batch 1: {listed}"
 
 
 def plot_decode(report: dict, plt):
@@ -926,7 +963,7 @@ def plot_decode(report: dict, plt):
     ax.set_xlabel("ms per output token, batch 1")
     ax.set_xlim(0, max(values) * 1.35)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("Decode at batch 1: dyngraph, ORT GenAI, transformers and the roofline", fontsize=10)
+    ax.set_title(decode_title(rows, bool(roofs)), fontsize=10)
     fig.tight_layout()
     return fig
 

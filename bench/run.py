@@ -41,6 +41,7 @@ from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
 from bench.server import BenchError, Server, server_env
 from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
+from pipeline.console import make_console
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
         from bench.soak import run_soak
 
         return run_soak(app, server_overrides, console)
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if app.bench.quantizations:
         return run_quantizations(app, server_overrides, console)
     engines, manifest, requests = check_request(app)
@@ -299,10 +300,12 @@ def gather_environment(app: BenchApp, nvml: Nvml | None, modes: dict[str, ModeRe
     else:
         name = cpu_model()
         device = {"kind": "cpu", "name": name, "slug": "cpu-" + slug(name), "driver": None}
+    cores = os.cpu_count()
     return {
         "device": {**device, "placement": app.server.runtime, "gpus": gpus},
+        "machine_class": reporting.machine_class(device["kind"], name, app.server.runtime, len(labels), cores),
         # other work on the host slows a CPU run (and a GPU run's host side): the 1-minute load average at the end
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "cpu": {"model": cpu_model(), "cores": cores, "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "python": platform.python_version(),
         "platform": platform.platform(),
         "libraries": versions,

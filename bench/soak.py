@@ -45,6 +45,7 @@ from bench.server import BenchError, Server
 from contract.config import BenchApp, SoakConfig
 from bench.gpu_monitor import Nvml, Sampler, rss_bytes
 from bench.workload import draw_chart, encode_png, encode_wav, synth_sound
+from pipeline.console import make_console
 
 KINDS = ("good", "disconnect", "malformed", "over_limit")
 EXPECTED = {"good": {200}, "disconnect": {200}, "malformed": {400, 404}, "over_limit": {400, 413}}
@@ -269,7 +270,7 @@ def growth(start: int | None, end: int | None) -> float | None:
 
 def run_soak(app: BenchApp, server_overrides: list[str], console: Console | None = None) -> Path:
     """Soak one server; return the report folder. Raises BenchError when the soak failed (after writing the report)."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cfg = app.bench.soak
     if cfg.streams < 1 or cfg.duration_s <= 0 or cfg.warmup_s < 0:
         raise BenchError(f"bench.soak: streams={cfg.streams} must be at least 1, duration_s={cfg.duration_s} positive, "

@@ -53,6 +53,7 @@ from model.glm import Segment
 from model.tokenizer import ChatTokenizer
 from contract.config import CalibrateApp, CalibrateConfig, ExportConfig
 from contract.engines import EXPORT_DTYPES
+from pipeline.console import make_console
 from pipeline.export import ExportError, check_writable, weights_identity
 from contract.manifest import write_atomic
 from bench.workload import WorkloadError, build_workload
@@ -497,7 +498,7 @@ def load_tokenizer(app: CalibrateApp) -> ChatTokenizer:
 
 def run_calibrate(app: CalibrateApp, console: Console | None = None) -> Path:
     """Calibrate the exits; return the output folder (exits.safetensors and the report)."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cfg = app.calibrate
     check_request(app)
     if threads := int(os.environ.get("DYNGRAPH_CPU_THREADS", "0")):
@@ -760,7 +761,7 @@ def write_plots(report: dict, result: TrainResult, directory: Path) -> list[Path
     ax_t.set_xlabel("threshold on the exit's top-1 probability")
     ax_r.set_xlabel("exit rate (share of held-out positions at or above the threshold)")
     ax_t.legend(fontsize=7)
-    fig.suptitle(f"{report['model']['name']}: held-out agreement per exit (dots: the chosen thresholds)", fontsize=10)
+    fig.suptitle(agreement_title(report), fontsize=10)
     written.append(save(fig, plt, directory / "agreement.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -780,6 +781,13 @@ def write_plots(report: dict, result: TrainResult, directory: Path) -> list[Path
     ax.grid(alpha=0.3)
     written.append(save(fig, plt, directory / "training.png"))
     return written
+
+
+def agreement_title(report: dict) -> str:
+    """agreement.png's title: it promises dots only when a threshold was chosen, and so drawn."""
+    chosen = any(e["threshold"] is not None for e in report["exits"])
+    return (f"{report['model']['name']}: held-out agreement per exit "
+            f"({'dots: the chosen thresholds' if chosen else 'no exit reaches the target: no threshold chosen'})")
 
 
 def save(fig, plt, path: Path) -> Path:

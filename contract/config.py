@@ -55,7 +55,7 @@ class PathsConfig:
     `engines_dir` and `output_dir` default to these (and a command-line override of either wins)."""
 
     engines_dir: str = "engines"
-    output_dir: str = "bench_results"
+    output_dir: str = "reports"  # a run's reports, ignored by git; the ones kept are committed under bench_results/
 
 
 @dataclass
@@ -179,7 +179,7 @@ class CompareConfig:
 
     base: str = ""
     new: str = ""
-    kinds: list[str] = field(default_factory=lambda: ["exits", "work", "memory", "time", "energy", "errors"])
+    kinds: list[str] = field(default_factory=lambda: ["exits", "work", "quality", "memory", "errors", "time", "energy"])
     # metric name or glob -> allowed change: a fraction of the base value, or share points for
     # metrics whose report entry says "absolute"; the longest matching pattern wins
     tolerances: dict[str, float] = field(default_factory=dict)
@@ -190,7 +190,7 @@ class BenchApp(ExportApp):
     bench: BenchConfig = field(default_factory=BenchConfig)
     server: ServerLaunch = field(default_factory=ServerLaunch)
     compare: CompareConfig = field(default_factory=CompareConfig)
-    output_dir: str = "bench_results"
+    output_dir: str = "reports"
     run_name: str | None = None  # report folder name; default <date>-<device>-<model>-<backend>
     progress: bool = True
 

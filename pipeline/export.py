@@ -37,6 +37,7 @@ from contract.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_spe
                               probe_sizes, random_inputs, tensor_dtype)
 from contract.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, ManifestError, PathRecord, engines_path,
                                fsync, sha256_file, write_atomic)
+from pipeline.console import make_console
 from pipeline.quantization import path_agreement
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ExportResult:
 
 def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Path, console: Console | None = None) -> ExportResult:
     start = time.perf_counter()
-    console = console or Console(stderr=True)
+    console = console or make_console()
     exporter = check_request(model_cfg, cfg)
     out_dir = engines_path(engines_dir, model_cfg.name, exporter.name, cfg.quantize)
     check_writable(out_dir)
@@ -72,7 +73,7 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
     specs = engine_specs(model, limits)
     dims = model_dims(model, limits)
     n_params = count_parameters(model)
-    console.print(f"[bold]{model_cfg.name}[/]: {n_params:,} parameters ({n_params / 1e9:.2f} B); "
+    console.print(f"[bold]{model_cfg.name}[/]: {human_parameters(n_params)} parameters ({n_params:,}); "
                   f"{len(specs)} engines, backend {exporter.name}, {cfg.dtype} on {cfg.device}")
     weights = weights_identity(model_cfg, cfg)
     exits = calibrated_exits(model_cfg, model, weights)
@@ -428,11 +429,16 @@ def print_summary(result: ExportResult, console: Console) -> None:
     for e in result.manifest.engines.values():
         total += e.bytes
         status = "built" if e.name in result.built else "cached"
-        table.add_row(e.name, human_bytes(e.bytes), f"{e.parameters / 1e6:.1f}M", f"{e.build_seconds:.1f}", f"{e.max_rel_error:.2e}", status)
+        table.add_row(e.name, human_bytes(e.bytes), human_parameters(e.parameters), f"{e.build_seconds:.1f}", f"{e.max_rel_error:.2e}", status)
     console.print(table)
     worst = max(result.manifest.engines.values(), key=lambda e: e.max_rel_error)
     console.print(f"{len(result.built)} built, {len(result.cached)} cached, {human_bytes(total)} in all, "
                   f"largest validation error {worst.max_rel_error:.2e} ({worst.name}); {result.seconds:.1f} s")
+
+
+def human_parameters(n: int) -> str:
+    """A parameter count in millions, or from a billion in billions: 4.69 M, 9.06 B."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def human_bytes(n: int) -> str:

@@ -21,12 +21,12 @@ import time
 
 import httpx
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from bench.client import send
 from bench.quality import agreement
 from bench.workload import BenchRequest, draw_chart, encode_png, encode_wav, synth_sound
+from pipeline.console import make_console
 
 MODALITY_SETS = [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]
 
@@ -104,7 +104,7 @@ def main() -> None:
         if reference is not None:
             cells.append("-" if r["agreement"] is None else f"{r['agreement']:.0%}")
         table.add_row(*cells)
-    Console().print(table)
+    make_console(stderr=False).print(table)
     if reference is not None and total:
         print(f"token agreement with {args.reference}: {same / total:.1%} over {total} tokens")
     if args.out:

@@ -5,8 +5,10 @@ Speed is never asserted: only what a run must contain and what does not depend o
 from __future__ import annotations
 
 import copy
+import fnmatch
 import io
 import json
+import subprocess
 import wave
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,13 +26,14 @@ from bench.compare import CompareError, load_report, run_compare, tolerance_for
 from contract.config import BenchApp, CompareConfig, RequestGroup
 from pipeline.commands import register_configs
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
-from bench.report import build_report, stats, write_report
+from bench.report import SCHEMA_VERSION, build_report, decode_title, machine_class, plot_decode, stats, write_report
 from bench.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
 
 from .conftest import CONF_DIR, ROOT, run_cli
 
 BASELINE = ROOT / "bench_results" / "ci-baseline.json"
-CI_KINDS = "compare.kinds=[exits,work,memory,errors]"  # what does not depend on the machine's speed
+# what does not depend on the machine's speed: the CI comparison holds on a machine of the baseline's class too
+PORTABLE_KINDS = "compare.kinds=[exits,work,quality,memory,errors]"
 
 
 def compose_bench(overrides: list[str] | None = None) -> BenchApp:
@@ -91,6 +94,15 @@ def test_stats_and_slug():
     assert stats([None, None]) is None
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon"
+
+
+@pytest.mark.parametrize("paths", ["local", "gpu-host"])
+def test_reports_and_environments_stay_out_of_git_status(paths):
+    """A run's reports land where git ignores them (the ones kept are committed under bench_results/), and so does a virtual environment."""
+    run = Path(compose_bench([f"paths={paths}"]).output_dir) / "2026-01-01-cpu-tiny-onnx" / "report.json"
+    assert not run.is_absolute() and run.parts[0] != "bench_results"
+    for path in (run, Path(".venv/bin/python"), Path("venv/bin/python")):
+        assert subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT).returncode == 0, f"git does not ignore {path}"
 
 
 # --- NVML, against a stand-in library -------------------------------------------------------
@@ -214,10 +226,11 @@ def fake_modes(app: BenchApp, manifest, requests, gpu: bool, slow: float = 1.0) 
                 path = "static" if mode == "static" else DYNAMIC_PATHS[r.group]
                 record = manifest_path(manifest, path)
                 ttft = scale * (0.05 + 0.01 * r.index) * c
+                tokens = ["a"] * 8 if mode == "static" else ["a"] * 6 + ["b"] * 2  # dynamic: 3/4 of full depth's greedy tokens
                 results.append(RequestResult(r.index, r.group, list(r.modalities), True, status=200, path=path, exit_layer=record.exit_layer,
                                              devices={e: labels[0] if gpu else "cpu" for e in record.step}, engines=record.encode + record.step,
                                              prompt_tokens=20 + r.index, completion_tokens=8, ttft_s=ttft, latency_s=ttft + 7 * 0.02 * scale,
-                                             tpot_s=0.02 * scale, start_s=0.1 * r.index))
+                                             tpot_s=0.02 * scale, start_s=0.1 * r.index, tokens=tokens))
             memory = MemoryPeaks(host_rss=int(600e6 * size), device_used={"cuda:0": int(20e9 * size) + (1 << 30)} if gpu else {},
                                  process_used={"cuda:0": int(20e9 * size)} if gpu else {}, samples=10)
             energy = EnergyReading({"cuda:0": 300.0 * size}, 300.0 * size) if gpu else EnergyReading({}, None, "the server runs on the CPU: no GPU energy counter")
@@ -238,14 +251,16 @@ def manifest_path(manifest, name):
     return next(p for p in manifest.paths if p.name == name)
 
 
-def fake_environment(gpu: bool, name: str) -> dict:
+def fake_environment(gpu: bool, name: str, cores: int = 2) -> dict:
     device = {"kind": "cuda" if gpu else "cpu", "name": name, "slug": slug(name), "driver": "580.1" if gpu else None, "placement": "one_gpu" if gpu else "cpu",
               "gpus": [{"label": "cuda:0", "nvml_index": 0, "name": name, "uuid": "GPU-0", "memory_total": 80 << 30}] if gpu else []}
-    return {"device": device, "cpu": {"model": "Test CPU", "cores": 2}, "python": "3.11", "platform": "linux", "libraries": {"torch": torch.__version__},
+    return {"device": device, "machine_class": machine_class(device["kind"], name, device["placement"], 1 if gpu else 0, cores),
+            "cpu": {"model": "Test CPU", "cores": cores}, "python": "3.11", "platform": "linux", "libraries": {"torch": torch.__version__},
             "git": {"commit": None, "dirty": None}}
 
 
-def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3", slow: float = 1.0, peer: dict | None = None) -> dict:
+def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3", slow: float = 1.0, peer: dict | None = None,
+                cores: int = 2) -> dict:
     app = compose_bench(["bench=ci"])
     requests = build_workload(app.bench)
     text = [r for r in requests if r.text_only][:2]
@@ -257,7 +272,7 @@ def fake_report(manifest, gpu: bool = True, name: str = "NVIDIA H100 80GB HBM3",
         "peer": peer,
     }
     modes = fake_modes(app, manifest, requests, gpu, slow)
-    return build_report(app, manifest, requests, fingerprint(requests), modes, fake_environment(gpu, name), yardsticks, "test-report")
+    return build_report(app, manifest, requests, fingerprint(requests), modes, fake_environment(gpu, name, cores), yardsticks, "test-report")
 
 
 @pytest.fixture(scope="module")
@@ -290,9 +305,9 @@ def test_report_renders(tiny_manifest, tmp_path):
     for png in tmp_path.glob("*.png"):
         assert Image.open(png).size[0] > 400
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["schema_version"] == 1 and saved["kind"] == "dyngraph-bench-report"
+    assert saved["schema_version"] == SCHEMA_VERSION and saved["kind"] == "dyngraph-bench-report"
     m = saved["metrics"]
-    assert m["ratio.mean_latency"]["value"] == pytest.approx(0.5) and m["ratio.mean_latency"]["scope"] == "any"
+    assert m["ratio.mean_latency"]["value"] == pytest.approx(0.5) and m["ratio.mean_latency"]["scope"] == "machine_class"
     assert m["ratio.energy_per_request"]["value"] == pytest.approx(0.5)
     assert m["dynamic.energy_per_request_j"]["value"] == pytest.approx(150.0 / 6)  # 150 J over 6 requests per run
     assert m["dynamic.peak_memory_bytes"]["value"] == int(10e9)  # NVML's figure for the server process
@@ -302,6 +317,19 @@ def test_report_renders(tiny_manifest, tmp_path):
     assert "| Mean latency |" in md and "| Peak GPU memory |" in md and "| Energy per request |" in md and "| Early exit" in md
     assert "| 0.50 | -50% |" in md  # dynamic/static of the mean latency
     assert "![energy.png](energy.png)" in md and "transformers `generate`" in md and "## Roofline" in md
+    assert "| machine class | cuda: 1 x NVIDIA H100 80GB HBM3, placement one_gpu (`compare` checks timings only against this class) |" in md
+
+
+def test_decode_plot_names_only_what_ran(tiny_manifest):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot_decode(fake_report(tiny_manifest), plt)  # the peer did not run
+    assert fig.axes[0].get_title() == "Decode at batch 1: dyngraph, transformers and the roofline"
+    plt.close(fig)
+    assert decode_title([{"kind": "dynamic"}, {"kind": "static"}, {"kind": "peer"}], roofline=False) == "Decode at batch 1: dyngraph and ORT GenAI"
 
 
 def test_cpu_report_says_energy_is_unavailable(tiny_manifest, tmp_path):
@@ -320,6 +348,13 @@ def test_cpu_report_says_energy_is_unavailable(tiny_manifest, tmp_path):
 def write(report: dict, path: Path) -> str:
     path.write_text(json.dumps(report))
     return str(path)
+
+
+def configured(base: str, new: str) -> CompareConfig:
+    """compare's settings as `python -m pipeline compare BASE NEW` has them (conf/bench.yaml)."""
+    cfg = compose_bench().compare
+    cfg.base, cfg.new = base, new
+    return cfg
 
 
 def test_compare_detects_regressions_and_applies_tolerances(tiny_manifest, tmp_path):
@@ -364,26 +399,73 @@ def test_tolerance_patterns():
     assert tolerance_for("anything", {}) == 0.1
 
 
-def test_compare_skips_absolute_times_across_gpus(tiny_manifest, tmp_path):
+def test_compare_across_machine_classes_skips_timings_in_one_line(tiny_manifest, tmp_path):
     base = write(fake_report(tiny_manifest), tmp_path / "h100.json")
     other = fake_report(tiny_manifest, name="NVIDIA H200")
-    for m in other["metrics"].values():  # a slower GPU: every absolute time and joule doubles, ratios stay
-        if m["scope"] == "device_model" and m["value"] is not None:
+    for m in other["metrics"].values():  # another GPU: every time and joule, and every ratio of them, moves
+        if m["scope"] == "machine_class" and m["value"] is not None:
             m["value"] *= 2 if m["better"] == "lower" else 0.5
-    new = write(other, tmp_path / "h200.json")
     out = io.StringIO()
-    assert run_compare(CompareConfig(base=base, new=new), stream=out) == 0
-    text = out.getvalue()
-    assert "base ran on NVIDIA H100 80GB HBM3 (one_gpu), new on NVIDIA H200 (one_gpu): absolute times and energy compare only between " \
-           "reports from the same GPU model" in text
-    assert "ratio.mean_latency" in text  # ratios still compared
-    other["metrics"]["ratio.mean_latency"]["value"] *= 1.5
-    assert run_compare(CompareConfig(base=base, new=write(other, tmp_path / "h200b.json")), stream=io.StringIO()) == 1
+    assert run_compare(configured(base, write(other, tmp_path / "h200.json")), stream=out) == 0
+    lines = out.getvalue().splitlines()
+    timings = [name for name, m in other["metrics"].items() if m["scope"] == "machine_class"]
+    assert {"ratio.mean_latency", "ratio.transformers_over_dynamic_tpot", "roofline.full_depth_fraction", "dynamic.energy_per_request_j"} <= set(timings)
+    said = [line for line in lines if "machine class" in line]
+    assert len(said) == 1 and said[0].startswith(f"skipped {len(timings)}: another machine class (base cuda: 1 x NVIDIA H100 80GB HBM3, "
+                                                 "placement one_gpu; new cuda: 1 x NVIDIA H200, placement one_gpu)")
+    compared = {line.split()[0] for line in lines}
+    assert not compared & set(timings)
+    assert {"dynamic.exit_share.6", "dynamic.weight_bytes_per_token", "dynamic.weights_loaded_bytes", "dynamic.failed_requests",
+            "dynamic.token_agreement", "dynamic.peak_memory_bytes"} <= compared  # what ran, and memory on the same device kind
+    # a regression of what ran still fails across machine classes
+    other["metrics"]["dynamic.weight_bytes_per_token"]["value"] *= 1.2
+    out = io.StringIO()
+    assert run_compare(configured(base, write(other, tmp_path / "h200-deeper.json")), stream=out) == 1
+    assert "1 regression(s) past tolerance: dynamic.weight_bytes_per_token" in out.getvalue()
     # a CPU report's memory is the host's: not comparable with a GPU's bytes
     cpu = write(fake_report(tiny_manifest, gpu=False, name="AMD EPYC"), tmp_path / "cpu.json")
     out = io.StringIO()
-    run_compare(CompareConfig(base=base, new=cpu), stream=out)
+    run_compare(configured(base, cpu), stream=out)
     assert "base measured cuda memory, new cpu memory" in out.getvalue()
+
+
+def test_a_cpu_machine_class_is_its_model_and_its_cores(tiny_manifest, tmp_path):
+    base = write(fake_report(tiny_manifest, gpu=False, name="AMD EPYC"), tmp_path / "epyc-2.json")
+    slower = fake_report(tiny_manifest, gpu=False, name="AMD EPYC", slow=1.3)
+    out = io.StringIO()
+    assert run_compare(configured(base, write(slower, tmp_path / "epyc-2-slower.json")), stream=out) == 1
+    assert "machine class" not in out.getvalue() and "ratio.mean_latency" in out.getvalue()  # the same class: timings compared
+    more_cores = fake_report(tiny_manifest, gpu=False, name="AMD EPYC", slow=1.3, cores=16)
+    out = io.StringIO()
+    assert run_compare(configured(base, write(more_cores, tmp_path / "epyc-16.json")), stream=out) == 0
+    assert "another machine class (base cpu: AMD EPYC, 2 cores, placement cpu; new cpu: AMD EPYC, 16 cores, placement cpu)" in out.getvalue()
+
+
+def test_compare_checks_tokens_equal_to_full_depth(tiny_manifest, tmp_path):
+    report = fake_report(tiny_manifest)
+    m = report["metrics"]
+    assert m["dynamic.token_agreement"] == {"value": 0.75, "unit": "share", "kind": "quality", "scope": "any", "better": "higher", "tolerance": "absolute"}
+    assert m["static.token_agreement"]["value"] == 1.0 == report["quality"]["modes"]["static"]["token_agreement"]
+    base = write(report, tmp_path / "base.json")
+    astray = copy.deepcopy(report)
+    astray["metrics"]["dynamic.token_agreement"]["value"] = 0.69  # 6 points: past the tolerance of 5
+    out = io.StringIO()
+    assert run_compare(configured(base, write(astray, tmp_path / "astray.json")), stream=out) == 1
+    assert "1 regression(s) past tolerance: dynamic.token_agreement" in out.getvalue()
+
+
+def test_every_metric_has_its_own_tolerance(tiny_manifest):
+    """The catch-all "*" applies to no metric the bench writes: each kind's tolerance is stated for it."""
+    tolerances = compose_bench().compare.tolerances
+    specific = {k: v for k, v in tolerances.items() if k != "*"}
+    peer = {"device": "cuda:0", "dtype": "fp32", "provider": "cuda", "implementation": "test", "architecture": "test", "decode_tokens": 8,
+            "prompt_lengths": {}, "depths": [{"layers": 6, "build_s": 1.0, "build_bytes": 1, "deleted": True, "step_weight_bytes": 1 << 20,
+                                              "runs": [{"cuda_graph": True, "prefill": [], "decode_step_s": {"median": 0.001}}]}]}
+    metrics = fake_report(tiny_manifest, peer=peer)["metrics"]
+    assert "peer.l6.decode_s" in metrics and "ratio.over_peer.first_exit" in metrics
+    assert [name for name in metrics if not any(fnmatch.fnmatchcase(name, pattern) for pattern in specific)] == []
+    assert tolerance_for("ratio.mean_latency", tolerances) == tolerances["ratio.*"]
+    assert tolerance_for("ratio.weight_bytes_per_token", tolerances) == tolerances["*weight_bytes*"]
 
 
 def test_compare_cli_exit_codes(tiny_manifest, tmp_path):
@@ -403,7 +485,7 @@ def test_compare_cli_exit_codes(tiny_manifest, tmp_path):
     (None, "no such file"),
     ("{not json", "is not a JSON file"),
     ('{"hello": 1}', "is not a dyngraph bench report"),
-    ('{"kind": "dyngraph-bench-report", "schema_version": 99, "metrics": {}}', "has report schema version 99, this dyngraph reads 1"),
+    ('{"kind": "dyngraph-bench-report", "schema_version": 99, "metrics": {}}', f"has report schema version 99, this dyngraph reads {SCHEMA_VERSION}"),
 ])
 def test_compare_bad_input(tmp_path, content, message):
     path = tmp_path / "report.json"
@@ -454,7 +536,7 @@ def test_bench_refuses_missing_engines(tmp_path):
 
 def test_ci_bench_against_baseline(tiny_engines_dir, tmp_path):
     """bench=ci on the tiny model through the real server, then the real compare CLI against the
-    committed baseline on what does not depend on the machine's speed."""
+    committed baseline on what does not depend on the machine's speed, and a regression of it."""
     engines_root = tiny_engines_dir.parent.parent
     result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={engines_root}", f"output_dir={tmp_path}", "run_name=ci", "progress=false",
                      timeout=300)
@@ -468,5 +550,9 @@ def test_ci_bench_against_baseline(tiny_engines_dir, tmp_path):
     assert report["transformers"]["prompt_ids_match"] == "4/4"
     assert report["quality"]["modes"]["dynamic"]["per_group"]["long"] == 1.0  # the dynamic graph at full depth: static's greedy tokens
     assert report["workload"]["fingerprint"] == load_report(BASELINE)["workload"]["fingerprint"]
-    compare = run_cli("pipeline", "compare", str(BASELINE), str(out / "report.json"), CI_KINDS)
+    compare = run_cli("pipeline", "compare", str(BASELINE), str(out / "report.json"), PORTABLE_KINDS)
     assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert "dynamic.token_agreement" in compare.stdout and "dynamic.exit_share.6" in compare.stdout
+    report["metrics"]["dynamic.exit_share.6"]["value"] -= 1 / 6  # two of the twelve dynamic requests sent deeper
+    compare = run_cli("pipeline", "compare", str(BASELINE), write(report, tmp_path / "deeper.json"))
+    assert compare.returncode == 1 and "dynamic.exit_share.6" in compare.stdout.split("past tolerance:")[1], compare.stdout

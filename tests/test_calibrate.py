@@ -16,7 +16,7 @@ from safetensors import safe_open
 from model.autoglm import build_model
 from model.exits import EXITS_NAME, ExitsError, read_exits, resolve_exits
 from model.tokenizer import ChatTokenizer
-from calibrate.run import agreement_curve, choose_threshold, fit_heuristic
+from calibrate.run import agreement_curve, agreement_title, choose_threshold, fit_heuristic
 from contract.manifest import Manifest
 from bench.quality import agreement, quality_block, token_texts
 from runtime.config import PolicyConfig
@@ -92,7 +92,9 @@ def calibrated(checkpoint, corpus, tmp_path_factory) -> Path:
                        f"calibrate.output_dir={out}", "calibrate.seq_len=128", "calibrate.max_train_tokens=20000",
                        "calibrate.max_heldout_tokens=10000", "calibrate.batch_tokens=512", "calibrate.max_steps=150", "calibrate.lr=0.02")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"model.exits={out / EXITS_NAME}" in result.stderr.replace("\n", "")  # the export command it prints
+    # the export command it prints, whole on one line (not on a terminal rich would wrap it at 80 columns)
+    assert any(f"export with: python -m pipeline export model=tiny model.exits={out / EXITS_NAME} model.text.exit_adapter_rank={RANK};" in line
+               for line in result.stderr.splitlines()), result.stderr[-3000:]
     return out
 
 
@@ -177,6 +179,13 @@ def test_threshold_choice_is_the_lowest_that_holds_from_the_top():
     curve = agreement_curve(conf, agree)
     assert choose_threshold(*curve, target=0.95, min_rate=0.0) is None
     assert choose_threshold(*curve, target=0.95, min_rate=0.2) == pytest.approx(conf[30])  # 20..31 exit: >= 19/20
+
+
+def test_agreement_plot_promises_dots_only_when_it_draws_them():
+    report = {"model": {"name": "tiny"}, "exits": [{"exit_layer": 6, "threshold": None}, {"exit_layer": 12, "threshold": None}]}
+    assert agreement_title(report) == "tiny: held-out agreement per exit (no exit reaches the target: no threshold chosen)"
+    report["exits"][1]["threshold"] = 0.8
+    assert agreement_title(report) == "tiny: held-out agreement per exit (dots: the chosen thresholds)"
 
 
 def test_heuristic_fit():

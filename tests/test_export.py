@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from model.autoglm import meta_model
 from contract.engines import Limits, engine_specs, path_specs
 from contract.manifest import Manifest, engines_path, sha256_file
+from pipeline.export import human_parameters
 from runtime.engines import EngineSet
 from runtime.step import Row, Stepper
 
@@ -170,6 +171,24 @@ def test_second_export_rebuilds_nothing(tiny_export, engines_root):
     result = run_cli("pipeline", "export", f"engines_dir={engines_root}", "export.progress=false")
     assert result.returncode == 0, result.stderr
     assert "0 built, 16 cached" in result.stderr
+
+
+def test_printed_lines_are_whole_when_not_on_a_terminal(tiny_export, engines_root, tmp_path):
+    """Into a pipe (a CI log) rich would wrap at 80 columns: a path it prints must stay one line to copy."""
+    long = tmp_path / ("a-folder-with-a-long-name-" * 4)
+    long.symlink_to(engines_root, target_is_directory=True)
+    result = run_cli("pipeline", "export", f"engines_dir={long}", "export.progress=false")
+    assert result.returncode == 0, result.stderr
+    lines = [line.rstrip() for line in result.stderr.splitlines()]
+    assert f"engines in {engines_path(long, 'tiny', 'onnx')}" in lines
+    n = tiny_export.manifest.model["parameters"]
+    assert lines[0].startswith(f"tiny: {human_parameters(n)} parameters ({n:,}); 16 engines")
+
+
+def test_parameter_counts_in_millions_or_billions():
+    assert human_parameters(4_685_064) == "4.69 M"
+    assert human_parameters(20_800) == "0.02 M"
+    assert human_parameters(9_062_341_120) == "9.06 B"
 
 
 def test_one_change_rebuilds_only_what_it_touches(tiny_export, tmp_path):
