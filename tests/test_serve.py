@@ -458,13 +458,13 @@ def test_encoders_and_deep_segments_load_on_first_need_and_unload_when_idle(engi
         assert body["dyngraph"]["path"] == "exit24-text+image"
         assert "[DYNAMIC GRAPH] Loading ViT encoder for image processing" in s.logs()
         assert "[DYNAMIC GRAPH] Loading decoder segment (layers 18-23)" in s.logs()
+        # read from the counters, not from what is resident now: on a busy machine the idle second may
+        # already have passed
         stats = httpx.get(f"{s.url}/stats").json()
-        full = stats["kv_cache"]["allocated_bytes"]["cpu"]
-        assert {"vision", "cross_attn.3", "segment.3"} <= set(stats["engines_loaded"]) and full > 0
-        assert stats["engine_loads"]["vision"]["loads"] == 1 and s.metric("dyngraph_engine_load_seconds_count", engine="vision") == 1
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(httpx.get(f"{s.url}/stats").json()["engines_loaded"]) > 3:
-            time.sleep(0.2)
+        full = stats["kv_cache"]["allocated_peak_bytes"]["cpu"]
+        assert all(stats["engine_loads"][name]["loads"] == 1 for name in ("vision", "cross_attn.3", "segment.3")) and full > 0
+        assert s.metric("dyngraph_engine_load_seconds_count", engine="vision") == 1
+        wait_for(lambda: len(httpx.get(f"{s.url}/stats").json()["engines_loaded"]) == 3, timeout=60)
         stats = httpx.get(f"{s.url}/stats").json()
         assert set(stats["engines_loaded"]) == {"embed", "segment.0", "lm_head"}
         assert stats["kv_cache"]["allocated_bytes"]["cpu"] == full // 4  # segment 0's buffer only: it stays with its engine
