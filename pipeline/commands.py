@@ -22,19 +22,15 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def register_configs() -> None:
     """Every entry point's typed schemas in Hydra's ConfigStore (runtime/serve.py calls it too):
-    the one place Hydra learns them, so library modules never import Hydra."""
+    the one place Hydra learns them, so library modules never import Hydra. They live in their own
+    `schema` group, which no primary config selects from: each option of a group pulls its schema in
+    by path (`- /schema/model@_here_` in conf/model/tiny.yaml), so `model=<a schema>` is no choice
+    a user is offered or can make."""
     cs = ConfigStore.instance()
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="export", name="export_schema", node=ExportConfig)
-    cs.store(group="paths", name="paths_schema", node=PathsConfig)
-    cs.store(name="export_app_schema", node=ExportApp)
-    cs.store(group="bench", name="bench_schema", node=BenchConfig)
-    cs.store(name="bench_app_schema", node=BenchApp)
-    cs.store(group="calibrate", name="calibrate_schema", node=CalibrateConfig)
-    cs.store(name="calibrate_app_schema", node=CalibrateApp)
-    cs.store(group="runtime", name="runtime_schema", node=RuntimeConfig)
-    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
-    cs.store(name="serve_app_schema", node=ServeApp)
+    for name, node in (("model", ModelConfig), ("export", ExportConfig), ("paths", PathsConfig), ("bench", BenchConfig),
+                       ("calibrate", CalibrateConfig), ("runtime", RuntimeConfig), ("cluster", ClusterConfig),
+                       ("export_app", ExportApp), ("bench_app", BenchApp), ("calibrate_app", CalibrateApp), ("serve_app", ServeApp)):
+        cs.store(group="schema", name=name, node=node)
 
 
 register_configs()
