@@ -17,17 +17,16 @@ import shlex
 import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from contract.engines import EXPORT_DTYPES, Limits, engine_specs
 from contract.manifest import Manifest, ManifestError, engines_path
 from exporters import BackendUnavailable, get_runtime
 from model.autoglm import build_model
 from model.tokenizer import ChatTokenizer
-from pipeline.commands import register_configs
+from pipeline.commands import Command, hydra_command, shared, unknown_setting
 from runtime.client import LocalEngine
 from runtime.config import ServeApp, ServerConfig
 from runtime.engines import EngineMismatch, EngineSet
@@ -43,7 +42,6 @@ log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`
 REFERENCE_BACKENDS = ("engines", "eager")  # runtime.backend: the export's files, or the torch modules they came from
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-register_configs()
 
 
 # --- assembly: the runtime under the chat service ---------------------------------------------------------------------------------------------
@@ -185,9 +183,22 @@ def apply_environment(app: ServeApp) -> None:
     app.server.api_key = app.server.api_key or os.environ.get("DYNGRAPH_API_KEY") or None
 
 
-@hydra.main(config_path=CONF_DIR, config_name="serve", version_base=None)
-def main(cfg: DictConfig) -> None:
-    app: ServeApp = OmegaConf.to_object(cfg)
+SERVE = Command(
+    "python -m runtime.serve", "serve",
+    "Serve <engines_dir>/<model>/<backend>[-<quantize>]/ through the OpenAI chat completions API.",
+    {**shared("model", "export", "paths", "placement"),
+     "runtime": "placement, mode (dynamic|static), depth policy, batching, CUDA graphs, modules on demand",
+     "cluster": "local: this process serves; ray: replicas of the engine chain behind Ray Serve",
+     **shared("+preset", "engines_dir", "tokenizer"),
+     "server.host": "0.0.0.0 to serve other machines (set server.api_key then)",
+     "server.port": "the port to listen on",
+     "server.api_key": "Bearer key for /v1 and /stats (or DYNGRAPH_API_KEY in the environment)",
+     "server.*": "model_id, api_keys, rate_limit, request limits (max_*), timeouts, drain_timeout_s"},
+    presets=("phone-9b-gpu",))
+
+
+@hydra_command(SERVE)
+def main(app: ServeApp) -> None:
     # torch only glues engine calls together here (cache copies, sampling); its intra-op threads
     # would contend with ONNX Runtime's for the same cores and make a 50 us copy take milliseconds
     torch.set_num_threads(1)
@@ -231,7 +242,10 @@ def ray_app(args: dict):
     overrides = args.get("overrides") or []
     overrides = shlex.split(overrides) if isinstance(overrides, str) else [str(o) for o in overrides]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        app: ServeApp = OmegaConf.to_object(compose(config_name="serve", overrides=["cluster=ray", *overrides]))
+        cfg = compose(config_name="serve", overrides=["cluster=ray", *overrides])
+    if problem := unknown_setting(cfg):
+        raise ServeError(problem)
+    app: ServeApp = OmegaConf.to_object(cfg)
     apply_environment(app)
     return application(app, export_command(app, overrides))
 
