@@ -6,7 +6,8 @@ An entry point: it composes conf/serve.yaml, applies the environment (ENABLE_DYN
 forces static mode, DYNGRAPH_API_KEY sets the key) and assembles the layers: the runtime
 (engines, placement, scheduler) behind an engine client, the chat service over it, the app over
 that (build_service; runtime/cluster.py builds each Ray replica with it too). A problem it can name (no export, engines that fail verification, a
-placement the machine cannot hold) ends it with one line and exit status 2.
+placement the machine cannot hold, a port out of range or in use, checked before the engines load)
+ends it with one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from runtime.metrics import Metrics
 from runtime.placement import Placement, PlacementError
 from runtime.policy import PolicyError
 from runtime.step import captured_engines
-from serving.app import run_server
+from serving.app import bind_socket, run_server
 from serving.chat import ChatService
 
 log = logging.getLogger("dyngraph")
@@ -52,7 +53,10 @@ class ServeError(RuntimeError):
 
 
 def check_server_config(server: ServerConfig) -> None:
-    """Limits and timeouts that would refuse everything, or nothing, are a configuration mistake."""
+    """A port that cannot be bound, and limits and timeouts that would refuse everything, or nothing,
+    are a configuration mistake."""
+    if not 1 <= server.port <= 65535:
+        raise ServeError(f"server.port={server.port} must lie in 1..65535")
     for name in ("max_body_bytes", "max_messages", "max_content_parts", "max_characters", "max_stop_chars", "max_image_pixels"):
         if getattr(server, name) < 1:
             raise ServeError(f"server.{name}={getattr(server, name)} must be at least 1")
@@ -191,7 +195,7 @@ SERVE = Command(
      "cluster": "local: this process serves; ray: replicas of the engine chain behind Ray Serve",
      **shared("+preset", "engines_dir", "tokenizer"),
      "server.host": "0.0.0.0 to serve other machines (set server.api_key then)",
-     "server.port": "the port to listen on",
+     "server.port": "1..65535",
      "server.api_key": "Bearer key for /v1 and /stats (or DYNGRAPH_API_KEY in the environment)",
      "server.*": "model_id, api_keys, rate_limit, request limits (max_*), timeouts, drain_timeout_s"},
     presets=("phone-9b-gpu",))
@@ -204,18 +208,25 @@ def main(app: ServeApp) -> None:
     torch.set_num_threads(1)
     try:
         apply_environment(app)
+        check_server_config(app.server)
+        command = export_command(app)
         if app.cluster.name == "ray":
-            return serve_on_ray(app, export_command(app))
+            return serve_on_ray(app, command)
         if app.cluster.name != "local":
             raise ValueError(f"cluster.name={app.cluster.name!r}: use cluster=local or cluster=ray")
-        service = build_service(app, export_command(app))
+        open_export(app, command)  # a missing export is named before the port is taken
+        try:  # the port before the engines load: nothing says "serving" on a port that is not ours
+            sock = bind_socket(app.server)
+        except OSError as e:
+            raise ServeError(f"cannot listen on {app.server.host}:{app.server.port}: {e.strerror or e}") from None
+        service = build_service(app, command)
     except (ServeError, EngineMismatch, PlacementError, PolicyError, EngineConfigError, BackendUnavailable, ValueError, MemoryError) as e:
         log.error("cannot serve: %s", e)
         sys.exit(2)
     backend = "eager reference modules" if app.runtime.backend == "eager" else f"{app.export.backend} engines"
     log.info("serving %s (%s, %s mode, placement %s) as %r on http://%s:%d", app.model.name, backend, service.engine.mode,
              app.runtime.placement.name, app.server.model_id, app.server.host, app.server.port)
-    run_server(service)
+    run_server(service, sock)
 
 
 def serve_on_ray(app: ServeApp, command: str) -> None:

@@ -20,7 +20,7 @@ from contract.manifest import Manifest, engines_path, sha256_file
 from runtime.engines import EngineSet
 from runtime.step import Row, Stepper
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, free_port, run_cli
 
 EXITS = [6, 12, 18, 24]
 TOLERANCE = 1e-4  # fp32
@@ -277,7 +277,7 @@ def test_without_onnxruntime_the_export_and_the_server_name_the_extra(tiny_expor
     (shadow / "onnxruntime.py").write_text("raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n")
     env = {"PYTHONPATH": str(shadow)}
     for result in (run_cli("pipeline", "export", f"engines_dir={tmp_path / 'engines'}", env=env),
-                   run_cli("runtime.serve", f"engines_dir={engines_root}", "server.port=1", env=env)):
+                   run_cli("runtime.serve", f"engines_dir={engines_root}", f"server.port={free_port()}", env=env)):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert "the onnx backend needs onnxruntime" in result.stderr and ".[cpu]" in result.stderr, result.stderr
     assert not (tmp_path / "engines").exists()
