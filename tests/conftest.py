@@ -88,3 +88,13 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
+
+def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """A refusal as the entry points give one: exit status 2 and one line on stderr that names what was wrong."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
