@@ -175,6 +175,8 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
 def run_bench(app: BenchApp, server_overrides: list[str], console: Console | None = None) -> Path:
     """Run the benchmark; return the report folder. `server_overrides` select the same model and
     export for runtime.serve as the bench composed (model=..., export=..., and their overrides)."""
+    if not 0 <= app.server.port <= 65535:
+        raise BenchError(f"server.port={app.server.port} must lie in 0..65535 (0: any free port)")
     if app.bench.soak is not None and app.bench.quantizations:
         raise BenchError("bench=soak soaks one server: set export.quantize to soak a quantized export, not bench.quantizations")
     if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (bench/soak.py)

@@ -1,7 +1,8 @@
 """python -m pipeline {export,calibrate,bench,compare} [overrides]
 
 Each command is its own Hydra app with its own primary config in conf/ (export.yaml,
-calibrate.yaml, bench.yaml); `python -m pipeline export --help` lists the groups and every option.
+calibrate.yaml, bench.yaml); `python -m pipeline export --help` lists its groups with their options
+and its main settings, `python -m pipeline export --cfg job` the whole composed config.
 """
 from __future__ import annotations
 

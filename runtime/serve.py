@@ -6,7 +6,8 @@ An entry point: it composes conf/serve.yaml, applies the environment (ENABLE_DYN
 forces static mode, DYNGRAPH_API_KEY sets the key) and assembles the layers: the runtime
 (engines, placement, scheduler) behind an engine client, the chat service over it, the app over
 that (build_service; runtime/cluster.py builds each Ray replica with it too). A problem it can name (no export, engines that fail verification, a
-placement the machine cannot hold) ends it with one line and exit status 2.
+placement the machine cannot hold, a port out of range or in use, checked before the engines load)
+ends it with one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -17,17 +18,16 @@ import shlex
 import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from contract.engines import EXPORT_DTYPES, Limits, engine_specs
 from contract.manifest import Manifest, ManifestError, engines_path
 from exporters import BackendUnavailable, get_runtime
 from model.autoglm import build_model
 from model.tokenizer import ChatTokenizer
-from pipeline.commands import register_configs
+from pipeline.commands import Command, hydra_command, shared, unknown_setting
 from runtime.client import LocalEngine
 from runtime.config import ServeApp, ServerConfig
 from runtime.engines import EngineMismatch, EngineSet
@@ -36,14 +36,13 @@ from runtime.metrics import Metrics
 from runtime.placement import Placement, PlacementError
 from runtime.policy import PolicyError
 from runtime.step import captured_engines
-from serving.app import run_server
+from serving.app import bind_socket, run_server
 from serving.chat import ChatService
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`
 REFERENCE_BACKENDS = ("engines", "eager")  # runtime.backend: the export's files, or the torch modules they came from
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-register_configs()
 
 
 # --- assembly: the runtime under the chat service ---------------------------------------------------------------------------------------------
@@ -54,7 +53,10 @@ class ServeError(RuntimeError):
 
 
 def check_server_config(server: ServerConfig) -> None:
-    """Limits and timeouts that would refuse everything, or nothing, are a configuration mistake."""
+    """A port that cannot be bound, and limits and timeouts that would refuse everything, or nothing,
+    are a configuration mistake."""
+    if not 1 <= server.port <= 65535:
+        raise ServeError(f"server.port={server.port} must lie in 1..65535")
     for name in ("max_body_bytes", "max_messages", "max_content_parts", "max_characters", "max_stop_chars", "max_image_pixels"):
         if getattr(server, name) < 1:
             raise ServeError(f"server.{name}={getattr(server, name)} must be at least 1")
@@ -185,26 +187,46 @@ def apply_environment(app: ServeApp) -> None:
     app.server.api_key = app.server.api_key or os.environ.get("DYNGRAPH_API_KEY") or None
 
 
-@hydra.main(config_path=CONF_DIR, config_name="serve", version_base=None)
-def main(cfg: DictConfig) -> None:
-    app: ServeApp = OmegaConf.to_object(cfg)
+SERVE = Command(
+    "python -m runtime.serve", "serve",
+    "Serve <engines_dir>/<model>/<backend>[-<quantize>]/ through the OpenAI chat completions API.",
+    {**shared("model", "export", "paths", "placement"),
+     "runtime": "placement, mode (dynamic|static), depth policy, batching, CUDA graphs, modules on demand",
+     "cluster": "local: this process serves; ray: replicas of the engine chain behind Ray Serve",
+     **shared("+preset", "engines_dir", "tokenizer"),
+     "server.host": "0.0.0.0 to serve other machines (set server.api_key then)",
+     "server.port": "1..65535",
+     "server.api_key": "Bearer key for /v1 and /stats (or DYNGRAPH_API_KEY in the environment)",
+     "server.*": "model_id, api_keys, rate_limit, request limits (max_*), timeouts, drain_timeout_s"},
+    presets=("phone-9b-gpu",))
+
+
+@hydra_command(SERVE)
+def main(app: ServeApp) -> None:
     # torch only glues engine calls together here (cache copies, sampling); its intra-op threads
     # would contend with ONNX Runtime's for the same cores and make a 50 us copy take milliseconds
     torch.set_num_threads(1)
     try:
         apply_environment(app)
+        check_server_config(app.server)
+        command = export_command(app)
         if app.cluster.name == "ray":
-            return serve_on_ray(app, export_command(app))
+            return serve_on_ray(app, command)
         if app.cluster.name != "local":
             raise ValueError(f"cluster.name={app.cluster.name!r}: use cluster=local or cluster=ray")
-        service = build_service(app, export_command(app))
+        open_export(app, command)  # a missing export is named before the port is taken
+        try:  # the port before the engines load: nothing says "serving" on a port that is not ours
+            sock = bind_socket(app.server)
+        except OSError as e:
+            raise ServeError(f"cannot listen on {app.server.host}:{app.server.port}: {e.strerror or e}") from None
+        service = build_service(app, command)
     except (ServeError, EngineMismatch, PlacementError, PolicyError, EngineConfigError, BackendUnavailable, ValueError, MemoryError) as e:
         log.error("cannot serve: %s", e)
         sys.exit(2)
     backend = "eager reference modules" if app.runtime.backend == "eager" else f"{app.export.backend} engines"
     log.info("serving %s (%s, %s mode, placement %s) as %r on http://%s:%d", app.model.name, backend, service.engine.mode,
              app.runtime.placement.name, app.server.model_id, app.server.host, app.server.port)
-    run_server(service)
+    run_server(service, sock)
 
 
 def serve_on_ray(app: ServeApp, command: str) -> None:
@@ -231,7 +253,10 @@ def ray_app(args: dict):
     overrides = args.get("overrides") or []
     overrides = shlex.split(overrides) if isinstance(overrides, str) else [str(o) for o in overrides]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        app: ServeApp = OmegaConf.to_object(compose(config_name="serve", overrides=["cluster=ray", *overrides]))
+        cfg = compose(config_name="serve", overrides=["cluster=ray", *overrides])
+    if problem := unknown_setting(cfg):
+        raise ServeError(problem)
+    app: ServeApp = OmegaConf.to_object(cfg)
     apply_environment(app)
     return application(app, export_command(app, overrides))
 

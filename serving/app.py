@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import time
 import wave
 from collections import OrderedDict
@@ -398,8 +399,23 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(service: ChatService) -> None:
+def bind_socket(cfg: ServerConfig) -> socket.socket:
+    """The server's socket on server.host:server.port, bound but not listening: taken before the
+    engines load, so that a port in use is refused before anything says it is serving, while
+    connections are still refused (not queued) until the app is ready. Raises OSError."""
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def run_server(service: ChatService, sock: socket.socket) -> None:
+    """Serve on a socket from bind_socket (uvicorn listens on it) until stopped."""
     cfg = service.server
     config = uvicorn.Config(create_app(service), host=cfg.host, port=cfg.port, log_config=None, access_log=cfg.access_log,
                             timeout_graceful_shutdown=5, http=timed_protocol(cfg.header_timeout_s, service.metrics))
-    DrainingServer(config, service, cfg.drain_timeout_s).run()
+    DrainingServer(config, service, cfg.drain_timeout_s).run(sockets=[sock])

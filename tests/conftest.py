@@ -6,6 +6,7 @@ a re-run take seconds); by default it lives in pytest's temporary directory.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,24 @@ def tiny_engines_dir(tiny_export) -> Path:
     return tiny_export.directory
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a dyngraph entry point as a user would: `python -m MODULE ARGS`."""
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """A refusal as the entry points give one: exit status 2 and one line on stderr that names what was wrong."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -21,7 +21,7 @@ from pipeline.export import human_parameters
 from runtime.engines import EngineSet
 from runtime.step import Row, Stepper
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, free_port, run_cli
 
 EXITS = [6, 12, 18, 24]
 TOLERANCE = 1e-4  # fp32
@@ -267,7 +267,7 @@ def write_bad_checkpoint(directory: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model=nope"], "Could not find 'model/nope'"),
+    (["model=nope"], "model=nope is not an option: model is one of phone-9b, tiny"),
     (["export.backend=nope"], "unknown export backend 'nope'"),
     (["export.dtype=fp8"], "export.dtype='fp8'"),
     (["model.text.exit_layers=[5,11,18,23]"], "exit_layers=[5, 11, 18, 23]"),
@@ -296,7 +296,7 @@ def test_without_onnxruntime_the_export_and_the_server_name_the_extra(tiny_expor
     (shadow / "onnxruntime.py").write_text("raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n")
     env = {"PYTHONPATH": str(shadow)}
     for result in (run_cli("pipeline", "export", f"engines_dir={tmp_path / 'engines'}", env=env),
-                   run_cli("runtime.serve", f"engines_dir={engines_root}", "server.port=1", env=env)):
+                   run_cli("runtime.serve", f"engines_dir={engines_root}", f"server.port={free_port()}", env=env)):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert "the onnx backend needs onnxruntime" in result.stderr and ".[cpu]" in result.stderr, result.stderr
     assert not (tmp_path / "engines").exists()

@@ -34,7 +34,7 @@ from pipeline.export import code_hash, engine_key, run_export, weights_identity
 from contract.manifest import Manifest
 from bench.quality import agreement
 
-from .conftest import compose_export, run_cli
+from .conftest import compose_export, one_error_line, run_cli
 from .test_bench import compose_bench
 from .test_serve import MODEL, Server
 
@@ -268,16 +268,6 @@ def test_int8_greedy_tokens_mostly_match_the_eager_reference(int8_server, eager_
 
 
 # --- bad input and missing exports ---------------------------------------------------------------------
-
-
-def one_error_line(result, *needles: str) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("overrides, needles", [

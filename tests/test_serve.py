@@ -28,7 +28,7 @@ from PIL import Image
 from model.tokenizer import ChatTokenizer
 from contract.manifest import Manifest
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, free_port, run_cli
 
 MODEL = "autoglm-phone-9b"
 TOK = ChatTokenizer.builtin()
@@ -37,12 +37,6 @@ DEPTH_POLICY = ["runtime.policy.length_chars=100", "runtime.policy.length_weight
                 "runtime.policy.image_weight=0", "runtime.policy.audio_weight=0"]
 TEXT = {6: "Open the camera", 12: "Open the camera and take a photo", 18: "Open the camera, take a photo of the receipt, then save it",
         24: "Open the camera, take a photo of the receipt, save it to the gallery and send it to Alice on WeChat"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -35,7 +35,7 @@ def test_the_ci_soak_passes_and_reports_statuses_memory_and_latency(tiny_engines
     good = report["latency"]["good"]
     assert good["n"] == kinds["good"]["200"] and 0 < good["p50_s"] <= good["p99_s"]
     assert report["health_at_end"]["body"] == {"status": "ok"} and report["exit_code"] == 0
-    assert "| good | 200: " in (folder / "soak.md").read_text() and "Uvicorn running" in (folder / "server.log").read_text()
+    assert "| good | 200: " in (folder / "soak.md").read_text() and "Application startup complete" in (folder / "server.log").read_text()
     assert "soak: passed" in result.stderr
 
 
