@@ -13,10 +13,10 @@ it, a load builds its session from the files (the page cache), hashing them only
 since they were last hashed. `prefetch` does that first read and hash of every engine at start-up,
 on a background thread, so that even a module's first load costs only its session's creation.
 
-Loads are serialised by `load_lock`, which the decode step also holds while ONNX Runtime captures
-a CUDA graph (a capture must see no allocation on the device from another thread); a load may
-run on a background thread while the engine thread decodes with what is resident, and the decode
-step only tries the lock (runtime.step): it never waits out a load.
+Loads are serialised by `load_lock`, which a session that replays CUDA graphs also holds while it
+captures one (a capture must see no allocation on the device from another thread: it is the
+session's `capture_lock`); a load may run on a background thread while the engine thread decodes
+with what is resident, and a session only tries the lock: a decode step never waits out a load.
 """
 from __future__ import annotations
 
@@ -64,9 +64,9 @@ class EngineSet:
     device, bytes, seconds)` hears of every load, `on_unload(name, device, reason)` of every
     unload; `announce` logs each load at INFO as `[DYNAMIC GRAPH] Loading ...` (modules on demand);
     `host_copy(device) -> bool` says whether loads for that device keep the files in host memory;
-    `cuda_graphs` names the engines whose sessions the backend makes able to capture CUDA graphs
-    (the decode step's: runtime.step.captured_engines; an encoder graph may hold nodes the CUDA
-    provider does not run, which capture refuses). `reference` swaps the files for the eager torch
+    `cuda_graphs` names the engines whose sessions capture CUDA graphs of their captured runs,
+    holding `load_lock` while they do (the decode step's: runtime.step.captured_engines; an encoder
+    graph may hold nodes the CUDA provider does not run, which capture refuses). `reference` swaps the files for the eager torch
     modules they were exported from (engine name -> module, see contract.engines.engine_specs): the
     reference backend, with nothing to verify.
     """
@@ -232,7 +232,7 @@ class EngineSet:
             return EagerSession(self.reference[record.name], inputs, outputs, device)
         extra = {"host_files": host} if host is not None else {}
         return self.backend.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
-                                 cuda_graphs=record.name in self.cuda_graphs, **extra)
+                                 capture_lock=self.load_lock if record.name in self.cuda_graphs else None, **extra)
 
     def make_room(self, device: str, needed: int, key: str) -> None:
         budget = self.budget_bytes.get(device)
@@ -300,6 +300,11 @@ class EngineSet:
         with self.lock:
             return list(self.sessions)
 
+    def uncaptured_runs(self) -> int:
+        """Captured runs that the resident sessions made uncaptured, for want of a capture during a load."""
+        with self.lock:
+            return sum(s.uncaptured for s in self.sessions.values())
+
     def check_files(self, record: EngineRecord) -> None:
         for f in record.files:
             path = self.existing(record, f)
@@ -359,8 +364,13 @@ class EagerSession:
         self.module = module if here == self.device else copy.deepcopy(module).to(self.device)
         self.inputs, self.outputs = inputs, outputs
 
+    uncaptured = 0
+
+    def needs_capture(self, batch: int) -> bool:
+        return False
+
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
-            graph: bool = False) -> dict[str, torch.Tensor]:
+            captured: bool = False) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             out = self.module(*(feeds[t.name] for t in self.inputs))
         results = dict(zip((t.name for t in self.outputs), out if isinstance(out, tuple) else (out,)))

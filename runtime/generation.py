@@ -302,7 +302,7 @@ class GenerationEngine:
 
     def loop(self) -> None:
         with torch.inference_mode():
-            # here, not in warm_up: ONNX Runtime keeps a session's CUDA graphs per thread, so graphs
+            # here, not in warm_up: a session may keep its CUDA graphs per thread, so graphs
             # captured on another thread would be captured again in this thread's first steps
             try:
                 self.stepper.capture(1 if self.on_demand else None)
@@ -418,7 +418,7 @@ class GenerationEngine:
         since, steps = seq.waited_from
         log.info("[DYNAMIC GRAPH] %s waited %.2f s for its engines; %d decode step(s) ran meanwhile (%d engine runs uncaptured "
                  "so far, for want of a capture during a load)", seq.request.request_id, time.monotonic() - since,
-                 self.decode_steps - steps, sum(self.stepper.uncaptured.values()))
+                 self.decode_steps - steps, self.engines.uncaptured_runs())
         self.admit(seq)
 
     def admit(self, seq: Sequence) -> None:

@@ -11,16 +11,15 @@ decode step runs each engine once for all the rows that reach it, whatever their
 
 Nothing is concatenated or allocated per step. With CUDA graphs, the embedding, the segments and
 the head run from buffers kept per batch size (a bucket: 1, 2, 4, ... up to max_batch, the rows
-rounded up to it), each replaying the graph ONNX Runtime captured for those buffers; the spare
-rows of a bucket are cache rows no sequence holds. The cross-attention blocks, whose media length
-varies per request, run uncaptured. A prompt's prefill runs uncaptured too, one sequence at a time
-(GroupQueryAttention takes several new tokens after a past for one row only), in chunks of at
-most the export's `seq`, segment by segment so that the confidence policy can stop at an exit.
+rounded up to it) as captured runs: each session replays the graph it captured for its bucket's
+buffers (exporters.EngineSession); the spare rows of a bucket are cache rows no sequence holds.
+The cross-attention blocks, whose media length varies per request, run uncaptured. A prompt's
+prefill runs uncaptured too, one sequence at a time (GroupQueryAttention takes several new
+tokens after a past for one row only), in chunks of at most the export's `seq`, segment by
+segment so that the confidence policy can stop at an exit.
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -33,10 +32,6 @@ from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
 
 SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
-# a session's runs of one graph id on one thread within which ONNX Runtime's CUDA provider captures it: two
-# regular runs (its arena grows to what the graph needs), the capture on the third; its graph state is per
-# thread, so runs on another thread (a profile script's, say) do not count for the engine thread, which captures at its start
-CAPTURE_RUNS = 3
 
 
 def captured_engines(manifest: Manifest) -> list[str]:
@@ -104,9 +99,6 @@ class Stepper:
         self.layout_key: tuple | None = None
         self.layout: dict = {}
         self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
-        # session -> (thread id, batch) -> graph runs so far on that thread (ONNX Runtime counts per thread)
-        self.graph_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.uncaptured: Counter[str] = Counter()  # engine -> decode runs made uncaptured because a load was in progress
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
 
     # --- encode: once per request ---------------------------------------------------------------
@@ -226,30 +218,8 @@ class Stepper:
         return list(keys), head["logits"][:n0]
 
     def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        session = self.engines.session(name)
-        if self.buckets is None:
-            session.run(feeds, outputs)
-            return
-        # a session's first runs at a batch size capture its graph (at start-up, or after the engine was
-        # reloaded: a new session has no graph, so nothing stale replays). A capture must not overlap a
-        # load's allocations on the device (ONNX Runtime captures in global mode), so those runs hold the
-        # load lock; but a load on the background thread holds it for seconds (10-12 s for a phone-9b
-        # segment), and waiting for it froze every sequence in flight: such a step runs uncaptured instead
-        # (ONNX Runtime's graph id -1), and the capture happens at a later step, when no load runs.
-        runs = self.graph_runs.setdefault(session, Counter())
-        key = (threading.get_ident(), next(iter(outputs.values())).shape[0])
-        if runs[key] >= CAPTURE_RUNS:
-            session.run(feeds, outputs, graph=True)
-            return
-        if not self.engines.load_lock.acquire(blocking=False):
-            self.uncaptured[name] += 1
-            session.run(feeds, outputs)
-            return
-        try:
-            runs[key] += 1
-            session.run(feeds, outputs, graph=True)
-        finally:
-            self.engines.load_lock.release()
+        """A decode-step run of an engine from its bucket's buffers: captured where steps run in buckets."""
+        self.engines.session(name).run(feeds, outputs, captured=self.buckets is not None)
 
     def run_segment(self, k: int, batch: int, hidden: torch.Tensor) -> None:
         """Segment k's decode step over its first `batch` cache rows, from its buffers at that batch size."""
@@ -322,14 +292,16 @@ class Stepper:
     def capture(self, depth: int | None = None) -> None:
         """Capture every bucket's decode graphs of the first `depth` segments (default: all) now, on
         spare rows and on the calling thread, rather than in the first requests' steps; a segment loaded
-        later, or a decode on another thread, captures in its first steps."""
+        later, or a decode on another thread, captures in its first steps (a session may keep its
+        graphs per thread). A load in progress holds the captures off until it is done."""
         if self.buckets is None:
             return
-        # ONNX Runtime runs a graph id uncaptured twice before it captures it on the third run (CAPTURE_RUNS);
-        # graphs captured here serve only this thread: another decoding thread captures its own in its first steps
-        for b in [b for b in self.buckets for _ in range(CAPTURE_RUNS)]:
-            self.replay(b, self.n_segments if depth is None else depth)
-        if any(c.device.type == "cuda" for c in self.caches):  # the CPU provider captures nothing: the bookkeeping is tested there
+        depth = self.n_segments if depth is None else depth
+        names = ["embed", *(segment_engine(k) for k in range(depth)), "lm_head"]
+        for b in self.buckets:
+            while any(self.engines.session(name).needs_capture(b) for name in names):
+                self.replay(b, depth)
+        if any(c.device.type == "cuda" for c in self.caches):
             torch.cuda.synchronize()
 
     def free_unloaded(self) -> list[int]:
