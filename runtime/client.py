@@ -18,6 +18,7 @@ class LocalEngine:
 
     def __init__(self, engines: EngineSet, engine: GenerationEngine):
         self.engines, self.engine = engines, engine
+        self.backend = engines.backend.name
         self.mode = engine.mode
         self.exit_layers = engine.exit_layers
         self.context_len = engine.context_len

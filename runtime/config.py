@@ -62,7 +62,7 @@ class OffloadConfig:
 class RuntimeConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     mode: str = "dynamic"  # dynamic | static (also forced by ENABLE_DYNAMIC_GRAPH=False)
-    backend: str = "engines"  # engines: the export's files, verified; eager: the torch modules they were exported from (the reference)
+    backend: str = "engines"  # engines: the export's files, verified; eager: the torch modules they were exported from (exporters/eager.py)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     max_batch_size: int = 8  # requests generating at once (a cache row each in the segments they reach); one decode step runs them all
     max_queue: int = 64  # requests waiting for a slot; one more is refused with 429

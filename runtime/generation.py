@@ -171,11 +171,10 @@ class GenerationEngine:
         if cfg.max_queue < 0:
             raise EngineConfigError("runtime.max_queue must not be negative")
         self.max_media_tokens = dims["media"]["max"]
-        if engines.reference is None:  # the eager reference runs any dtype anywhere
-            try:
-                engines.backend.check_devices(manifest.dtype, placement.devices)
-            except EngineIncompatible as e:
-                raise EngineConfigError(str(e)) from None
+        try:
+            engines.backend.check_devices(manifest.dtype, placement.devices)
+        except EngineIncompatible as e:
+            raise EngineConfigError(str(e)) from None
         cuda_graphs = cfg.cuda_graphs and any(torch.device(d).type == "cuda" for d in placement.devices)
         self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs)
 
