@@ -142,7 +142,7 @@ def backend_class(name: str, side: int):
     if name not in BACKENDS:
         raise KeyError(f"unknown export backend {name!r}; known: {', '.join(n for n, sides in BACKENDS.items() if sides[side])}")
     if BACKENDS[name][side] is None:
-        raise KeyError(f"the {name} backend builds no engines: it runs the engines of an export made with another backend")
+        raise KeyError(f"the {name} backend builds no engines: it runs an export made with another backend (runtime.backend={name})")
     module_name, cls_name = BACKENDS[name][side].split(":")
     try:
         module = importlib.import_module(module_name)
