@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from contract.engines import EXPORT_DTYPES, cross_attn_engine, cross_kv_engine, segment_engine, total_sequence_length
+from contract.exits import Exits
 from contract.manifest import Manifest
 from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
@@ -38,8 +39,7 @@ def captured_engines(manifest: Manifest) -> list[str]:
     """The engines a decode step replays as CUDA graphs: their shapes are fixed by the batch alone
     (a segment's cache capacity is fixed when the runtime allocates it; cross-attention's media
     length is not)."""
-    n_segments = len(manifest.model["config"]["text"]["exit_layers"])
-    return ["embed", *(segment_engine(k) for k in range(n_segments)), "lm_head"]
+    return ["embed", *(segment_engine(k) for k in range(Exits.of(manifest).segments)), "lm_head"]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -120,7 +120,7 @@ class Stepper:
         self.manifest = manifest
         self.dtype = EXPORT_DTYPES[manifest.dtype]
         text = manifest.model["config"]["text"]
-        self.n_segments = len(text["exit_layers"])
+        self.n_segments = Exits.of(manifest).segments
         self.dim, self.vocab = text["dim"], text["vocab_size"]
         self.capacity = capacity
         self.chunk = manifest.dims["seq"]["max"]
