@@ -7,16 +7,19 @@ backend: cache keys, validation against the eager module, atomic writes and the 
 
 The runtime (`Runtime`) is the run side, all the serving runtime sees: it checks that engines
 built as the manifest says can run here, says whether its sessions replay CUDA graphs, and loads
-an engine file as a session (`EngineSession`) that binds caller-owned tensors by name and runs on
-the device's engine stream. A runtime module imports only its execution library (onnxruntime,
-tensorrt), never the exporter stack.
+an engine as a session (`EngineSession`) that binds caller-owned tensors by name and runs on the
+device's engine stream. A session that replays CUDA graphs owns them: it counts its own warm-up
+runs and keeps a graph per batch size; the runtime only asks for a captured run. A runtime module
+imports only its execution library (onnxruntime, tensorrt; torch for the eager backend), never
+the exporter stack.
 
 A new backend: a builder and a runtime class (one file each, or one for both), and a line in
-BACKENDS.
+BACKENDS. A backend without a builder (eager) runs exports that another backend built.
 """
 from __future__ import annotations
 
 import importlib
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -26,10 +29,12 @@ from contract.config import ExportConfig
 from contract.engines import Dim, EngineSpec, TensorSpec
 
 # name -> ("module:builder class", "module:runtime class"); imported on demand so that a missing
-# optional library (TensorRT) only matters to those who ask for that backend
+# optional library (TensorRT) only matters to those who ask for that backend. No builder: the
+# backend exports nothing and runs what another one exported.
 BACKENDS = {
     "onnx": ("exporters.onnx:OnnxExporter", "exporters.ort:OrtRuntime"),
     "tensorrt": ("exporters.tensorrt:TensorRTExporter", "exporters.tensorrt:TensorRTRuntime"),
+    "eager": (None, "exporters.eager:EagerRuntime"),
 }
 
 
@@ -47,20 +52,27 @@ class EngineIncompatible(RuntimeError):
 
 class EngineSession(Protocol):
     device: torch.device
+    uncaptured: int  # captured runs it made uncaptured because the capture lock was taken (a load held it)
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
-            graph: bool = False) -> dict[str, torch.Tensor]:
+            captured: bool = False) -> dict[str, torch.Tensor]:
         """Inputs by name (on `device`) -> outputs by name (on `device`). An output declared
         `inplace_of` an input is written into that input's memory, one named in `outputs` into the
         caller's tensor, any other into a fresh one. Runs on the device's engine stream
         (`device_stream`), ordered after the caller's stream and before what it queues next.
-        `graph`: replay a CUDA graph captured for these exact buffers (sessions loaded with
-        cuda_graphs=True of a runtime whose `cuda_graphs` is true; ignored otherwise)."""
+        `captured`: a decode step's run over tensors the caller keeps per batch size; a session
+        loaded with a capture lock replays the CUDA graph it captured for them (after the warm-up
+        runs its library needs), any other runs it as usual."""
+
+    def needs_capture(self, batch: int) -> bool:
+        """Whether captured runs at this batch size still have a graph to capture on the calling
+        thread (false for a session that captures nothing)."""
 
 
 class Runtime(Protocol):
     name: str
-    cuda_graphs: bool  # whether its sessions can capture and replay CUDA graphs (run(..., graph=True))
+    cuda_graphs: bool  # whether its sessions can capture and replay CUDA graphs (run(..., captured=True))
+    reads_files: bool  # whether its sessions are made from the engine files (so they are verified before a load)
 
     def check_runtime(self, backend: dict, directory: Path) -> None:
         """Raise EngineIncompatible, with what was recorded and what is found here, when engines
@@ -70,10 +82,13 @@ class Runtime(Protocol):
         """Raise EngineIncompatible, saying what to do, when engines of `dtype` cannot run on these devices."""
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None, cuda_graphs: bool = False) -> EngineSession:
-        """An engine file, ready to run on `device` ("cpu", "cuda:0", ...); `built_with` is the
-        manifest's backend record; `cuda_graphs`: a session that captures graphs (decode steps).
-        A runtime with `loads_from_memory` also takes `host_files` (file name -> contents)."""
+             built_with: dict | None = None, capture_lock: threading.RLock | None = None) -> EngineSession:
+        """The engine at `path` (in the export's directory, beside manifest.json), ready to run on
+        `device` ("cpu", "cuda:0", ...); `built_with` is the manifest's backend record.
+        `capture_lock`: a session whose captured runs replay CUDA graphs (decode steps), holding this
+        lock while it captures one: a capture records all work on the device, so the engine set
+        holds it for every load. A runtime with `loads_from_memory` also takes `host_files` (file
+        name -> contents)."""
 
 
 class Exporter(Protocol):
@@ -125,7 +140,9 @@ def backend_class(name: str, side: int):
     (e.g. the builder's `quantizations`) is known before its library is imported, so that a request
     it can never serve is refused first."""
     if name not in BACKENDS:
-        raise KeyError(f"unknown export backend {name!r}; known: {', '.join(BACKENDS)}")
+        raise KeyError(f"unknown export backend {name!r}; known: {', '.join(n for n, sides in BACKENDS.items() if sides[side])}")
+    if BACKENDS[name][side] is None:
+        raise KeyError(f"the {name} backend builds no engines: it runs an export made with another backend (runtime.backend={name})")
     module_name, cls_name = BACKENDS[name][side].split(":")
     try:
         module = importlib.import_module(module_name)

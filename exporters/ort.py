@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +31,15 @@ ort.set_default_logger_severity(3)
 # Module level so that a measurement can put ONNX Runtime's defaults back (scripts/decode_profile.py --ort-defaults).
 CUDA_SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1", "ep.cuda.fpa_intb_gemm": "1"}
 CUDA_PROVIDER_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
+# the runs of one graph id on one thread within which the CUDA provider captures it: two regular runs (its arena
+# grows to what the graph needs), the capture on the third. Its graph state is per thread, so the count is too.
+CAPTURE_RUNS = 3
 
 
 class OrtRuntime:
     name = "onnx"
-    cuda_graphs = True  # the CUDA provider captures a graph per set of bound buffers (enable_cuda_graph)
+    cuda_graphs = True  # the CUDA provider captures a graph per batch size of a decode step (enable_cuda_graph)
+    reads_files = True
     loads_from_memory = True  # load(host_files=...): a reload from host copies of the files, not the disk
 
     def check_runtime(self, backend: dict, directory: Path) -> None:
@@ -48,9 +54,9 @@ class OrtRuntime:
                                      "with export.dtype=fp16 (or bf16) export.device=cuda, or serve them with runtime=cpu")
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None, cuda_graphs: bool = False, host_files: dict | None = None) -> "OrtSession":
-        return OrtSession(path, inputs, outputs, device, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
-                          host_files=host_files)
+             built_with: dict | None = None, capture_lock: threading.RLock | None = None,
+             host_files: dict | None = None) -> "OrtSession":
+        return OrtSession(path, inputs, outputs, device, capture_lock=capture_lock, host_files=host_files)
 
 
 NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
@@ -72,11 +78,17 @@ class OrtSession:
     (`device_stream`), ordered after whatever torch queued before the call and before whatever it
     queues after, with no host synchronisation.
 
-    With `cuda_graphs`, `run(..., graph=True)` replays one ONNX Runtime CUDA graph per set of bound
-    addresses and shapes, captured at its first run: the caller keeps those tensors (a decode step's
-    buffers for one batch size) and rewrites their contents between steps. Other runs (a prompt's
-    prefill) go through the same session uncaptured. The graphs live and die with the session: a
-    session made again (an engine reloaded) captures anew.
+    With a `capture_lock`, `run(..., captured=True)` replays one ONNX Runtime CUDA graph per batch
+    size: the caller keeps that batch size's tensors (a decode step's buffers) and rewrites their
+    contents between steps. The session counts a graph's runs per thread (ONNX Runtime keeps graph
+    state per thread): the first CAPTURE_RUNS warm up and capture it, each holding `capture_lock`
+    (a capture records all work on the device, so no other thread may allocate there meanwhile:
+    the engine set holds that lock for every load). The lock is only tried: a run that finds it
+    taken runs uncaptured (`uncaptured` counts them) and the capture happens at a later run, so a
+    decode step never waits out a load. Other runs (a prompt's prefill) go through the same session
+    uncaptured. The graphs live and die with the session: a session made again (an engine
+    reloaded) captures anew. On the CPU the provider captures nothing, but the counting and the
+    lock are the same, so they are tested there.
 
     `host_files` (file name -> its contents) builds the session from memory instead of `path`: the
     .onnx's bytes, and its external .onnx.data as any buffer (a pinned torch tensor's numpy view),
@@ -84,7 +96,7 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu",
-                 cuda_graphs: bool = False, host_files: dict | None = None):
+                 capture_lock: threading.RLock | None = None, host_files: dict | None = None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -93,20 +105,23 @@ class OrtSession:
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.stream = None
-        self.cuda_graphs = cuda_graphs
-        self.graphs: dict[tuple, tuple] = {}  # bound addresses and shapes -> (binding, run options)
+        self.capture_lock = capture_lock
+        self.cuda_graphs = capture_lock is not None and self.device.type == "cuda"  # graphs the provider really captures
+        self.graphs: dict[int, tuple] = {}  # batch size -> (bound addresses and shapes, binding, run options)
+        self.graph_runs: Counter[tuple[int, int]] = Counter()  # (thread id, batch size) -> its graph's runs there
+        self.uncaptured = 0  # captured runs made uncaptured because the capture lock was taken
         if self.device.type == "cuda":
             self.stream = device_stream(self.device)
             cuda = {**CUDA_PROVIDER_OPTIONS, "device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)}
             for key, value in CUDA_SESSION_CONFIG.items():
                 options.add_session_config_entry(key, value)
-            if cuda_graphs:
+            if self.cuda_graphs:
                 cuda["enable_cuda_graph"] = "1"
             providers = [("CUDAExecutionProvider", cuda)]
         else:
             options.intra_op_num_threads = int(os.environ.get("DYNGRAPH_CPU_THREADS", "0"))
             providers = ["CPUExecutionProvider"]
-        self.run_options = self.options("-1" if cuda_graphs else None)
+        self.run_options = self.options("-1" if self.cuda_graphs else None)  # -1: a run that is none of the graphs
         model = str(path)
         if host_files is not None:
             data = {name: buf for name, buf in host_files.items() if name != path.name}
@@ -127,16 +142,40 @@ class OrtSession:
         return options
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
-            graph: bool = False) -> dict[str, torch.Tensor]:
+            captured: bool = False) -> dict[str, torch.Tensor]:
         results = self.bind_outputs(feeds, outputs or {})
-        if graph and self.cuda_graphs:
-            key = tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in (*feeds.items(), *results.items()))
-            if key not in self.graphs:  # ids from 1: 0 is ONNX Runtime's default
-                self.graphs[key] = (self.binding(feeds, results), self.options(str(len(self.graphs) + 1)))
-            self.launch(*self.graphs[key])
+        if not captured or self.capture_lock is None:
+            self.launch(self.binding(feeds, results), self.run_options)
+            return results
+        batch, binding, options = self.graph(feeds, results)
+        runs_here = (threading.get_ident(), batch)
+        if self.graph_runs[runs_here] >= CAPTURE_RUNS:
+            self.launch(binding, options)
+        elif self.capture_lock.acquire(blocking=False):
+            try:
+                self.graph_runs[runs_here] += 1
+                self.launch(binding, options)
+            finally:
+                self.capture_lock.release()
         else:
+            self.uncaptured += 1
             self.launch(self.binding(feeds, results), self.run_options)
         return results
+
+    def needs_capture(self, batch: int) -> bool:
+        return self.capture_lock is not None and self.graph_runs[threading.get_ident(), batch] < CAPTURE_RUNS
+
+    def graph(self, feeds: dict[str, torch.Tensor], results: dict[str, torch.Tensor]) -> tuple[int, object, ort.RunOptions]:
+        """The batch size of these buffers, and the binding and run options of its graph, made at its first run."""
+        bound = tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in (*feeds.items(), *results.items()))
+        batch = bind_sizes(self.inputs, {n: tuple(t.shape) for n, t in feeds.items()})["batch"]
+        if batch not in self.graphs:  # ids from 1: 0 is ONNX Runtime's default
+            graph_id = str(len(self.graphs) + 1) if self.cuda_graphs else None
+            self.graphs[batch] = (bound, self.binding(feeds, results), self.options(graph_id))
+        captured_with, binding, options = self.graphs[batch]
+        if bound != captured_with:  # a replay reads and writes the addresses it was captured with
+            raise ValueError(f"captured runs at batch size {batch} must bind the tensors its graph was made with")
+        return batch, binding, options
 
     def bind_outputs(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sizes = bind_sizes(self.inputs, {n: tuple(t.shape) for n, t in feeds.items()})

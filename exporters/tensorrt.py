@@ -328,6 +328,7 @@ class TensorRTRuntime:
 
     name = "tensorrt"
     cuda_graphs = False  # decode steps enqueue the engines uncaptured (no CUDA graph capture here yet)
+    reads_files = True
 
     def __init__(self):
         self.trt = import_tensorrt()
@@ -342,7 +343,7 @@ class TensorRTRuntime:
         check_compatible(directory, built_for(backend), found)
 
     def load(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str,
-             built_with: dict | None = None, cuda_graphs: bool = False) -> "TrtSession":
+             built_with: dict | None = None, capture_lock=None) -> "TrtSession":
         return TrtSession(path, inputs, outputs, device, built_with)
 
 
@@ -364,6 +365,8 @@ class TrtSession:
     does around the call. `built_with` is the manifest's backend record: with it, an engine built
     for another GPU or TensorRT version is refused with both environments named.
     """
+
+    uncaptured = 0  # it captures nothing: a captured run is a run like any other
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cuda",
                  built_with: dict | None = None):
@@ -411,10 +414,13 @@ class TrtSession:
     def address(self, t: torch.Tensor) -> int:
         return t.data_ptr() if t.numel() else self.scratch.data_ptr()
 
+    def needs_capture(self, batch: int) -> bool:
+        return False
+
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
-            graph: bool = False) -> dict[str, torch.Tensor]:
+            captured: bool = False) -> dict[str, torch.Tensor]:
         """Outputs named in `outputs` are written into the caller's tensors (a decode step's
-        buffers), the others into fresh ones; `graph` is not used (no CUDA graph capture)."""
+        buffers), the others into fresh ones; `captured` changes nothing (no CUDA graph capture)."""
         shapes = {name: tuple(t.shape) for name, t in feeds.items()}
         missing = [n for n in self.input_names if n not in feeds]
         if missing:

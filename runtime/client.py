@@ -18,8 +18,9 @@ class LocalEngine:
 
     def __init__(self, engines: EngineSet, engine: GenerationEngine):
         self.engines, self.engine = engines, engine
+        self.backend = engines.backend.name
         self.mode = engine.mode
-        self.exit_layers = engine.exit_layers
+        self.exit_layers = list(engine.exits.layers)
         self.context_len = engine.context_len
         self.max_media_tokens = engine.max_media_tokens
         self.think_end = engine.think_end  # None: the tokenizer has no thinking block

@@ -62,12 +62,12 @@ class OffloadConfig:
 class RuntimeConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     mode: str = "dynamic"  # dynamic | static (also forced by ENABLE_DYNAMIC_GRAPH=False)
-    backend: str = "engines"  # engines: the export's files, verified; eager: the torch modules they were exported from (the reference)
+    backend: str = "engines"  # engines: the export's files, verified; eager: the torch modules they were exported from (exporters/eager.py)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     max_batch_size: int = 8  # requests generating at once (a cache row each in the segments they reach); one decode step runs them all
     max_queue: int = 64  # requests waiting for a slot; one more is refused with 429
     max_context: int | None = None  # prompt + completion tokens; default and upper bound: the export's context
-    cuda_graphs: bool = False  # decode steps replay ONNX Runtime CUDA graphs, one per batch size (the GPU placements turn it on)
+    cuda_graphs: bool = False  # decode steps replay CUDA graphs their sessions captured, one per batch size (the GPU placements turn it on)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     verify: bool = True  # sha256 of every engine file against the manifest before it is loaded
 

@@ -13,14 +13,13 @@ it, a load builds its session from the files (the page cache), hashing them only
 since they were last hashed. `prefetch` does that first read and hash of every engine at start-up,
 on a background thread, so that even a module's first load costs only its session's creation.
 
-Loads are serialised by `load_lock`, which the decode step also holds while ONNX Runtime captures
-a CUDA graph (a capture must see no allocation on the device from another thread); a load may
-run on a background thread while the engine thread decodes with what is resident, and the decode
-step only tries the lock (runtime.step): it never waits out a load.
+Loads are serialised by `load_lock`, which a session that replays CUDA graphs also holds while it
+captures one (a capture must see no allocation on the device from another thread: it is the
+session's `capture_lock`); a load may run on a background thread while the engine thread decodes
+with what is resident, and a session only tries the lock: a decode step never waits out a load.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import threading
@@ -32,10 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from exporters import EngineIncompatible, EngineSession, get_runtime
-from contract.engines import TensorSpec
 from contract.manifest import EngineRecord, FileRecord, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -64,27 +61,26 @@ class EngineSet:
     device, bytes, seconds)` hears of every load, `on_unload(name, device, reason)` of every
     unload; `announce` logs each load at INFO as `[DYNAMIC GRAPH] Loading ...` (modules on demand);
     `host_copy(device) -> bool` says whether loads for that device keep the files in host memory;
-    `cuda_graphs` names the engines whose sessions the backend makes able to capture CUDA graphs
-    (the decode step's: runtime.step.captured_engines; an encoder graph may hold nodes the CUDA
-    provider does not run, which capture refuses). `reference` swaps the files for the eager torch
-    modules they were exported from (engine name -> module, see contract.engines.engine_specs): the
-    reference backend, with nothing to verify.
+    `cuda_graphs` names the engines whose sessions capture CUDA graphs of their captured runs,
+    holding `load_lock` while they do (the decode step's: runtime.step.captured_engines; an encoder
+    graph may hold nodes the CUDA provider does not run, which capture refuses). `backend` names the
+    registered backend that runs them: by default the one that built them (the manifest's), else
+    one that runs any export (eager: the torch modules they were exported from).
     """
 
     def __init__(self, directory: str | Path, placement: Callable[[EngineRecord], str] = lambda e: "cpu", verify: bool = True,
                  budget_bytes: dict[str, int] | None = None, on_load: Callable[[str, str, int, float], None] | None = None,
                  on_unload: Callable[[str, str, str], None] | None = None, announce: bool = False,
                  host_copy: Callable[[str], bool] = lambda device: False,
-                 cuda_graphs: Collection[str] = (), reference: dict[str, nn.Module] | None = None):
+                 cuda_graphs: Collection[str] = (), backend: str | None = None):
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
         self.placement = placement
-        self.reference = reference
-        self.verify = verify and reference is None
+        self.backend = get_runtime(backend or self.manifest.backend["name"])  # its run side
+        self.verify = verify and self.backend.reads_files
         self.budget_bytes = budget_bytes or {}
         self.on_load, self.on_unload, self.announce = on_load, on_unload, announce
-        self.backend = get_runtime(self.manifest.backend["name"])  # the run side of the backend that built them
-        self.host_copy = host_copy if getattr(self.backend, "loads_from_memory", False) and reference is None else lambda d: False
+        self.host_copy = host_copy if getattr(self.backend, "loads_from_memory", False) else lambda d: False
         self.cuda_graphs = set(cuda_graphs)
         self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
         self.last_used: dict[str, float] = {}  # key -> monotonic time of its last session() call
@@ -228,11 +224,9 @@ class EngineSet:
 
     def load(self, record: EngineRecord, device: str, host: dict | None = None) -> EngineSession:
         inputs, outputs = record.input_specs(), record.output_specs()
-        if self.reference is not None:
-            return EagerSession(self.reference[record.name], inputs, outputs, device)
         extra = {"host_files": host} if host is not None else {}
         return self.backend.load(self.directory / record.path, inputs, outputs, device, built_with=self.manifest.backend,
-                                 cuda_graphs=record.name in self.cuda_graphs, **extra)
+                                 capture_lock=self.load_lock if record.name in self.cuda_graphs else None, **extra)
 
     def make_room(self, device: str, needed: int, key: str) -> None:
         budget = self.budget_bytes.get(device)
@@ -300,6 +294,11 @@ class EngineSet:
         with self.lock:
             return list(self.sessions)
 
+    def uncaptured_runs(self) -> int:
+        """Captured runs that the resident sessions made uncaptured, for want of a capture during a load."""
+        with self.lock:
+            return sum(s.uncaptured for s in self.sessions.values())
+
     def check_files(self, record: EngineRecord) -> None:
         for f in record.files:
             path = self.existing(record, f)
@@ -348,25 +347,3 @@ def host_buffer(size: int) -> np.ndarray:
 def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
-
-class EagerSession:
-    """An engine's eager torch module behind the session interface: the reference the engine files are checked against."""
-
-    def __init__(self, module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str):
-        self.device = torch.device(device)
-        here = next(module.parameters()).device
-        # the reference modules live where the model was built: one wanted on another device gets its own copy
-        self.module = module if here == self.device else copy.deepcopy(module).to(self.device)
-        self.inputs, self.outputs = inputs, outputs
-
-    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None,
-            graph: bool = False) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
-            out = self.module(*(feeds[t.name] for t in self.inputs))
-        results = dict(zip((t.name for t in self.outputs), out if isinstance(out, tuple) else (out,)))
-        # the engine contract: in-place outputs land in their input's memory, caller-owned ones in the caller's
-        for spec in self.outputs:
-            target = feeds[spec.inplace_of] if spec.inplace_of else (outputs or {}).get(spec.name)
-            if target is not None:
-                results[spec.name] = target.copy_(results[spec.name])
-        return results

@@ -26,6 +26,7 @@ from functools import partial
 import torch
 
 from model.tokenizer import ChatTokenizer
+from contract.exits import Exits
 from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
 from exporters import EngineIncompatible
@@ -150,11 +151,11 @@ class GenerationEngine:
         manifest = engines.manifest
         self.manifest = manifest
         text = manifest.model["config"]["text"]
-        self.exit_layers, self.n_layers = list(text["exit_layers"]), text["n_layers"]
+        self.exits = Exits.of(manifest)
         if cfg.mode not in MODES:
             raise EngineConfigError(f"runtime.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
         self.mode = cfg.mode
-        self.policy = DepthPolicy(cfg.policy, self.exit_layers, manifest.exits)
+        self.policy = DepthPolicy(cfg.policy, list(self.exits.layers), manifest.exits)
         if tokenizer.vocab_size > text["vocab_size"]:
             raise EngineConfigError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of {text['vocab_size']}")
         self.sampler = Sampler(tokenizer.vocab_size)
@@ -171,11 +172,10 @@ class GenerationEngine:
         if cfg.max_queue < 0:
             raise EngineConfigError("runtime.max_queue must not be negative")
         self.max_media_tokens = dims["media"]["max"]
-        if engines.reference is None:  # the eager reference runs any dtype anywhere
-            try:
-                engines.backend.check_devices(manifest.dtype, placement.devices)
-            except EngineIncompatible as e:
-                raise EngineConfigError(str(e)) from None
+        try:
+            engines.backend.check_devices(manifest.dtype, placement.devices)
+        except EngineIncompatible as e:
+            raise EngineConfigError(str(e)) from None
         cuda_graphs = cfg.cuda_graphs and any(torch.device(d).type == "cuda" for d in placement.devices)
         self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs)
 
@@ -190,7 +190,7 @@ class GenerationEngine:
         # modules on demand: what every request needs is resident from the start, the rest loads when a
         # request needs it (on a background thread) and unloads when idle or under the budget
         self.on_demand = cfg.offload.enabled and self.mode == "dynamic"
-        self.base = tuple(manifest.path(self.exit_layers[0], ["text"]).step)
+        self.base = tuple(manifest.path(self.exits.first, ["text"]).step)
         self.loading: list[Sequence] = []  # admitted, waiting for their engines (engine thread only)
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="dyngraph-loader") if self.on_demand else None
         if not self.on_demand:  # every cache allocated once, at start: what a device holds for them
@@ -246,7 +246,7 @@ class GenerationEngine:
         for name in names:
             self.engines.session(name)
         if self.mode == "static":
-            log.info("[DYNAMIC GRAPH] Static mode: every request runs the full graph (%d layers, every encoder)", self.n_layers)
+            log.info("[DYNAMIC GRAPH] Static mode: every request runs the full graph (%d layers, every encoder)", self.exits.full)
         elif self.on_demand:
             log.info("[DYNAMIC GRAPH] Modules on demand: %s resident; encoders, cross-attention and deeper segments load when "
                      "a request needs them and unload after %s s idle%s", ", ".join(names), self.cfg.offload.idle_unload_s or "never",
@@ -302,7 +302,7 @@ class GenerationEngine:
 
     def loop(self) -> None:
         with torch.inference_mode():
-            # here, not in warm_up: ONNX Runtime keeps a session's CUDA graphs per thread, so graphs
+            # here, not in warm_up: a session may keep its CUDA graphs per thread, so graphs
             # captured on another thread would be captured again in this thread's first steps
             try:
                 self.stepper.capture(1 if self.on_demand else None)
@@ -388,9 +388,10 @@ class GenerationEngine:
         seq.decision = self.decide(seq.request)
         req = seq.request
         if self.on_demand:
-            # the confidence policy's depth is known only after prefill: it waits for its first segment
-            # (and its media engines) here, and deeper segments load in its prefill as it reaches them
-            exit_layer = seq.decision.exit_layer or self.exit_layers[0]
+            # a depth left to prefill (the confidence policy's) is known only after it: such a request
+            # waits here for its first segment (and its media engines), and deeper segments load in its
+            # prefill as it reaches them
+            exit_layer = self.exits.first if seq.decision.left_to_prefill else seq.decision.exit_layer
             path = self.manifest.path(exit_layer, list(req.modalities))
             seq.needs = tuple(path.encode + path.step)
             missing = [n for n in seq.needs if not self.engines.resident(n)]
@@ -418,7 +419,7 @@ class GenerationEngine:
         since, steps = seq.waited_from
         log.info("[DYNAMIC GRAPH] %s waited %.2f s for its engines; %d decode step(s) ran meanwhile (%d engine runs uncaptured "
                  "so far, for want of a capture during a load)", seq.request.request_id, time.monotonic() - since,
-                 self.decode_steps - steps, sum(self.stepper.uncaptured.values()))
+                 self.decode_steps - steps, self.engines.uncaptured_runs())
         self.admit(seq)
 
     def admit(self, seq: Sequence) -> None:
@@ -448,20 +449,20 @@ class GenerationEngine:
                     if static or modality in req.modalities:
                         log.info("[DYNAMIC GRAPH] Loading %s (%s)", describe(self.manifest.engines[encoder]), req.request_id)
             media = self.stepper.encode(req.pixel_values, req.mel, static)
-        # the confidence policy starts towards full depth and stops at the first exit sure enough of the next token
-        depth = self.exit_layers.index(decision.exit_layer or self.exit_layers[-1]) + 1
+        # a depth left to prefill starts towards full depth and stops at the first exit sure enough of the next token
+        depth = self.exits.depth(self.exits.full if decision.left_to_prefill else decision.exit_layer)
         reasons = []
 
         def confident(logits: torch.Tensor, depth: int) -> bool:
             top1 = self.sampler.top1_probability(logits)
-            reasons.append(f"top-1 probability {top1:.2f} at exit {self.exit_layers[depth - 1]}")
-            return self.policy.confident(top1, self.exit_layers[depth - 1])
+            reasons.append(f"top-1 probability {top1:.2f} at exit {self.exits.layer(depth)}")
+            return self.policy.confident(top1, self.exits.layer(depth))
 
-        stop = confident if decision.exit_layer is None else None
+        stop = confident if decision.left_to_prefill else None
         logits, depth = self.stepper.prefill(seq.number, req.prompt_ids, depth, media, stop)
-        exit_layer = self.exit_layers[depth - 1]
-        if decision.exit_layer is None:
-            why = reasons[-1] if depth < len(self.exit_layers) else "no earlier exit reached it"
+        exit_layer = self.exits.layer(depth)
+        if decision.left_to_prefill:
+            why = reasons[-1] if depth < self.exits.segments else "no earlier exit reached it"
             decision = Decision(exit_layer, f"{decision.reason}: {why}")
         seq.path = self.manifest.static_path if static else self.manifest.path(exit_layer, req.modalities)
         seq.row = Row(seq.number, depth, -1, media)
@@ -471,10 +472,10 @@ class GenerationEngine:
 
     def announce(self, seq: Sequence, decision: Decision) -> None:
         path = seq.path
-        if path.exit_layer == self.n_layers:
-            what = f"full inference path ({self.n_layers} layers)"
+        if path.exit_layer == self.exits.full:
+            what = f"full inference path ({self.exits.full} layers)"
         else:
-            what = f"early-exit path ({path.exit_layer} of {self.n_layers} layers)"
+            what = f"early-exit path ({path.exit_layer} of {self.exits.full} layers)"
         log.info("[DYNAMIC GRAPH] Activating %s: %s, %s (%s)", what, path.name, decision.reason, seq.request.request_id)
         self.path_counts[path.name] += 1
         self.metrics.path_requests.labels(path.name).inc()
@@ -554,7 +555,7 @@ class GenerationEngine:
     def kv_per_request(self) -> dict[str, int]:
         """KV bytes one request holds, per path served so far."""
         paths = {p.name: p for p in self.manifest.paths}
-        return {name: self.stepper.kv_bytes_per_request(self.exit_layers.index(paths[name].exit_layer) + 1)
+        return {name: self.stepper.kv_bytes_per_request(self.exits.depth(paths[name].exit_layer))
                 for name in self.path_counts if name in paths}
 
     def reset_peaks(self) -> None:

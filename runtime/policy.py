@@ -40,8 +40,12 @@ class PolicyInput:
 
 @dataclass(frozen=True)
 class Decision:
-    exit_layer: int | None  # None: the confidence policy decides during prefill
+    exit_layer: int | None  # None: left to prefill, where the confidence policy stops at the first exit sure enough
     reason: str
+
+    @property
+    def left_to_prefill(self) -> bool:
+        return self.exit_layer is None
 
 
 class DepthPolicy:

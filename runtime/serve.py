@@ -22,10 +22,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from contract.engines import EXPORT_DTYPES, Limits, engine_specs
 from contract.manifest import Manifest, ManifestError, engines_path
 from exporters import BackendUnavailable, get_runtime
-from model.autoglm import build_model
 from model.tokenizer import ChatTokenizer
 from pipeline.commands import Command, hydra_command, shared, unknown_setting
 from runtime.client import LocalEngine
@@ -41,7 +39,7 @@ from serving.chat import ChatService
 
 log = logging.getLogger("dyngraph")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: a relative config_path breaks under `python -m`
-REFERENCE_BACKENDS = ("engines", "eager")  # runtime.backend: the export's files, or the torch modules they came from
+RUNTIME_BACKENDS = ("engines", "eager")  # runtime.backend: the backend that built the export, or the eager one
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -100,17 +98,11 @@ def load_tokenizer(cfg: ServeApp) -> ChatTokenizer:
     return ChatTokenizer.from_dir(source) if source else ChatTokenizer.builtin()
 
 
-def reference_modules(cfg: ServeApp, manifest: Manifest) -> dict[str, torch.nn.Module] | None:
-    """With runtime.backend=eager: the model's engine modules, with the export's weights (same
-    seed on the same generator device, or the same checkpoint)."""
-    if cfg.runtime.backend not in REFERENCE_BACKENDS:
-        raise ServeError(f"runtime.backend={cfg.runtime.backend!r} is not one of {', '.join(REFERENCE_BACKENDS)}")
-    if cfg.runtime.backend != "eager":
-        return None
-    model = build_model(cfg.model, manifest.model["weights"]["init_device"], EXPORT_DTYPES[manifest.dtype])
-    dims = manifest.dims
-    limits = Limits(dims["batch"]["max"], dims["seq"]["max"], dims["capacity"]["max"])
-    return {spec.name: spec.module for spec in engine_specs(model, limits)}
+def serving_backend(cfg: ServeApp, manifest: Manifest) -> str:
+    """The registered backend that runs the export: the one that built it (runtime.backend=engines), or eager."""
+    if cfg.runtime.backend not in RUNTIME_BACKENDS:
+        raise ServeError(f"runtime.backend={cfg.runtime.backend!r} is not one of {', '.join(RUNTIME_BACKENDS)}")
+    return manifest.backend["name"] if cfg.runtime.backend == "engines" else cfg.runtime.backend
 
 
 def open_export(cfg: ServeApp, export_command: str) -> tuple[Path, Manifest]:
@@ -138,9 +130,10 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
         raise ServeError(f"runtime.offload.gpu_memory_budget_gb={offload.gpu_memory_budget_gb} and "
                          f"idle_unload_s={offload.idle_unload_s} must not be negative (0: no limit, never)")
     budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if on_demand and offload.gpu_memory_budget_gb > 0 else None
-    if cfg.runtime.cuda_graphs and not get_runtime(manifest.backend["name"]).cuda_graphs:
+    backend = serving_backend(cfg, manifest)
+    if cfg.runtime.cuda_graphs and not get_runtime(backend).cuda_graphs:
         # the backend's sessions cannot replay graphs: decode steps run uncaptured, unpadded
-        log.info("runtime.cuda_graphs: %s sessions capture no CUDA graphs; decode steps run uncaptured", manifest.backend["name"])
+        log.info("runtime.cuda_graphs: %s sessions capture no CUDA graphs; decode steps run uncaptured", backend)
         cfg = replace(cfg, runtime=replace(cfg.runtime, cuda_graphs=False))
 
     def loaded(name: str, device: str, n: int, seconds: float) -> None:
@@ -150,8 +143,7 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
     engines = EngineSet(directory, placement, verify=cfg.runtime.verify, budget_bytes=budget,
                         cuda_graphs=captured_engines(manifest) if cfg.runtime.cuda_graphs else (),
                         on_load=loaded, on_unload=lambda name, device, reason: metrics.engine_unloads.labels(name, reason).inc(),
-                        announce=on_demand, host_copy=lambda device: on_demand and offload.host_copy,
-                        reference=reference_modules(cfg, manifest))
+                        announce=on_demand, host_copy=lambda device: on_demand and offload.host_copy, backend=backend)
     tokenizer = load_tokenizer(cfg)
     engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
     engine.warm_up()
@@ -223,7 +215,7 @@ def main(app: ServeApp) -> None:
     except (ServeError, EngineMismatch, PlacementError, PolicyError, EngineConfigError, BackendUnavailable, ValueError, MemoryError) as e:
         log.error("cannot serve: %s", e)
         sys.exit(2)
-    backend = "eager reference modules" if app.runtime.backend == "eager" else f"{app.export.backend} engines"
+    backend = f"{service.engine.backend} engines"
     log.info("serving %s (%s, %s mode, placement %s) as %r on http://%s:%d", app.model.name, backend, service.engine.mode,
              app.runtime.placement.name, app.server.model_id, app.server.host, app.server.port)
     run_server(service, sock)

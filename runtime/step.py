@@ -11,16 +11,15 @@ decode step runs each engine once for all the rows that reach it, whatever their
 
 Nothing is concatenated or allocated per step. With CUDA graphs, the embedding, the segments and
 the head run from buffers kept per batch size (a bucket: 1, 2, 4, ... up to max_batch, the rows
-rounded up to it), each replaying the graph ONNX Runtime captured for those buffers; the spare
-rows of a bucket are cache rows no sequence holds. The cross-attention blocks, whose media length
-varies per request, run uncaptured. A prompt's prefill runs uncaptured too, one sequence at a time
-(GroupQueryAttention takes several new tokens after a past for one row only), in chunks of at
-most the export's `seq`, segment by segment so that the confidence policy can stop at an exit.
+rounded up to it) as captured runs: each session replays the graph it captured for its bucket's
+buffers (exporters.EngineSession); the spare rows of a bucket are cache rows no sequence holds.
+The cross-attention blocks, whose media length varies per request, run uncaptured. A prompt's
+prefill runs uncaptured too, one sequence at a time (GroupQueryAttention takes several new
+tokens after a past for one row only), in chunks of at most the export's `seq`, segment by
+segment so that the confidence policy can stop at an exit.
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -28,23 +27,19 @@ from dataclasses import dataclass, field
 import torch
 
 from contract.engines import EXPORT_DTYPES, cross_attn_engine, cross_kv_engine, segment_engine, total_sequence_length
+from contract.exits import Exits
 from contract.manifest import Manifest
 from runtime.engines import EngineSet
 from runtime.kv import SegmentCache
 
 SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
-# a session's runs of one graph id on one thread within which ONNX Runtime's CUDA provider captures it: two
-# regular runs (its arena grows to what the graph needs), the capture on the third; its graph state is per
-# thread, so runs on another thread (a profile script's, say) do not count for the engine thread, which captures at its start
-CAPTURE_RUNS = 3
 
 
 def captured_engines(manifest: Manifest) -> list[str]:
     """The engines a decode step replays as CUDA graphs: their shapes are fixed by the batch alone
     (a segment's cache capacity is fixed when the runtime allocates it; cross-attention's media
     length is not)."""
-    n_segments = len(manifest.model["config"]["text"]["exit_layers"])
-    return ["embed", *(segment_engine(k) for k in range(n_segments)), "lm_head"]
+    return ["embed", *(segment_engine(k) for k in range(Exits.of(manifest).segments)), "lm_head"]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -79,6 +74,45 @@ class Row:
     media: Media | None = None
 
 
+@dataclass(frozen=True)
+class SegmentRows:
+    """One segment's rows in a decode step, as index tensors on the segment's device (None: no such row)."""
+
+    count: int  # the rows that reach it
+    from_previous: torch.Tensor | None  # each row's index among the previous segment's rows (None for segment 0)
+    media: torch.Tensor | None  # its rows with media, which run the cross-attention block first
+    media_keys: tuple[Hashable, ...]  # their sequences, in that order
+    exits: torch.Tensor | None  # its rows that exit here
+    head_rows: torch.Tensor | None  # where their hidden states go in the head's input (segment 0's order, on the head's device)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Where a decode step finds every sequence: made for one membership of the caches, and made
+    again when a sequence joins or leaves."""
+
+    members: tuple[tuple[Hashable, ...], ...]  # each segment's sequences in row order: the membership it is for
+    segments: tuple[SegmentRows, ...]  # the segments some sequence reaches (a sequence holds a row in each up to its depth)
+
+
+@dataclass(frozen=True)
+class SegmentBuffers:
+    hidden: torch.Tensor  # [b, 1, D] its input: segment 0's is the embedding's output
+    hidden_out: torch.Tensor  # [b, 1, D]
+    exit_hidden: torch.Tensor  # [b, D]
+
+
+@dataclass(frozen=True)
+class DecodeBuffers:
+    """The tensors a decode step at one batch size runs its engines from, each on its engine's
+    device: made at that size's first step and kept, since its captured graphs replay these addresses."""
+
+    input_ids: torch.Tensor  # [b, 1] int64, the embedding's input
+    segments: tuple[SegmentBuffers, ...]
+    exit_hidden: torch.Tensor  # [b, D] the head's input
+    logits: torch.Tensor  # [b, V]
+
+
 class Stepper:
     def __init__(self, engines: EngineSet, max_batch: int, capacity: int, cuda_graphs: bool):
         self.engines = engines
@@ -86,7 +120,7 @@ class Stepper:
         self.manifest = manifest
         self.dtype = EXPORT_DTYPES[manifest.dtype]
         text = manifest.model["config"]["text"]
-        self.n_segments = len(text["exit_layers"])
+        self.n_segments = Exits.of(manifest).segments
         self.dim, self.vocab = text["dim"], text["vocab_size"]
         self.capacity = capacity
         self.chunk = manifest.dims["seq"]["max"]
@@ -99,14 +133,10 @@ class Stepper:
             self.caches.append(SegmentCache(end - first, max_batch, kv_heads, capacity, head_dim, self.dtype,
                                             engines.device(segment_engine(k))))
         self.buckets = batch_buckets(max_batch) if cuda_graphs else None
-        self.buffers: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.buffers: dict[int, DecodeBuffers] = {}  # batch size -> its buffers
         self.decode_total = torch.tensor(capacity, dtype=torch.int32)  # a CPU input of the engine, one address for every replay
-        self.layout_key: tuple | None = None
-        self.layout: dict = {}
+        self.step_plan: StepPlan | None = None
         self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
-        # session -> (thread id, batch) -> graph runs so far on that thread (ONNX Runtime counts per thread)
-        self.graph_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.uncaptured: Counter[str] = Counter()  # engine -> decode runs made uncaptured because a load was in progress
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
 
     # --- encode: once per request ---------------------------------------------------------------
@@ -192,118 +222,95 @@ class Stepper:
     def decode(self, rows: list[Row]) -> tuple[list[Hashable], torch.Tensor]:
         """One token of every sequence in flight: (their keys in segment 0's row order, logits [n, V] in that order)."""
         by_key = {r.key: r for r in rows}
-        layout = self.plan(by_key)
-        keys = self.caches[0].members
+        plan = self.plan(by_key)
+        keys = plan.members[0]
         n0 = len(keys)
-        b0 = bucket_for(n0, self.buckets)
-        embed = self.buffer("embed", b0)
-        head = self.buffer("lm_head", b0)
+        bufs = self.decode_buffers(bucket_for(n0, self.buckets))  # the embedding's and the head's
         host = self.token_host[:n0]
         host.copy_(torch.tensor([by_key[k].token for k in keys]))
-        embed["input_ids"][:n0, 0].copy_(host, non_blocking=True)
-        self.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
-        hidden = embed["hidden"]
-        for k, cache in enumerate(self.caches):
-            n = len(cache.members)
-            if n == 0:
-                break
-            b = bucket_for(n, self.buckets)
-            seg = self.buffer(segment_engine(k), b)
-            x = seg["hidden"] if k else hidden
+        bufs.input_ids[:n0, 0].copy_(host, non_blocking=True)
+        self.run_embed(bufs)
+        hidden = bufs.segments[0].hidden
+        for k, at in enumerate(plan.segments):
+            b = bucket_for(at.count, self.buckets)
+            seg = self.decode_buffers(b).segments[k]
+            x = seg.hidden
             if k:  # the rows going on, in this segment's row order
-                torch.index_select(hidden.to(cache.device), 0, layout["from_previous"][k], out=x[:n])
-            if layout["media_rows"][k] is not None:
-                index, members = layout["media_rows"][k]
-                media = self.block_media(k, [by_key[m] for m in members])
-                x[index] = self.cross_attention(k, x[index], media["cross_kv"], media["media_mask"]).to(x.device)
-            self.run_segment(k, b, x)
-            cache.lengths[:n] += 1
-            if layout["exits"][k] is not None:
-                src, dst = layout["exits"][k]
-                head["exit_hidden"].index_copy_(0, dst, seg["exit_hidden"].index_select(0, src).to(self.head_device))
-            hidden = seg["hidden_out"]
-        self.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
-        return list(keys), head["logits"][:n0]
+                torch.index_select(hidden.to(x.device), 0, at.from_previous, out=x[:at.count])
+            if at.media is not None:
+                media = self.block_media(k, [by_key[m] for m in at.media_keys])
+                x[at.media] = self.cross_attention(k, x[at.media], media["cross_kv"], media["media_mask"]).to(x.device)
+            self.run_segment(k, b)
+            self.caches[k].lengths[:at.count] += 1
+            if at.exits is not None:
+                bufs.exit_hidden.index_copy_(0, at.head_rows, seg.exit_hidden.index_select(0, at.exits).to(self.head_device))
+            hidden = seg.hidden_out
+        self.run_head(bufs)
+        return list(keys), bufs.logits[:n0]
 
     def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        session = self.engines.session(name)
-        if self.buckets is None:
-            session.run(feeds, outputs)
-            return
-        # a session's first runs at a batch size capture its graph (at start-up, or after the engine was
-        # reloaded: a new session has no graph, so nothing stale replays). A capture must not overlap a
-        # load's allocations on the device (ONNX Runtime captures in global mode), so those runs hold the
-        # load lock; but a load on the background thread holds it for seconds (10-12 s for a phone-9b
-        # segment), and waiting for it froze every sequence in flight: such a step runs uncaptured instead
-        # (ONNX Runtime's graph id -1), and the capture happens at a later step, when no load runs.
-        runs = self.graph_runs.setdefault(session, Counter())
-        key = (threading.get_ident(), next(iter(outputs.values())).shape[0])
-        if runs[key] >= CAPTURE_RUNS:
-            session.run(feeds, outputs, graph=True)
-            return
-        if not self.engines.load_lock.acquire(blocking=False):
-            self.uncaptured[name] += 1
-            session.run(feeds, outputs)
-            return
-        try:
-            runs[key] += 1
-            session.run(feeds, outputs, graph=True)
-        finally:
-            self.engines.load_lock.release()
+        """A decode-step run of an engine from its bucket's buffers: captured where steps run in buckets."""
+        self.engines.session(name).run(feeds, outputs, captured=self.buckets is not None)
 
-    def run_segment(self, k: int, batch: int, hidden: torch.Tensor) -> None:
+    def run_embed(self, bufs: DecodeBuffers) -> None:
+        self.run_captured("embed", {"input_ids": bufs.input_ids}, {"hidden": bufs.segments[0].hidden})
+
+    def run_segment(self, k: int, batch: int) -> None:
         """Segment k's decode step over its first `batch` cache rows, from its buffers at that batch size."""
-        seg, cache = self.buffer(segment_engine(k), batch), self.caches[k]
+        seg, cache = self.decode_buffers(batch).segments[k], self.caches[k]
         cache.allocate()  # a capture at start-up runs on spare rows before any sequence has come
-        self.run_captured(segment_engine(k), {"hidden": hidden, "seqlens_k": cache.lengths[:batch],
-                                          "total_sequence_length": self.decode_total, **cache.feeds(slice(0, batch))},
-                          {"hidden_out": seg["hidden_out"], "exit_hidden": seg["exit_hidden"]})
+        self.run_captured(segment_engine(k), {"hidden": seg.hidden, "seqlens_k": cache.lengths[:batch],
+                                              "total_sequence_length": self.decode_total, **cache.feeds(slice(0, batch))},
+                          {"hidden_out": seg.hidden_out, "exit_hidden": seg.exit_hidden})
+
+    def run_head(self, bufs: DecodeBuffers) -> None:
+        self.run_captured("lm_head", {"exit_hidden": bufs.exit_hidden}, {"logits": bufs.logits})
 
     def replay(self, batch: int, depth: int) -> None:
         """A decode step's engines alone at one batch size, on whatever their buffers hold: embed,
         `depth` segments (each reading its own input buffer) and the head."""
-        embed, head = self.buffer("embed", batch), self.buffer("lm_head", batch)
-        self.run_captured("embed", {"input_ids": embed["input_ids"]}, {"hidden": embed["hidden"]})
+        bufs = self.decode_buffers(batch)
+        self.run_embed(bufs)
         for k in range(depth):
-            self.run_segment(k, batch, embed["hidden"] if k == 0 else self.buffer(segment_engine(k), batch)["hidden"])
-        self.run_captured("lm_head", {"exit_hidden": head["exit_hidden"]}, {"logits": head["logits"]})
+            self.run_segment(k, batch)
+        self.run_head(bufs)
 
-    def plan(self, rows: dict[Hashable, Row]) -> dict:
-        """Index tensors of this membership (rebuilt only when a sequence joins or leaves): each
-        segment's rows in the previous one's order, its rows with media, its exits' rows and where
-        their hidden states go in the head's input (segment 0's order)."""
-        key = tuple(tuple(c.members) for c in self.caches)
-        if key == self.layout_key:
-            return self.layout
-        first = {k: i for i, k in enumerate(self.caches[0].members)}
-        layout = {"from_previous": {}, "media_rows": {}, "exits": {}}
-        for k, cache in enumerate(self.caches):
-            device = cache.device
-            if k:
-                previous = {m: i for i, m in enumerate(self.caches[k - 1].members)}
-                layout["from_previous"][k] = torch.tensor([previous[m] for m in cache.members], device=device)
-            media = [i for i, m in enumerate(cache.members) if rows[m].media is not None]
-            layout["media_rows"][k] = (torch.tensor(media, device=device), [cache.members[i] for i in media]) if media else None
-            exits = [i for i, m in enumerate(cache.members) if rows[m].depth == k + 1]
-            layout["exits"][k] = (torch.tensor(exits, device=device),
-                                  torch.tensor([first[cache.members[i]] for i in exits], device=self.head_device)) if exits else None
-        self.layout_key, self.layout = key, layout
-        return layout
+    def plan(self, rows: dict[Hashable, Row]) -> StepPlan:
+        """The step plan of the caches' membership now: the last one while nobody joined or left."""
+        members = tuple(tuple(c.members) for c in self.caches)
+        if self.step_plan is None or self.step_plan.members != members:
+            self.step_plan = self.make_plan(members, rows)
+        return self.step_plan
 
-    def buffer(self, name: str, batch: int) -> dict[str, torch.Tensor]:
-        """An engine's decode-step inputs and outputs at one batch size, kept for its captured graph."""
-        if (name, batch) not in self.buffers:
-            device = self.engines.device(name)
-            f = dict(dtype=self.dtype, device=device)
-            if name == "embed":
-                bufs = {"input_ids": torch.zeros(batch, 1, dtype=torch.int64, device=device), "hidden": torch.zeros(batch, 1, self.dim, **f)}
-            elif name == "lm_head":
-                bufs = {"exit_hidden": torch.zeros(batch, self.dim, **f), "logits": torch.zeros(batch, self.vocab, **f)}
-            else:
-                bufs = {"hidden": torch.zeros(batch, 1, self.dim, **f), "hidden_out": torch.zeros(batch, 1, self.dim, **f),
-                        "exit_hidden": torch.zeros(batch, self.dim, **f)}
-            self.buffers[name, batch] = bufs
-        return self.buffers[name, batch]
+    def make_plan(self, members: tuple[tuple[Hashable, ...], ...], rows: dict[Hashable, Row]) -> StepPlan:
+        def index(positions: list[int], device: torch.device) -> torch.Tensor | None:
+            return torch.tensor(positions, device=device) if positions else None
+
+        first = {m: i for i, m in enumerate(members[0])}
+        segments = []
+        for k, here in enumerate(members):
+            if not here:
+                break
+            device = self.caches[k].device
+            previous = {m: i for i, m in enumerate(members[k - 1])} if k else {}
+            media = [i for i, m in enumerate(here) if rows[m].media is not None]
+            exits = [i for i, m in enumerate(here) if rows[m].depth == k + 1]
+            segments.append(SegmentRows(len(here), index([previous[m] for m in here], device) if k else None,
+                                        index(media, device), tuple(here[i] for i in media),
+                                        index(exits, device), index([first[here[i]] for i in exits], self.head_device)))
+        return StepPlan(members, tuple(segments))
+
+    def decode_buffers(self, batch: int) -> DecodeBuffers:
+        if batch not in self.buffers:
+            def zeros(engine: str, *shape: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
+                return torch.zeros(shape, dtype=dtype, device=self.engines.device(engine))
+
+            b, dim = batch, self.dim
+            segments = tuple(SegmentBuffers(zeros(name, b, 1, dim), zeros(name, b, 1, dim), zeros(name, b, dim))
+                             for name in map(segment_engine, range(self.n_segments)))
+            self.buffers[batch] = DecodeBuffers(zeros("embed", b, 1, dtype=torch.int64), segments,
+                                                zeros("lm_head", b, dim), zeros("lm_head", b, self.vocab))
+        return self.buffers[batch]
 
     def block_media(self, k: int, rows: list[Row]) -> dict:
         """Block k's media keys/values for these rows, padded to the longest media; kept while the rows stay the same."""
@@ -322,14 +329,16 @@ class Stepper:
     def capture(self, depth: int | None = None) -> None:
         """Capture every bucket's decode graphs of the first `depth` segments (default: all) now, on
         spare rows and on the calling thread, rather than in the first requests' steps; a segment loaded
-        later, or a decode on another thread, captures in its first steps."""
+        later, or a decode on another thread, captures in its first steps (a session may keep its
+        graphs per thread). A load in progress holds the captures off until it is done."""
         if self.buckets is None:
             return
-        # ONNX Runtime runs a graph id uncaptured twice before it captures it on the third run (CAPTURE_RUNS);
-        # graphs captured here serve only this thread: another decoding thread captures its own in its first steps
-        for b in [b for b in self.buckets for _ in range(CAPTURE_RUNS)]:
-            self.replay(b, self.n_segments if depth is None else depth)
-        if any(c.device.type == "cuda" for c in self.caches):  # the CPU provider captures nothing: the bookkeeping is tested there
+        depth = self.n_segments if depth is None else depth
+        names = ["embed", *(segment_engine(k) for k in range(depth)), "lm_head"]
+        for b in self.buckets:
+            while any(self.engines.session(name).needs_capture(b) for name in names):
+                self.replay(b, depth)
+        if any(c.device.type == "cuda" for c in self.caches):
             torch.cuda.synchronize()
 
     def free_unloaded(self) -> list[int]:
@@ -337,7 +346,7 @@ class Stepper:
         freed = [k for k, cache in enumerate(self.caches)
                  if cache.buffer is not None and not cache.members and not self.engines.resident(segment_engine(k)) and cache.free()]
         if freed:
-            self.layout_key = None
+            self.step_plan = None
         return freed
 
     def kv_allocated(self) -> Counter[str]:

@@ -17,7 +17,6 @@ from PIL import Image
 
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
-from contract.engines import Limits, engine_specs
 from contract.manifest import Manifest
 from bench.workload import encode_wav, synth_sound
 from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, RuntimeConfig
@@ -171,13 +170,12 @@ def test_chunked_prefill_equals_one_forward(running, tok, tiny_model):
     assert tokens == eager_greedy(tiny_model, tok, req.prompt_ids, 12, 5)
 
 
-def test_the_eager_reference_backend_gives_the_same_tokens(tiny_engines_dir, tok, tiny_model, media, running):
-    reference = {s.name: s.module for s in engine_specs(tiny_model, Limits())}
+def test_the_eager_reference_backend_gives_the_same_tokens(tiny_engines_dir, tok, media, running):
     pixels, _ = media
     reqs = [request(tok, "Open the settings", 5), request(tok, "What is on the screen?", 5, ("text", "image"), pixels)]
     for runtime in (forced(12), {"mode": "static"}):
         onnx = running(**runtime).tokens(*reqs)
-        eager = Running(make_engine(EngineSet(tiny_engines_dir, reference=reference), tok, **runtime))
+        eager = Running(make_engine(EngineSet(tiny_engines_dir, backend="eager"), tok, **runtime))
         try:
             assert eager.tokens(*reqs) == onnx
         finally:
@@ -444,8 +442,9 @@ def test_static_mode_and_offload_off_keep_everything_resident(engines, tok):
 
 
 def test_a_reloaded_segment_is_a_new_session_whose_graphs_are_captured_anew(tiny_engines_dir, tiny_model):
-    """The decode step's capture bookkeeping on the CPU (ONNX Runtime ignores graph=True there): an
-    evicted segment comes back as a new session, with nothing of the old one's graphs."""
+    """A session's capture bookkeeping on the CPU (the CPU provider captures nothing): an evicted
+    segment comes back as a new session, with nothing of the old one's graphs."""
+    from exporters.ort import CAPTURE_RUNS
     from runtime.step import Row, Stepper, captured_engines
 
     engines = EngineSet(tiny_engines_dir, cuda_graphs=captured_engines(Manifest.load(tiny_engines_dir)))
@@ -464,7 +463,7 @@ def test_a_reloaded_segment_is_a_new_session_whose_graphs_are_captured_anew(tiny
             out.append(row.token)
     new = engines.session("segment.3")
     here = (threading.get_ident(), 1)  # ONNX Runtime counts a graph's runs per thread
-    assert new is not old and stepper.graph_runs[new][here] == 3 and stepper.graph_runs[old][here] == 3
+    assert new is not old and new.graph_runs[here] == CAPTURE_RUNS and old.graph_runs[here] == CAPTURE_RUNS
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         want = []
@@ -479,7 +478,8 @@ def test_decode_steps_never_wait_for_a_load_and_capture_once_it_is_done(tiny_eng
     a decode step's capture runs waited for the load lock. Here a load is held open on the loader thread
     while another thread (the engine thread's place; start-up captured on this one) decodes: its steps go
     on uncaptured, capture once the load is done, then replay one graph per engine and batch."""
-    from runtime.step import CAPTURE_RUNS, Row, Stepper, captured_engines
+    from exporters.ort import CAPTURE_RUNS
+    from runtime.step import Row, Stepper, captured_engines
 
     engines = EngineSet(tiny_engines_dir, cuda_graphs=captured_engines(Manifest.load(tiny_engines_dir)))
     stepper = Stepper(engines, max_batch=2, capacity=64, cuda_graphs=True)
@@ -487,14 +487,14 @@ def test_decode_steps_never_wait_for_a_load_and_capture_once_it_is_done(tiny_eng
         engines.session(name)
     with torch.inference_mode():
         stepper.capture(1)  # at start-up, on the main thread
-    assert stepper.graph_runs[engines.session("segment.0")][threading.get_ident(), 1] == CAPTURE_RUNS
-    runs = {name: [] for name in ("embed", "segment.0", "lm_head")}  # per run: captured or not, and the addresses bound
+    assert engines.session("segment.0").graph_runs[threading.get_ident(), 1] == CAPTURE_RUNS
+    runs = {name: [] for name in ("embed", "segment.0", "lm_head")}  # per run: asked captured or not, and the addresses bound
     for name, seen_runs in runs.items():
         session = engines.session(name)
 
-        def spy(feeds, outputs=None, graph=False, real=session.run, seen_runs=seen_runs):
-            seen_runs.append((graph, tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in {**feeds, **(outputs or {})}.items())))
-            return real(feeds, outputs, graph)
+        def spy(feeds, outputs=None, captured=False, real=session.run, seen_runs=seen_runs):
+            seen_runs.append((captured, tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in {**feeds, **(outputs or {})}.items())))
+            return real(feeds, outputs, captured)
 
         monkeypatch.setattr(session, "run", spy)
     loading, release = threading.Event(), threading.Event()
@@ -526,8 +526,10 @@ def test_decode_steps_never_wait_for_a_load_and_capture_once_it_is_done(tiny_eng
     engine_thread.join(timeout=10)
     try:
         assert not engine_thread.is_alive(), "decode steps waited for the load"
-        assert stepper.uncaptured == {"embed": 4, "segment.0": 4, "lm_head": 4}  # nothing captured on the engine thread yet
-        assert all([graph for graph, _ in r] == [False] * 5 for r in runs.values())  # the prefill's run, then 4 steps'
+        sessions = {name: engines.session(name) for name in runs}
+        assert {name: s.uncaptured for name, s in sessions.items()} == {"embed": 4, "segment.0": 4, "lm_head": 4}
+        assert all(s.graph_runs[seen["thread"], 1] == 0 for s in sessions.values())  # nothing captured on the engine thread yet
+        assert all([captured for captured, _ in r] == [False] + [True] * 4 for r in runs.values())  # the prefill's run, then 4 steps'
     finally:
         release.set()
         loader.join()
@@ -535,12 +537,12 @@ def test_decode_steps_never_wait_for_a_load_and_capture_once_it_is_done(tiny_eng
     engine_thread = threading.Thread(target=decode, args=(CAPTURE_RUNS + 3,))  # the load is done: capture, then replay
     engine_thread.start()
     engine_thread.join()
-    assert stepper.uncaptured == {"embed": 4, "segment.0": 4, "lm_head": 4}
     for name in ("embed", "segment.0", "lm_head"):
         session = engines.session(name)
-        assert stepper.graph_runs[session][seen["thread"], 1] == CAPTURE_RUNS
-        after = runs[name][5:]  # every step after the load: a graph run, on the same addresses (one graph id: no recapture)
-        assert len(after) == CAPTURE_RUNS + 3 and all(graph for graph, _ in after) and len({key for _, key in after}) == 1
+        assert session.uncaptured == 4 and session.graph_runs[seen["thread"], 1] == CAPTURE_RUNS
+        after = runs[name][5:]  # every step after the load: a graph run, on the same addresses (one graph: no recapture)
+        assert len(after) == CAPTURE_RUNS + 3 and all(captured for captured, _ in after) and len({key for _, key in after}) == 1
+        assert list(session.graphs) == stepper.buckets  # one graph per batch size, whichever thread captures it
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         want = []
