@@ -458,6 +458,8 @@ def fit_heuristic(scores: np.ndarray, agreement: np.ndarray, counts: np.ndarray,
 
 def check_request(app: CalibrateApp) -> None:
     c = app.calibrate
+    if c.mode not in ("heads", "model"):
+        raise CalibrateError(f"calibrate.mode={c.mode!r} is not one of heads (exit heads on a frozen backbone), model (the whole decoder, calibrate/train.py)")
     if not 0.0 < c.target_agreement <= 1.0:
         raise CalibrateError(f"calibrate.target_agreement={c.target_agreement} must lie in (0, 1]: the share of tokens on which an exit must agree with full depth")
     if not 0.0 < c.heldout_fraction < 1.0:

@@ -136,11 +136,12 @@ def compare() -> None:
 @hydra.main(config_path=CONF_DIR, config_name="calibrate", version_base=None)
 def calibrate(cfg: DictConfig) -> None:
     from calibrate.run import CalibrateError, run_calibrate
+    from calibrate.train import run_train
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     app: CalibrateApp = OmegaConf.to_object(cfg)
     try:
-        run_calibrate(app)
+        (run_train if app.calibrate.mode == "model" else run_calibrate)(app)
     except CalibrateError as e:
         log.error("calibrate failed: %s", e)
         sys.exit(2)
