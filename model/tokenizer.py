@@ -136,6 +136,10 @@ class ChatTokenizer:
         # no post-processor specials: GLM-4's tokenizer.json would prepend [gMASK]<sop> to every piece
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode of each text, the batch spread over the cores by `tokenizers`."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def check_ids(self, ids: list[int]) -> None:
         # the tokenizers library silently drops unknown ids; an id past the vocabulary is a sampling bug
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
