@@ -248,11 +248,11 @@ class CalibrateConfig:
     # model: the checkpoint folder written, default <engines_dir>/<model>/checkpoint
     output_dir: str | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N
-    dtype: str = "fp32"  # the frozen backbone's: fp32 | fp16 | bf16; the exit heads always train in float32
+    dtype: str = "fp32"  # the frozen backbone's: fp32 | fp16 | bf16; the exit heads always train in float32 (model: bf16 autocast over float32 weights)
     seq_len: int = 256  # tokens per forward
     forward_batch: int = 8  # sequences per forward of the frozen backbone
-    heldout_fraction: float = 0.2  # of the corpus's tokens, whole documents, never trained on
-    max_train_tokens: int = 200_000  # their hidden states at every exit are kept on calibrate.device
+    heldout_fraction: float = 0.2  # of the corpus's tokens, whole documents, never trained on (unless heldout_corpus is given)
+    max_train_tokens: int = 200_000  # their hidden states at every exit are kept on calibrate.device (model: the training stream's length)
     max_heldout_tokens: int = 50_000
     max_heldout_chats: int = 256  # held-out chats run as requests (request view, heuristic fit)
     batch_tokens: int = 2048  # positions per training step

@@ -57,7 +57,7 @@ def corpus_overrides(corpus: Path) -> list[str]:
 
 
 def train(corpus: Path, out: Path, *overrides: str) -> Path | None:
-    app = compose_calibrate(["+preset=reference-cpu", *corpus_overrides(corpus), *COMMON, f"calibrate.output_dir={out}", *overrides])
+    app = compose_calibrate(["+preset=reference-cpu-train", *corpus_overrides(corpus), *COMMON, f"calibrate.output_dir={out}", *overrides])
     return run_train(app, Console(stderr=True, quiet=True))
 
 
@@ -200,6 +200,14 @@ def test_checkpoint_round_trips_through_load_export_and_serve(trained, corpus, t
         running.close()
 
 
+def test_continual_training_starts_where_the_checkpoint_ended(trained, corpus, tmp_path):
+    out = train(corpus, tmp_path / "more", f"model.checkpoint={trained}", "calibrate.max_steps=5")
+    r, base = report(out), report(trained)
+    assert r["model"]["start"] == str(trained) and r["recipe"]["dropout_time_ramp"] is False  # S(t) = 1 from a checkpoint
+    for before, ended in zip(r["before"]["exits"], base["after"]["exits"]):
+        assert before["loss"] == pytest.approx(ended["loss"], abs=1e-4), before["exit_layer"]  # its exit heads loaded too (model.exits=auto)
+
+
 def test_a_paused_run_resumes_to_the_same_weights(trained, corpus, tmp_path):
     out = tmp_path / "ckpt"
     assert train(corpus, out, f"calibrate.train.pause_after_steps={STEPS // 2}") is None
@@ -223,7 +231,7 @@ def test_bad_input_fails_in_one_line(corpus, trained, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.save(str(plain / "tokenizer.json"))
     cases = {
-        "empty corpus": ([f"calibrate.corpus={tmp_path / 'empty'}"], "has no .txt or .jsonl files"),
+        "empty corpus": ([f"calibrate.corpus={tmp_path / 'empty'}", f"tokenizer={corpus}"], "has no .txt or .jsonl files"),
         "no chat specials": ([f"calibrate.corpus={corpus / 'train'}", f"tokenizer={plain}"], "tokenizer lacks the GLM-4 chat special tokens"),
         "vocabulary": ([*corpus_overrides(corpus), "model.text.vocab_size=256"], "more than the model's vocabulary of 256"),
         "checkpoint shapes": ([*corpus_overrides(corpus), "model.text.dim=128", f"model.checkpoint={trained}"], "config.json has hidden_size=64 but model.text.dim=128"),
@@ -231,7 +239,7 @@ def test_bad_input_fails_in_one_line(corpus, trained, tmp_path):
     procs = {}
     for name, (overrides, _) in cases.items():  # concurrently: each is mostly interpreter start-up
         out = tmp_path / name.replace(" ", "-") / "out"
-        procs[name] = (out, subprocess.Popen([sys.executable, "-m", "pipeline", "calibrate", "+preset=reference-cpu", *COMMON,
+        procs[name] = (out, subprocess.Popen([sys.executable, "-m", "pipeline", "calibrate", "+preset=reference-cpu-train", *COMMON,
                                               f"calibrate.output_dir={out}", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True))
     for name, (out, proc) in procs.items():
