@@ -106,6 +106,7 @@ def read_corpus(directory: str, tokenizer: ChatTokenizer) -> Corpus:
         raise CalibrateError(f"corpus {root} has no .txt or .jsonl files")
     digest = hashlib.sha256()
     documents: list[Document] = []
+    pending: list[tuple[Document, str]] = []  # the .txt documents and their texts, encoded together below
     start = [tokenizer.token_id("[gMASK]"), tokenizer.token_id("<sop>")]
     for path in files:
         try:
@@ -118,11 +119,15 @@ def read_corpus(directory: str, tokenizer: ChatTokenizer) -> Corpus:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + raw)
         if path.suffix == ".txt":
             if text.strip():
-                documents.append(Document(str(path), start + tokenizer.encode(text)))
+                documents.append(Document(str(path), start))
+                pending.append((documents[-1], text))
             continue
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 documents.append(chat_document(f"{path}:{n}", line, tokenizer))
+    # the .txt documents encoded together: `tokenizers` spreads a batch over the cores (a code corpus is tens of MB)
+    for (d, _), ids in zip(pending, tokenizer.encode_batch([text for _, text in pending])):
+        d.ids = start + ids
     if not documents:
         raise CalibrateError(f"corpus {root}: its {len(files)} .txt/.jsonl file(s) hold no text")
     return Corpus(root, [p.relative_to(root).as_posix() for p in files], digest.hexdigest(), documents)
@@ -459,6 +464,8 @@ def fit_heuristic(scores: np.ndarray, agreement: np.ndarray, counts: np.ndarray,
 
 def check_request(app: CalibrateApp) -> None:
     c = app.calibrate
+    if c.mode not in ("heads", "model"):
+        raise CalibrateError(f"calibrate.mode={c.mode!r} is not one of heads (exit heads on a frozen backbone), model (the whole decoder, calibrate/train.py)")
     if not 0.0 < c.target_agreement <= 1.0:
         raise CalibrateError(f"calibrate.target_agreement={c.target_agreement} must lie in (0, 1]: the share of tokens on which an exit must agree with full depth")
     if not 0.0 < c.heldout_fraction < 1.0:

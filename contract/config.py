@@ -199,17 +199,60 @@ class BenchApp(ExportApp):
 
 
 @dataclass
-class CalibrateConfig:
-    """Self-distilled exit heads and calibrated confidence thresholds (calibrate/run.py)."""
+class ExitTraining:
+    """calibrate.mode=model (calibrate/train.py): the whole decoder trained for its exits, LayerSkip's
+    recipe (Elhoushi et al. 2024, "LayerSkip: Enabling Early Exit Inference and Self-Speculative Decoding").
 
+    Loss per step t: sum over the exits l enabled by the curriculum C(t, l) of w(t, l) * CE_l, every
+    exit read through the one shared LM head, w normalised over the enabled exits. The paper's scale
+    rule ("sum_l") gives an exit after layer index l (0-based) e(l) = exit_scale * (0 + 1 + ... + l) and
+    the last layer L-1 + exit_scale * (0 + ... + L-2): deep exits weigh more. Layer dropout skips layer
+    l of a sample with p(l, t) = S(t) * D(l) * layer_dropout, D(l) = 2^(l / (L-1)) - 1 (0 at the
+    first layer, 1 at the last) and S(t) = 2^(t / T) - 1 from scratch (rising with time), 1 from a checkpoint.
+    The paper tunes these per model: layer_dropout (its p_max) 0.1-0.2, exit_scale 0.05-1, rotational
+    or gradual curricula; the defaults below are in those ranges, the reference presets state their own."""
+
+    early_exit_loss: bool = True  # false: full-depth CE only (the baseline the recipe is compared with)
+    exit_scale: float = 1.0  # the paper's e_scale, for the sum_l rule above
+    exit_weights: list[float] | None = None  # per-exit scales in exit order (full depth last) instead of the rule, e.g. [0.3, 0.3, 0.3, 1.0]
+    curriculum: str = "rotational"  # none: every exit every step | rotational: early exit k on steps t with t % rotation == k % rotation | gradual
+    rotation: int = 2  # R of the rotational curriculum
+    gradual_fraction: float = 0.5  # gradual: the early exits join from the deepest down, the shallowest once this share of training has passed
+    layer_dropout: float = 0.1  # p_max: the last layer's rate (times S(t))
+    dropout_time_ramp: bool | None = None  # S(t) above; null: on from scratch, off (S = 1) from model.checkpoint
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1  # on matrices and embeddings, not on norms and biases
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine from lr down to lr * this, over max_steps or max_minutes, whichever ends first
+    # resumable: the state (weights, AdamW moments, the batch and dropout generators; safetensors +
+    # JSON) is written to state_dir (default .<output_dir name>.train-state beside it) every
+    # save_every_minutes and when the run stops; the same command picks it up again
+    state_dir: str | None = None
+    resume: bool = True  # false: start over, discarding a saved state
+    save_every_minutes: float = 2.0
+    pause_after_steps: int = 0  # > 0: stop after this many steps of this session, keep the state, write nothing else
+    eval_batch: int = 16  # held-out windows per evaluation forward
+    confidences: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])  # the report's coverage/agreement table
+    draft_tokens: list[int] = field(default_factory=lambda: [2, 4, 6])  # k of the self-speculative draft estimate
+
+
+@dataclass
+class CalibrateConfig:
+    """Self-distilled exit heads and calibrated confidence thresholds (calibrate/run.py), or, with
+    mode=model, the whole decoder trained for its exits (calibrate/train.py, settings in `train`)."""
+
+    mode: str = "heads"  # heads: exit norms/adapters on a frozen backbone | model: LayerSkip training of the whole decoder
     corpus: str = ""  # a directory of .txt documents and .jsonl chats ({"messages": [...]} per line); nothing is downloaded
-    output_dir: str | None = None  # default <model.checkpoint>/exits (found by model.exits=auto), else <engines_dir>/<model>/exits
+    heldout_corpus: str | None = None  # a directory held out as a whole (scripts/build_corpus.py --code's heldout/) instead of heldout_fraction
+    # heads: default <model.checkpoint>/exits (found by model.exits=auto), else <engines_dir>/<model>/exits;
+    # model: the checkpoint folder written, default <engines_dir>/<model>/checkpoint
+    output_dir: str | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N
-    dtype: str = "fp32"  # the frozen backbone's: fp32 | fp16 | bf16; the exit heads always train in float32
+    dtype: str = "fp32"  # the frozen backbone's: fp32 | fp16 | bf16; the exit heads always train in float32 (model: bf16 autocast over float32 weights)
     seq_len: int = 256  # tokens per forward
     forward_batch: int = 8  # sequences per forward of the frozen backbone
-    heldout_fraction: float = 0.2  # of the corpus's tokens, whole documents, never trained on
-    max_train_tokens: int = 200_000  # their hidden states at every exit are kept on calibrate.device
+    heldout_fraction: float = 0.2  # of the corpus's tokens, whole documents, never trained on (unless heldout_corpus is given)
+    max_train_tokens: int = 200_000  # their hidden states at every exit are kept on calibrate.device (model: the training stream's length)
     max_heldout_tokens: int = 50_000
     max_heldout_chats: int = 256  # held-out chats run as requests (request view, heuristic fit)
     batch_tokens: int = 2048  # positions per training step
@@ -221,6 +264,7 @@ class CalibrateConfig:
     min_exit_rate: float = 0.01  # thresholds that fewer held-out positions reach are not tested
     seed: int = 0
     progress: bool = True
+    train: ExitTraining = field(default_factory=ExitTraining)
 
 
 @dataclass

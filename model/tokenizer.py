@@ -3,14 +3,17 @@
 Two sources: a checkpoint's tokenizer.json (the real GLM-4 vocabulary), or `builtin()`, a
 byte-level tokenizer that needs no download, so that tests, CI and the tiny model can run a
 whole chat with random weights: ids 0..255 are the bytes, the GLM-4 chat specials follow.
+`train_bpe` makes a third kind, a byte-level BPE of a local corpus (scripts/build_corpus.py --code)
+for models trained here.
 Either way the chat template is GLM-4's, built from token ids (not from a Jinja template) so
 that the runtime needs nothing from transformers.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # GLM-4's chat specials, in the order builtin() assigns them ids from 256 on
 SPECIAL_TOKENS = [
@@ -85,12 +88,33 @@ class ChatTokenizer:
         return cls(tok)
 
     @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> ChatTokenizer:
+        """A byte-level BPE trained on `texts`, `vocab_size` ids in all: the chat specials take ids
+        0..15, so that a model whose vocabulary is `vocab_size` decodes every id it can sample.
+        The `tokenizers` trainer is deterministic: the same texts in the same order give the same file."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"a byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)} ids (256 bytes and the chat specials), got {vocab_size}")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[AddedToken(t, special=True) for t in SPECIAL_TOKENS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> ChatTokenizer:
         """The tokenizer.json of a checkpoint directory."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             raise ValueError(f"no tokenizer.json in {path}")
         return cls(Tokenizer.from_file(str(file)))
+
+    def save(self, directory: str | Path) -> Path:
+        """tokenizer.json in `directory`, the file from_dir reads."""
+        path = Path(directory) / "tokenizer.json"
+        self.tokenizer.save(str(path))
+        return path
 
     @property
     def vocab_size(self) -> int:
@@ -110,6 +134,10 @@ class ChatTokenizer:
     def encode(self, text: str) -> list[int]:
         # no post-processor specials: GLM-4's tokenizer.json would prepend [gMASK]<sop> to every piece
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode of each text, the batch spread over the cores by `tokenizers`."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def check_ids(self, ids: list[int]) -> None:
         # the tokenizers library silently drops unknown ids; an id past the vocabulary is a sampling bug

@@ -370,10 +370,11 @@ CALIBRATE = Command(
 @hydra_command(CALIBRATE)
 def calibrate(app: CalibrateApp) -> None:
     from calibrate.run import CalibrateError, run_calibrate
+    from calibrate.train import run_train
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        run_calibrate(app)
+        (run_train if app.calibrate.mode == "model" else run_calibrate)(app)
     except CalibrateError as e:
         log.error("calibrate failed: %s", e)
         sys.exit(2)
