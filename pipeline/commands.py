@@ -251,7 +251,7 @@ EXPORT = Command(
     "python -m pipeline export", "export",
     "Trace every dynamic path (4 exit depths x 4 modality sets) and the static baseline into validated engines.",
     {**shared("model", "export", "paths", "placement", "+preset", "engines_dir"), "export.progress": "false: no progress bar"},
-    presets=("phone-9b-gpu",))
+    presets=("phone-9b-gpu", "reference-gpu"))
 
 
 @hydra_command(EXPORT)
@@ -359,12 +359,14 @@ def compare() -> None:
 
 CALIBRATE = Command(
     "python -m pipeline calibrate", "calibrate",
-    "Train the exit heads on a local corpus (backbone frozen) and calibrate the confidence thresholds.",
+    "Train the exits on a local corpus (the heads on a frozen backbone, or the whole decoder) and calibrate the confidence thresholds.",
     {"calibrate.corpus=DIR": "the corpus (required): .txt documents and .jsonl chats; nothing is downloaded",
-     "calibrate": "device and dtype of the frozen backbone, token budgets, steps, learning rate, target agreement",
-     **shared("model"), "bench": "the workload whose text requests the report sends through the policy",
+     "calibrate.mode=heads|model": "heads: exit norms/adapters, backbone frozen; model: LayerSkip training of the whole decoder",
+     "calibrate": "device and dtype, token budgets, steps, learning rate, target agreement; calibrate.train.*: the model mode's recipe",
+     **shared("model", "+preset"), "bench": "the workload whose text requests the report sends through the policy",
      **shared("paths"), "engines_dir": "without a checkpoint, the heads go to <engines_dir>/<model>/exits",
-     "calibrate.output_dir": "where the heads go instead", **shared("tokenizer")})
+     "calibrate.output_dir": "where the heads go instead", **shared("tokenizer")},
+    presets=("reference-gpu-train", "reference-cpu-train"))
 
 
 @hydra_command(CALIBRATE)

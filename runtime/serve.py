@@ -190,7 +190,7 @@ SERVE = Command(
      "server.port": "1..65535",
      "server.api_key": "Bearer key for /v1 and /stats (or DYNGRAPH_API_KEY in the environment)",
      "server.*": "model_id, api_keys, rate_limit, request limits (max_*), timeouts, drain_timeout_s"},
-    presets=("phone-9b-gpu",))
+    presets=("phone-9b-gpu", "reference-gpu"))
 
 
 @hydra_command(SERVE)
