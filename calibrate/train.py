@@ -44,6 +44,7 @@ from model.exits import EXITS_DIR, EXITS_NAME, exit_parameters, save_exits
 from model.glm import Attention, Transformer, apply_rope, rope_tables
 from contract.config import CalibrateApp
 from contract.manifest import write_atomic
+from pipeline.console import make_console
 from pipeline.export import ExportError, check_writable
 from calibrate.quality import exit_quality, predict, render_markdown, write_plots
 from calibrate.run import CalibrateError, check_request, device_name, fmt, fmt_pct, load_tokenizer, read_corpus, split_documents
@@ -270,7 +271,7 @@ def output_directory(app: CalibrateApp) -> Path:
 
 def run_train(app: CalibrateApp, console: Console | None = None) -> Path | None:
     """Train; return the checkpoint folder written (None: paused, the state kept)."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cfg, tcfg = app.calibrate, app.calibrate.train
     check_train_request(app)
     if threads := int(os.environ.get("DYNGRAPH_CPU_THREADS", "0")):

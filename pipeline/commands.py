@@ -268,12 +268,15 @@ def export(app: ExportApp) -> None:
 
 def server_overrides(app: BenchApp) -> list[str]:
     """The overrides that make runtime.serve pick the engines this bench composed: the same model
-    and export choices, any of their fields set on the command line, and the dtype and device a
-    preset may have set."""
+    and export choices, any of their fields set on the command line, and the dtype, device and
+    checkpoint a preset may have set."""
     hc = HydraConfig.get()
     picked = [f"model={hc.runtime.choices['model']}", f"export={hc.runtime.choices['export']}"]
     given = [o for o in hc.overrides.task if o.lstrip("+~").startswith(("model.", "export."))]
-    return picked + [f"export.dtype={app.export.dtype}", f"export.device={app.export.device}"] + given
+    composed = [f"export.dtype={app.export.dtype}", f"export.device={app.export.device}"]
+    if app.model.checkpoint:  # a preset's checkpoint: its weights, tokenizer and exits choose the engines too
+        composed.append(f"model.checkpoint={app.model.checkpoint}")
+    return picked + composed + given
 
 
 BENCH = Command(
@@ -287,7 +290,7 @@ BENCH = Command(
      "server.port": "0: any free port",
      "server.*": "cluster, replicas, args (more runtime.serve overrides), startup_timeout_s",
      "progress": "false: no progress bars"},
-    presets=("phone-9b-gpu-bench", "phone-9b-gpu-soak"))
+    presets=("phone-9b-gpu-bench", "phone-9b-gpu-soak", "reference-gpu-bench"))
 
 
 @hydra_command(BENCH)

@@ -17,6 +17,10 @@
 #   scripts/gpu_host.sh hostcopy            host copies of engine weights: pinned, registered, pageable (scripts/host_copy_bench.py)
 #   scripts/gpu_host.sh benchrun NAME [OVERRIDES]   one bench in the foreground, its report into $OUT/bench-NAME.tgz
 #   scripts/gpu_host.sh pack NAME           everything under $OUT into $OUT/NAME.tgz
+#   scripts/gpu_host.sh reference           the code corpus, then the reference model trained with and without exit losses
+#                                           side by side on the one GPU (their reports into $OUT/reference.tgz)
+#   scripts/gpu_host.sh referencebench [OVERRIDES]  its fp16 engines exported, then the default mix under the calibrated
+#                                           confidence policy (+preset=reference-gpu-bench), into $OUT/bench-reference.tgz
 #   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -116,6 +120,27 @@ benchrun)
   python3 -m pipeline bench "${MODEL[@]}" server.runtime=one_gpu output_dir=/tmp/bench_results progress=false "$@" > "$OUT/bench-$name.log" 2>&1 || true
   tail -n 25 "$OUT/bench-$name.log"
   [ -d /tmp/bench_results ] && tar czf "$OUT/bench-$name.tgz" -C /tmp/bench_results . ;;
+reference)
+  start=$(date +%s)
+  python3 scripts/build_corpus.py /data/corpus-code --code > "$OUT/corpus.log" 2>&1
+  echo "corpus: $(( $(date +%s) - start )) s" | tee -a "$OUT/corpus.log"
+  # the same seed, corpus and data order: the two runs differ only in the exit losses
+  python3 -m pipeline calibrate +preset=reference-gpu-train > "$OUT/train.log" 2>&1 & with=$!
+  python3 -m pipeline calibrate +preset=reference-gpu-train calibrate.train.early_exit_loss=false \
+    calibrate.output_dir=/data/engines/reference/no-exit-loss > "$OUT/train-no-exit-loss.log" 2>&1 & without=$!
+  wait $with || true; wait $without || true
+  echo "corpus and both trainings: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
+  tail -n 30 "$OUT/train.log"
+  tar czf "$OUT/reference.tgz" -C /data/engines/reference --exclude='*.safetensors' . ;;
+referencebench)
+  shift
+  python3 -m pipeline export +preset=reference-gpu export.progress=false > "$OUT/export-reference.log" 2>&1
+  tail -n 5 "$OUT/export-reference.log"
+  rm -rf /tmp/bench_results
+  python3 -m pipeline bench +preset=reference-gpu-bench output_dir=/tmp/bench_results run_name=reference progress=false "$@" \
+    > "$OUT/bench-reference.log" 2>&1 || true
+  tail -n 40 "$OUT/bench-reference.log"
+  [ -d /tmp/bench_results ] && tar czf "$OUT/bench-reference.tgz" -C /tmp/bench_results . ;;
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 pack)  # everything under $OUT into one $OUT/NAME.tgz (what comes back is at most 8 files)

@@ -18,7 +18,7 @@ TIMEOUT = 120  # a refusal takes seconds; an override that is not refused would 
     ("pipeline export", "export.dtyp=fp16", "export.dtyp is not a setting of export (did you mean export.dtype?)"),
     ("runtime.serve", "+server.prot=1", "server.prot is not a setting of server (did you mean server.port?)"),
     # the schemas live outside the groups: choosing one would compose ModelConfig's 6.76 B-parameter defaults
-    ("pipeline export", "model=model_schema", "model=model_schema is not an option: model is one of phone-9b, tiny"),
+    ("pipeline export", "model=model_schema", "model=model_schema is not an option: model is one of phone-9b, reference, reference-cpu, tiny"),
     ("pipeline export", "~model", "model has no option chosen"),
     ("runtime.serve", "runtime=runtime_schema", "runtime=runtime_schema is not an option"),
     ("pipeline bench", "bench=bench_schema", "bench=bench_schema is not an option"),
