@@ -267,7 +267,7 @@ def write_bad_checkpoint(directory: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model=nope"], "model=nope is not an option: model is one of phone-9b, tiny"),
+    (["model=nope"], "model=nope is not an option: model is one of phone-9b, reference, reference-cpu, tiny"),
     (["export.backend=nope"], "unknown export backend 'nope'"),
     (["export.dtype=fp8"], "export.dtype='fp8'"),
     (["model.text.exit_layers=[5,11,18,23]"], "exit_layers=[5, 11, 18, 23]"),
