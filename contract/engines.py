@@ -176,8 +176,9 @@ class SegmentEngine(nn.Module):
         new = kv_out[:, :, :, :, capacity:]
         index = new_pos[None, None, :, None, :, None].expand_as(new)
         present = kv.scatter(4, index, new)  # the S new entries right after each row's own
-        # the exit head needs only the last position: prefill and decode both sample from it
-        return (h, self.segment.exit(h[:, -1]), *present.flatten(0, 1).unbind(0))
+        # the exit at every position: prefill and decode sample from the last, a speculative
+        # verification (runtime/speculation.py) scores each drafted position
+        return (h, self.segment.exit(h), *present.flatten(0, 1).unbind(0))
 
 
 class CrossAttnEngine(nn.Module):
@@ -212,7 +213,8 @@ def engine_specs(model: AutoGLM, limits: Limits) -> list[EngineSpec]:
     text_cfg = {"text": asdict(t)}
     hidden = TensorSpec("hidden", ("batch", "seq", D), "float")
     hidden_out = TensorSpec("hidden_out", ("batch", "seq", D), "float")
-    exit_hidden = TensorSpec("exit_hidden", ("batch", D), "float")
+    exits = TensorSpec("exit_hidden", ("batch", "seq", D), "float")  # a segment's exit at every position
+    exit_hidden = TensorSpec("exit_hidden", ("batch", D), "float")  # the head's input: one position per row
     seqlens_k = TensorSpec("seqlens_k", ("batch",), "int32", "seqlens")
     total_len = TensorSpec("total_sequence_length", (), "int32", "total_length")
     media_mask = TensorSpec("media_mask", ("batch", "media"), "bool", "media_mask")
@@ -248,7 +250,7 @@ def engine_specs(model: AutoGLM, limits: Limits) -> list[EngineSpec]:
             # segments of equal depth share a graph; an uneven cut gets one graph per depth
             EngineSpec(segment_engine(k), f"segment{L}", SegmentEngine(model.text.segments[k]),
                        [hidden, seqlens_k, total_len, *(i for i, _ in cache)],
-                       [hidden_out, exit_hidden, *(o for _, o in cache)], text_cfg, (first, end),
+                       [hidden_out, exits, *(o for _, o in cache)], text_cfg, (first, end),
                        fused=True, probes=segment_probes),
         ]
     specs.append(EngineSpec("lm_head", "lm_head", model.text.lm_head, [exit_hidden], [logits], {"dim": D, "vocab_size": V}))

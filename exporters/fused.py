@@ -13,8 +13,9 @@ grows by concatenation; this graph gives it, per layer:
   MatMul                             down projection
 
 and after the last layer one more SkipSimplifiedLayerNormalization: the residual (hidden_out) and
-the exit norm of every position, of which the last is the exit's hidden state (plus the exit's
-calibrated low-rank adapter, two MatMuls and an Add, where the model has one). With weight-only
+the exit norm of every position, the exit's hidden states (plus the exit's calibrated low-rank
+adapter, two MatMuls and an Add, where the model has one): prefill samples from the last position,
+a speculative verification from each. With weight-only
 quantization (exporters/quantize.py) the four projections of each layer are MatMulNBits instead of
 MatMul; the adapter, tiny, stays in the export dtype. GroupQueryAttention
 has CUDA and CPU kernels, so CI runs the same graph as the GPU. Weights are stored transposed
@@ -117,8 +118,7 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
     weight("cos_cache", cos)
     weight("sin_cache", sin)
     ffn = a.ffn_dim
-    constants = [helper.make_tensor("gate_up_split", TensorProto.INT64, [2], [ffn, ffn]),
-                 helper.make_tensor("last_position", TensorProto.INT64, [], [-1])]
+    constants = [helper.make_tensor("gate_up_split", TensorProto.INT64, [2], [ffn, ffn])]
 
     h, branch = "hidden", None  # the residual stream, and the branch output still to be added to it
     for i, layer in enumerate(segment.layers):
@@ -151,14 +151,12 @@ def segment_graph(spec: EngineSpec, dtype: torch.dtype, max_positions: int, opse
         (act,) = node("Mul", [silu, up], [p + "act"])
         branch = linear(act, p + "down_proj.weight.T", layer.mlp.down_proj.weight.t(), p + "mlp_out")
     exit_w = weight("exit_norm.weight", segment.exit_norm.weight)
-    node("SkipSimplifiedLayerNormalization", [branch, h, exit_w], ["exit_all", "", "", "hidden_out"], MS, epsilon=eps)
-    if segment.exit_adapter is None:
-        node("Gather", ["exit_all", "last_position"], ["exit_hidden"], axis=1)
-    else:  # the calibrated low-rank adapter after the exit norm (model.glm.Segment.exit): n + up(down(n))
-        (last,) = node("Gather", ["exit_all", "last_position"], ["exit_normed"], axis=1)
-        (low,) = node("MatMul", [last, weight("exit_adapter.down.weight.T", segment.exit_adapter.down.weight.t())], ["exit_low"])
+    normed = "exit_hidden" if segment.exit_adapter is None else "exit_normed"
+    node("SkipSimplifiedLayerNormalization", [branch, h, exit_w], [normed, "", "", "hidden_out"], MS, epsilon=eps)
+    if segment.exit_adapter is not None:  # the calibrated low-rank adapter after the exit norm (model.glm.Segment.exit): n + up(down(n))
+        (low,) = node("MatMul", [normed, weight("exit_adapter.down.weight.T", segment.exit_adapter.down.weight.t())], ["exit_low"])
         (delta,) = node("MatMul", [low, weight("exit_adapter.up.weight.T", segment.exit_adapter.up.weight.t())], ["exit_delta"])
-        node("Add", [last, delta], ["exit_hidden"])
+        node("Add", [normed, delta], ["exit_hidden"])
 
     def value_info(t) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(t.name, ONNX_TYPES[tensor_dtype(t, dtype)], list(t.shape))

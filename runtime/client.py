@@ -60,6 +60,7 @@ class LocalEngine:
         e = self.engine
         return {"engines_loaded": self.engines.loaded(), "devices": self.memory(),
                 "requests_per_path": dict(e.path_counts), "mode": self.mode,
+                "speculation": {path: dict(c) for path, c in e.speculation_counts.items()},
                 "on_demand": e.on_demand, "engine_loads": self.engines.load_stats(),
                 "resident_engine_bytes": {d: 0 for d in e.placement.devices} | self.engines.resident_by_device(),
                 "kv_cache": {"allocated_bytes": dict(e.kv_bytes), "allocated_peak_bytes": dict(e.kv_peak),

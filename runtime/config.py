@@ -59,6 +59,24 @@ class OffloadConfig:
 
 
 @dataclass
+class SpeculationConfig:
+    # Self-speculative decoding (runtime/speculation.py): a request whose path runs deeper than the draft
+    # exit drafts tokens through its first segments and the shared head, then its deeper segments check
+    # them all in one pass; the answer is the full path's (greedy: token for token; sampled: the same
+    # distribution). A request turns it on or off with `speculative` (extra_body), and picks `draft_exit`.
+    enabled: bool = False
+    draft_exit: int | None = None  # the exit that drafts; null: the first. Must be an exit short of the last
+    draft_tokens: int = 4  # tokens drafted before each verification (k); adaptive: the most
+    # adaptive: after a verification that accepted every draft, two more next time; after one that did not, one
+    # fewer, at least one (Hugging Face's heuristic for assisted generation)
+    adaptive: bool = False
+    # a verification runs one sequence at a time (GroupQueryAttention takes several new tokens after a past for
+    # one row only), while a decode step serves every row at once: above this many sequences decoding together,
+    # requests decode without drafting
+    max_batch: int = 1
+
+
+@dataclass
 class RuntimeConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     mode: str = "dynamic"  # dynamic | static (also forced by ENABLE_DYNAMIC_GRAPH=False)
@@ -69,6 +87,7 @@ class RuntimeConfig:
     max_context: int | None = None  # prompt + completion tokens; default and upper bound: the export's context
     cuda_graphs: bool = False  # decode steps replay CUDA graphs their sessions captured, one per batch size (the GPU placements turn it on)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     verify: bool = True  # sha256 of every engine file against the manifest before it is loaded
 
 

@@ -9,6 +9,11 @@ a background thread loads them, and the engine thread keeps decoding the others;
 the engine thread unloads the on-demand engines left idle, and frees the KV buffers of segments
 whose engine is gone and whose rows nobody holds. Handlers receive events on their own asyncio
 loop; cancelling a handle frees the request's rows before the next step.
+
+With self-speculation (runtime/speculation.py), a sequence deeper than the draft exit drafts in
+the shared decode steps (running only its first segments) and is verified right after the step
+that completes its draft; while more sequences decode together than `speculation.max_batch`,
+every sequence decodes plainly (drafts in progress are verified first).
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ from runtime.engines import EngineMismatch, EngineSet, describe, mib
 from runtime.metrics import Metrics
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
-from runtime.sampling import Sampler, SamplingParams, make_generator
+from runtime.sampling import GREEDY, Sampler, SamplingParams, make_generator
+from runtime.speculation import Draft, SpeculationConfigError, accept, draft_exit_depth
+from runtime.speculation import check as check_speculation
 from runtime.step import Row, Stepper
 from runtime.text import Delta, TextStream
 
@@ -68,6 +75,8 @@ class GenerationRequest:
     max_reasoning_steps: int | None = None  # thinking tokens before the engine closes the block itself
     policy_text: str = ""  # what the heuristic reads for question form: the last user message
     exit_layer: int | None = None  # chosen by the client (runtime.policy.request_override), else by the policy
+    speculative: bool | None = None  # self-speculation for this request; None: runtime.speculation.enabled
+    draft_exit: int | None = None  # its draft exit; None: runtime.speculation.draft_exit
     request_id: str = ""
 
 
@@ -86,6 +95,7 @@ class Finished:
     completion_tokens: int
     reasoning_tokens: int
     token_ids: tuple[int, ...]  # every sampled id, the one that stopped it included
+    speculation: dict[str, int] | None = None  # drafted, accepted, verifications, tokens: when it speculated
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class Sequence:
     loading: Future | None = None  # its missing engines, loading on the background thread
     waited_from: tuple[float, int] = (0.0, 0)  # when it began waiting for them: (monotonic time, decode steps so far)
     generator: torch.Generator | None = None
+    draft: Draft | None = None  # its self-speculation, when it drafts
     token_ids: list[int] = field(default_factory=list)
     reasoning_tokens: int = 0
     done: bool = False  # finished, failed or cancelled: its rows are free
@@ -173,6 +184,10 @@ class GenerationEngine:
             raise EngineConfigError("runtime.max_queue must not be negative")
         self.max_media_tokens = dims["media"]["max"]
         try:
+            check_speculation(cfg.speculation, self.exits, dims["seq"]["max"], dims["batch"]["max"])
+        except SpeculationConfigError as e:
+            raise EngineConfigError(str(e)) from None
+        try:
             engines.backend.check_devices(manifest.dtype, placement.devices)
         except EngineIncompatible as e:
             raise EngineConfigError(str(e)) from None
@@ -186,6 +201,7 @@ class GenerationEngine:
         self.numbers = itertools.count()
         self.stopping = False
         self.path_counts: Counter[str] = Counter()
+        self.speculation_counts: dict[str, Counter[str]] = {}  # path -> drafted, accepted, verifications, tokens
         self.decode_steps = 0  # decode steps so far: a load must not stop them (the loads' log says how many ran meanwhile)
         # modules on demand: what every request needs is resident from the start, the rest loads when a
         # request needs it (on a background thread) and unloads when idle or under the budget
@@ -428,6 +444,7 @@ class GenerationEngine:
             return
         logits = self.prefill(seq)
         seq.generator = make_generator(seq.request.sampling, logits.device)
+        seq.draft = self.draft_for(seq)
         self.take(seq, self.sample(logits, [seq])[0])
         if not seq.done:
             self.running.append(seq)
@@ -467,15 +484,29 @@ class GenerationEngine:
         seq.path = self.manifest.static_path if static else self.manifest.path(exit_layer, req.modalities)
         seq.row = Row(seq.number, depth, -1, media)
         self.count_kv()
-        self.announce(seq, decision)
+        self.announce(seq, decision, self.draft_for(seq))
         return logits
 
-    def announce(self, seq: Sequence, decision: Decision) -> None:
+    def draft_for(self, seq: Sequence) -> Draft | None:
+        """The request's self-speculation, once its path is known: in dynamic mode, when it asks for it
+        (or the server does) and its path runs deeper than the draft exit."""
+        cfg, req = self.cfg.speculation, seq.request
+        if self.mode != "dynamic" or not (cfg.enabled if req.speculative is None else req.speculative):
+            return None
+        draft_exit = req.draft_exit if req.draft_exit is not None else cfg.draft_exit if cfg.draft_exit is not None else self.exits.first
+        depth = draft_exit_depth(draft_exit, self.exits, "draft_exit")  # the chat service checked a request's own
+        if seq.row.depth <= depth:
+            return None
+        return Draft(depth, cfg.draft_tokens, cfg.draft_tokens, cfg.adaptive)
+
+    def announce(self, seq: Sequence, decision: Decision, draft: Draft | None) -> None:
         path = seq.path
         if path.exit_layer == self.exits.full:
             what = f"full inference path ({self.exits.full} layers)"
         else:
             what = f"early-exit path ({path.exit_layer} of {self.exits.full} layers)"
+        if draft is not None:
+            what += f", drafting {'up to ' if draft.adaptive else ''}{draft.most} tokens at exit {self.exits.layer(draft.depth)}"
         log.info("[DYNAMIC GRAPH] Activating %s: %s, %s (%s)", what, path.name, decision.reason, seq.request.request_id)
         self.path_counts[path.name] += 1
         self.metrics.path_requests.labels(path.name).inc()
@@ -483,14 +514,56 @@ class GenerationEngine:
         seq.handle.push(Started(path, engines, {n: str(self.engines.device(n)) for n in engines}, self.mode))
 
     def decode(self) -> None:
-        """One token for every sequence in flight."""
+        """One decode step for every sequence in flight: a token for each, or a draft token for each
+        drafting one (verified once its draft is complete)."""
+        drafting = len(self.running) <= self.cfg.speculation.max_batch
+        for s in list(self.running):
+            if s.draft is not None and s.draft.tokens and not drafting:
+                self.verify(s)  # the batch grew past speculation's: finish the draft in progress first
+        for s in self.running:
+            remaining = s.request.max_tokens - len(s.token_ids)  # a draft never feeds a position the plain run would not
+            s.row.draft = s.draft.depth if drafting and s.draft is not None and remaining > 1 else 0
+        if not self.running:
+            return
         rows = {s.number: s for s in self.running}
         keys, logits = self.stepper.decode([s.row for s in self.running])
         self.decode_steps += 1
         seqs = [rows[k] for k in keys]
         self.metrics.decode_batch.observe(len(seqs))
-        for s, token in zip(seqs, self.sample(logits, seqs)):
-            self.take(s, token)
+        # a sampled draft is drawn apart from the batch: its verification needs the distribution it came from
+        sampled_drafts = [i for i, s in enumerate(seqs) if s.row.draft and not s.request.sampling.greedy]
+        tokens = self.sampler(logits, [GREEDY if i in sampled_drafts else s.request.sampling for i, s in enumerate(seqs)],
+                              [s.generator for s in seqs])
+        for i, s in enumerate(seqs):
+            if not s.row.draft:
+                self.take(s, self.think_end if s.must_close_thinking else tokens[i])
+                continue
+            token, probs = self.sampler.draw(logits[i], s.request.sampling, s.generator) if i in sampled_drafts else (tokens[i], None)
+            s.draft.add(token, probs)
+            s.row.token = token
+            remaining = s.request.max_tokens - len(s.token_ids)
+            if len(s.draft.tokens) >= min(s.draft.length, remaining):
+                self.verify(s)
+
+    def verify(self, seq: Sequence) -> None:
+        """Check a sequence's drafts with its deeper segments; take the tokens they yield, keep their cache entries."""
+        draft = seq.draft
+        past = len(seq.request.prompt_ids) + len(seq.token_ids) - 1  # entries before the first drafted position
+        logits = self.stepper.verify(seq.row, past)
+        tokens, accepted = accept(draft, logits, seq.request.sampling, seq.generator, self.sampler)
+        counts = draft.settle(accepted, len(tokens))  # before the tokens are taken: the last may finish the request
+        self.speculation_counts.setdefault(seq.path.name, Counter()).update(counts)
+        for kind, n in counts.items():
+            self.metrics.speculation.labels(seq.path.name, kind).inc(n)
+        taken = 0
+        for token in tokens:
+            forced = seq.must_close_thinking  # the plain run closes the block here whatever the model says: so does this one
+            self.take(seq, self.think_end if forced else token)
+            taken += 1
+            if seq.done or forced:
+                break
+        if not seq.done:
+            self.stepper.truncate(seq.number, past + taken)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         tokens = self.sampler(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
@@ -520,7 +593,13 @@ class GenerationEngine:
         if tail:
             seq.handle.push(tail)
         self.release(seq)  # first: whoever hears of the end finds the rows free
-        seq.handle.push(Finished(reason, len(seq.request.prompt_ids), len(seq.token_ids), seq.reasoning_tokens, tuple(seq.token_ids)))
+        seq.handle.push(Finished(reason, len(seq.request.prompt_ids), len(seq.token_ids), seq.reasoning_tokens, tuple(seq.token_ids),
+                                 None if seq.draft is None else dict(seq.draft.counts)))
+        if seq.draft is not None and seq.draft.counts:
+            c = seq.draft.counts
+            log.info("[DYNAMIC GRAPH] %s speculated: %d of %d drafted tokens accepted (%.0f %%), %.2f tokens per verification",
+                     seq.request.request_id, c["accepted"], c["drafted"], 100 * c["accepted"] / max(1, c["drafted"]),
+                     c["tokens"] / c["verifications"])
 
     def release(self, seq: Sequence) -> None:
         if seq.done:

@@ -41,6 +41,8 @@ class Metrics:
         self.engine_unloads = Counter("dyngraph_engine_unloads", "Engines unloaded by modules on demand", ["engine", "reason"], registry=r)  # idle | budget
         self.rate_limited = Counter("dyngraph_rate_limited", "Chat completions refused by the per-client rate limit (429), "
                                     "by how the client was told apart", ["client"], registry=r)  # key | address
+        self.speculation = Counter("dyngraph_speculation", "Self-speculation per path: tokens drafted, drafts accepted, "
+                                   "verifications, tokens they yielded", ["path", "kind"], registry=r)  # drafted | accepted | verifications | tokens
         self.client_timeouts = Counter("dyngraph_client_timeouts", "Connections cut off for sending their request too slowly (408)",
                                        ["phase"], registry=r)  # headers | body
 

@@ -24,6 +24,9 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+GREEDY = SamplingParams(temperature=0.0)
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """A request's own random stream: the same seed gives the same tokens whatever it is batched with."""
     if params.greedy:
@@ -56,6 +59,16 @@ class Sampler:
     @staticmethod
     def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
         """One draw from a [V] row under temperature, top-k and top-p: a 0-d tensor on the row's device."""
+        return torch.multinomial(Sampler.distribution(logits, p), 1, generator=generator)[0]
+
+    def draw(self, logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+        """One draw from a [V] row and the distribution it was drawn from (a speculative draft's q)."""
+        probs = self.distribution(logits[:self.decodable].float(), p)
+        return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+    @staticmethod
+    def distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """The probabilities [V] a sampled row draws from: softmax of the logits under temperature, top-k and top-p."""
         x = logits / p.temperature
         if 0 < p.top_k < x.numel():
             kth = torch.topk(x, p.top_k).values[-1]
@@ -66,4 +79,4 @@ class Sampler:
             # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is short of it
             drop = probs.cumsum(-1) - probs >= p.top_p
             x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to id order, without a host sync
-        return torch.multinomial(torch.softmax(x, -1), 1, generator=generator)[0]
+        return torch.softmax(x, -1)

@@ -17,6 +17,14 @@ The cross-attention blocks, whose media length varies per request, run uncapture
 prefill runs uncaptured too, one sequence at a time (GroupQueryAttention takes several new
 tokens after a past for one row only), in chunks of at most the export's `seq`, segment by
 segment so that the confidence policy can stop at an exit.
+
+Self-speculation (runtime/speculation.py) needs two things of the step. A drafting sequence runs
+only its first segments in a decode step (`Row.draft`), though it holds rows in the deeper caches:
+a deeper segment that runs for other sequences carries its row along without advancing its length,
+so the entry written there lands past its own and is overwritten by the verification. Its hidden
+state at the draft exit is kept per drafted position, and `verify` runs those positions through the
+deeper segments as one chunk after its past, like a prompt chunk, scoring each at its exit;
+`truncate` then drops the rejected entries from every segment by its length alone.
 """
 from __future__ import annotations
 
@@ -69,21 +77,29 @@ class Row:
     """What a decode step needs of one sequence."""
 
     key: Hashable
-    depth: int  # segments it runs
+    depth: int  # segments it holds cache rows in: its path's depth
     token: int  # its next input id
     media: Media | None = None
+    draft: int = 0  # while drafting: the segments a decode step runs for it (its draft exit's depth); 0: all `depth`
+
+    @property
+    def step_depth(self) -> int:
+        return self.draft or self.depth
 
 
 @dataclass(frozen=True)
 class SegmentRows:
     """One segment's rows in a decode step, as index tensors on the segment's device (None: no such row)."""
 
-    count: int  # the rows that reach it
+    count: int  # the cache rows it runs: every sequence holding one
     from_previous: torch.Tensor | None  # each row's index among the previous segment's rows (None for segment 0)
-    media: torch.Tensor | None  # its rows with media, which run the cross-attention block first
+    advance: torch.Tensor | None  # [count] int32: 1 for the rows this step runs, 0 for drafting rows carried along; None: all run
+    media: torch.Tensor | None  # its running rows with media, which run the cross-attention block first
     media_keys: tuple[Hashable, ...]  # their sequences, in that order
     exits: torch.Tensor | None  # its rows that exit here
     head_rows: torch.Tensor | None  # where their hidden states go in the head's input (segment 0's order, on the head's device)
+    drafts: torch.Tensor | None  # its drafting rows that exit here: their hidden states are kept for the verification
+    draft_keys: tuple[Hashable, ...]  # their sequences, in that order
 
 
 @dataclass(frozen=True)
@@ -92,14 +108,15 @@ class StepPlan:
     again when a sequence joins or leaves."""
 
     members: tuple[tuple[Hashable, ...], ...]  # each segment's sequences in row order: the membership it is for
-    segments: tuple[SegmentRows, ...]  # the segments some sequence reaches (a sequence holds a row in each up to its depth)
+    step_depths: tuple[tuple[int, bool], ...]  # segment 0's sequences' step depths and whether each drafts: what it is for too
+    segments: tuple[SegmentRows, ...]  # the segments some sequence runs this step (a sequence holds a row in each up to its depth)
 
 
 @dataclass(frozen=True)
 class SegmentBuffers:
     hidden: torch.Tensor  # [b, 1, D] its input: segment 0's is the embedding's output
     hidden_out: torch.Tensor  # [b, 1, D]
-    exit_hidden: torch.Tensor  # [b, D]
+    exit_hidden: torch.Tensor  # [b, 1, D]
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,7 @@ class Stepper:
         self.step_plan: StepPlan | None = None
         self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
+        self.drafted: dict[Hashable, list[torch.Tensor]] = {}  # drafting sequence -> its hidden state [1, 1, D] per drafted position
 
     # --- encode: once per request ---------------------------------------------------------------
 
@@ -185,26 +203,49 @@ class Stepper:
             if media is not None:
                 media.cross_kv[k] = self.engines.run(cross_kv_engine(k), {"media": media.tokens})["cross_kv"]
             for c, (a, b) in enumerate(spans):
-                h = hidden[c]
-                if media is not None:
-                    h = self.cross_attention(k, h, media.cross_kv[k], media.mask)
-                seqlens = torch.tensor([b - 1], dtype=torch.int32, device=cache.device)
-                out = self.engines.run(segment_engine(k), {
-                    "hidden": h, "seqlens_k": seqlens,
-                    "total_sequence_length": torch.tensor(total_sequence_length(b - a, self.capacity, seqlens), dtype=torch.int32),
-                    **cache.feeds(slice(row, row + 1))})
+                out = self.extend(k, row, hidden[c], a, media)
                 hidden[c] = out["hidden_out"]
             cache.lengths[row] = len(prompt_ids)
             if stop is not None and k + 1 < depth:
-                logits = self.head(out["exit_hidden"])
+                logits = self.head(out["exit_hidden"][:, -1])
                 if stop(logits, k + 1):
                     depth = k + 1
                     break
         else:
-            logits = self.head(out["exit_hidden"])
+            logits = self.head(out["exit_hidden"][:, -1])
         if media is not None:
             media.tokens = None  # decode steps need only the keys/values
         return logits, depth
+
+    def extend(self, k: int, row: int, hidden: torch.Tensor, past: int, media: Media | None) -> dict[str, torch.Tensor]:
+        """Segment k over one sequence's chunk of new positions [1, s, D] after the `past` entries its
+        cache row holds (its cross-attention block first, with media): the segment's outputs."""
+        if media is not None:
+            hidden = self.cross_attention(k, hidden, media.cross_kv[k], media.mask)
+        s = hidden.shape[1]
+        seqlens = torch.tensor([past + s - 1], dtype=torch.int32)  # on the host: the total below needs no device sync
+        total = torch.tensor(total_sequence_length(s, self.capacity, seqlens), dtype=torch.int32)
+        return self.engines.run(segment_engine(k), {"hidden": hidden, "seqlens_k": seqlens.to(self.caches[k].device),
+                                                    "total_sequence_length": total, **self.caches[k].feeds(slice(row, row + 1))})
+
+    # --- self-speculation: verify a sequence's drafted positions, keep what was accepted ------------------
+
+    def verify(self, row: Row, past: int) -> torch.Tensor:
+        """The positions a drafting sequence fed since its verification before (its kept draft-exit
+        hidden states) through the segments past its draft exit, as one chunk after the `past` entries
+        they hold: logits [m, V] at its own exit, one row per position."""
+        hidden = torch.cat(self.drafted.pop(row.key), dim=1)  # [1, m, D]
+        for k in range(row.draft, row.depth):
+            out = self.extend(k, self.caches[k].row(row.key), hidden, past, row.media)
+            hidden = out["hidden_out"]
+        return self.head(out["exit_hidden"][0])
+
+    def truncate(self, key: Hashable, length: int) -> None:
+        """Every segment's cache of this sequence keeps its first `length` entries (rejected drafts
+        are dropped by the lengths alone: the next writes overwrite them)."""
+        for cache in self.caches:
+            if key in cache.members:
+                cache.lengths[cache.row(key)] = length
 
     def cross_attention(self, k: int, hidden: torch.Tensor, cross_kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.engines.run(cross_attn_engine(k), {"hidden": hidden, "cross_kv": cross_kv, "media_mask": mask})["hidden_out"]
@@ -213,6 +254,7 @@ class Stepper:
         return self.engines.run("lm_head", {"exit_hidden": exit_hidden})["logits"]
 
     def release(self, key: Hashable) -> None:
+        self.drafted.pop(key, None)
         for cache in self.caches:
             if key in cache.members:
                 cache.remove(key)
@@ -241,9 +283,13 @@ class Stepper:
                 media = self.block_media(k, [by_key[m] for m in at.media_keys])
                 x[at.media] = self.cross_attention(k, x[at.media], media["cross_kv"], media["media_mask"]).to(x.device)
             self.run_segment(k, b)
-            self.caches[k].lengths[:at.count] += 1
+            self.caches[k].lengths[:at.count] += 1 if at.advance is None else at.advance
             if at.exits is not None:
-                bufs.exit_hidden.index_copy_(0, at.head_rows, seg.exit_hidden.index_select(0, at.exits).to(self.head_device))
+                bufs.exit_hidden.index_copy_(0, at.head_rows, seg.exit_hidden[:, 0].index_select(0, at.exits).to(self.head_device))
+            if at.drafts is not None:
+                kept = seg.hidden_out.index_select(0, at.drafts)  # [m, 1, D], out of the buffer the next step overwrites
+                for i, key in enumerate(at.draft_keys):
+                    self.drafted.setdefault(key, []).append(kept[i:i + 1])
             hidden = seg.hidden_out
         self.run_head(bufs)
         return list(keys), bufs.logits[:n0]
@@ -276,29 +322,36 @@ class Stepper:
         self.run_head(bufs)
 
     def plan(self, rows: dict[Hashable, Row]) -> StepPlan:
-        """The step plan of the caches' membership now: the last one while nobody joined or left."""
+        """The step plan of the caches' membership and the rows' step depths now: the last one while
+        nobody joined, left, or started or stopped drafting."""
         members = tuple(tuple(c.members) for c in self.caches)
-        if self.step_plan is None or self.step_plan.members != members:
-            self.step_plan = self.make_plan(members, rows)
+        depths = tuple((rows[m].step_depth, bool(rows[m].draft)) for m in members[0])
+        if self.step_plan is None or self.step_plan.members != members or self.step_plan.step_depths != depths:
+            self.step_plan = self.make_plan(members, depths, rows)
         return self.step_plan
 
-    def make_plan(self, members: tuple[tuple[Hashable, ...], ...], rows: dict[Hashable, Row]) -> StepPlan:
+    def make_plan(self, members: tuple[tuple[Hashable, ...], ...], depths: tuple[tuple[int, bool], ...],
+                  rows: dict[Hashable, Row]) -> StepPlan:
         def index(positions: list[int], device: torch.device) -> torch.Tensor | None:
             return torch.tensor(positions, device=device) if positions else None
 
         first = {m: i for i, m in enumerate(members[0])}
         segments = []
         for k, here in enumerate(members):
-            if not here:
+            runs = [rows[m].step_depth > k for m in here]
+            if not any(runs):
                 break
             device = self.caches[k].device
             previous = {m: i for i, m in enumerate(members[k - 1])} if k else {}
-            media = [i for i, m in enumerate(here) if rows[m].media is not None]
-            exits = [i for i, m in enumerate(here) if rows[m].depth == k + 1]
-            segments.append(SegmentRows(len(here), index([previous[m] for m in here], device) if k else None,
+            advance = None if all(runs) else torch.tensor(runs, dtype=torch.int32, device=device)
+            media = [i for i, m in enumerate(here) if runs[i] and rows[m].media is not None]
+            exits = [i for i, m in enumerate(here) if rows[m].step_depth == k + 1]
+            drafts = [i for i in exits if rows[here[i]].draft]
+            segments.append(SegmentRows(len(here), index([previous[m] for m in here], device) if k else None, advance,
                                         index(media, device), tuple(here[i] for i in media),
-                                        index(exits, device), index([first[here[i]] for i in exits], self.head_device)))
-        return StepPlan(members, tuple(segments))
+                                        index(exits, device), index([first[here[i]] for i in exits], self.head_device),
+                                        index(drafts, device), tuple(here[i] for i in drafts)))
+        return StepPlan(members, depths, tuple(segments))
 
     def decode_buffers(self, batch: int) -> DecodeBuffers:
         if batch not in self.buffers:
@@ -306,7 +359,7 @@ class Stepper:
                 return torch.zeros(shape, dtype=dtype, device=self.engines.device(engine))
 
             b, dim = batch, self.dim
-            segments = tuple(SegmentBuffers(zeros(name, b, 1, dim), zeros(name, b, 1, dim), zeros(name, b, dim))
+            segments = tuple(SegmentBuffers(zeros(name, b, 1, dim), zeros(name, b, 1, dim), zeros(name, b, 1, dim))
                              for name in map(segment_engine, range(self.n_segments)))
             self.buffers[batch] = DecodeBuffers(zeros("embed", b, 1, dtype=torch.int64), segments,
                                                 zeros("lm_head", b, dim), zeros("lm_head", b, self.vocab))

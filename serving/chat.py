@@ -233,13 +233,15 @@ class ChatService:
                                param="exit_layer")
             if req.exit_layer not in self.engine.exit_layers:
                 raise APIError(400, f"exit_layer must be one of the exported exits {self.engine.exit_layers}", param="exit_layer")
+        if req.draft_exit is not None and req.draft_exit not in self.engine.exit_layers[:-1]:
+            raise APIError(400, f"draft_exit must be an exit short of the last, one of {self.engine.exit_layers[:-1]}", param="draft_exit")
         top_k = req.top_k if req.top_k and req.top_k > 0 else 0
         return GenerationRequest(
             prompt_ids=prompt, max_tokens=max_tokens, modalities=modalities, pixel_values=pixel_values, mel=mel,
             sampling=SamplingParams(0.0 if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW else temperature, top_p, top_k, req.seed),
             stop=tuple(stop), ignore_eos=bool(req.ignore_eos), thinking=thinking, max_reasoning_steps=req.max_reasoning_steps if thinking else None,
             policy_text=next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""),
-            exit_layer=req.exit_layer,
+            exit_layer=req.exit_layer, speculative=req.speculative, draft_exit=req.draft_exit,
         )
 
     @staticmethod
@@ -377,7 +379,7 @@ class ChatService:
                 break
         message = ResponseMessage(content="".join(content), reasoning_content="".join(reasoning) if run.reasoning else None)
         body = ChatCompletion(id=run.id, created=int(time.time()), model=self.server.model_id, usage=self.usage(event),
-                              choices=[Choice(message=message, finish_reason=event.reason)], dyngraph=self.info(run))
+                              choices=[Choice(message=message, finish_reason=event.reason)], dyngraph=self.info(run, event))
         self.done(run, event)
         return body.model_dump(exclude_none=True)
 
@@ -385,10 +387,11 @@ class ChatService:
         """SSE data lines; the HTTP layer cancels the generation when the client goes away."""
         include_usage = bool(run.request.stream_options and run.request.stream_options.include_usage)
 
-        def chunk(delta: DeltaMessage | None = None, finish: str | None = None, usage: Usage | None = None, last: bool = False) -> str:
+        def chunk(delta: DeltaMessage | None = None, finish: str | None = None, usage: Usage | None = None, last: bool = False,
+                  finished: Finished | None = None) -> str:
             choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish)]
             c = ChatCompletionChunk(id=run.id, created=int(time.time()), model=self.server.model_id, choices=choices,
-                                    usage=usage, dyngraph=self.info(run) if last else None)
+                                    usage=usage, dyngraph=self.info(run, finished) if last else None)
             data = c.model_dump()
             for choice in data["choices"]:
                 choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
@@ -416,9 +419,9 @@ class ChatService:
                 break
             else:
                 self.done(run, event)  # before the last sends: a client that leaves now still got a whole answer
-                yield chunk(DeltaMessage(), finish=event.reason, last=not include_usage)
+                yield chunk(DeltaMessage(), finish=event.reason, last=not include_usage, finished=event)
                 if include_usage:
-                    yield chunk(usage=self.usage(event), last=True)
+                    yield chunk(usage=self.usage(event), last=True, finished=event)
                 break
         yield "[DONE]"
 
@@ -456,10 +459,11 @@ class ChatService:
                      total_tokens=event.prompt_tokens + event.completion_tokens,
                      completion_tokens_details=CompletionTokensDetails(reasoning_tokens=event.reasoning_tokens))
 
-    def info(self, run: Run) -> DyngraphInfo:
+    def info(self, run: Run, finished: Finished | None) -> DyngraphInfo:
         s = run.started
         return DyngraphInfo(path=s.path.name, exit_layer=s.path.exit_layer, modalities=list(run.generation.modalities),
-                            engines=s.engines, devices=s.devices, mode=s.mode, replica=self.replica)
+                            engines=s.engines, devices=s.devices, mode=s.mode, replica=self.replica,
+                            speculation=finished.speculation if finished is not None else None)
 
 
 def sse_json(data: dict) -> str:

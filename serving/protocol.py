@@ -80,6 +80,8 @@ class ChatCompletionRequest(Lenient):
     max_reasoning_steps: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None  # vLLM's: generate max_tokens whatever the model says (benchmarks)
     exit_layer: int | None = None  # dyngraph's: this request's exit depth (needs runtime.policy.request_override)
+    speculative: bool | None = None  # dyngraph's: self-speculation on or off for this request (default: runtime.speculation.enabled)
+    draft_exit: int | None = None  # dyngraph's: the exit that drafts when it speculates (default: runtime.speculation.draft_exit)
 
 
 # --- responses ----------------------------------------------------------------------------------------
@@ -135,6 +137,8 @@ class DyngraphInfo(BaseModel):
     devices: dict[str, str]
     mode: str
     replica: str | None = Field(default=None, exclude_if=lambda v: v is None)  # behind Ray Serve: which replica answered
+    # when it speculated: tokens drafted, drafts accepted, verifications and the tokens they yielded
+    speculation: dict[str, int] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ResponseMessage(BaseModel):
