@@ -35,6 +35,7 @@ class RequestResult:
     latency_s: float | None = None  # sent -> [DONE]
     tpot_s: float | None = None  # (latency - ttft) / (completion tokens - 1)
     tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (bench/quality.py)
+    speculation: dict[str, int] | None = None  # drafted, accepted, verifications, tokens: when the server speculated
 
 
 async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body: dict, mode: str, t_run: float,
@@ -82,6 +83,7 @@ async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body:
     result.exit_layer = info.get("exit_layer")
     result.devices = dict(info.get("devices") or {})
     result.engines = list(info.get("engines") or [])
+    result.speculation = info.get("speculation")
     result.prompt_tokens, result.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not usage:
         result.error = "the stream carried no usage (stream_options.include_usage)"

@@ -183,6 +183,10 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
         from bench.soak import run_soak
 
         return run_soak(app, server_overrides, console)
+    if app.bench.speculation is not None:  # bench=speculation: full depth with and without self-speculation (bench/speculation.py)
+        from bench.speculation import run_speculation
+
+        return run_speculation(app, server_overrides, console)
     console = console or make_console()
     if app.bench.quantizations:
         return run_quantizations(app, server_overrides, console)

@@ -142,6 +142,19 @@ class SoakConfig:
 
 
 @dataclass
+class SpeculationBench:
+    """`pipeline bench bench=speculation` (bench/speculation.py): full depth with self-speculation
+    against without, through the server, on the workload's text requests at each concurrency level."""
+
+    draft_exits: list[int | None] = field(default_factory=lambda: [None])  # null: the first exit
+    draft_tokens: list[int] = field(default_factory=lambda: [2, 4])  # one server per value (runtime.speculation.draft_tokens)
+    adaptive: bool = False  # runtime.speculation.adaptive
+    requests: int = 8  # per configuration and concurrency level: the workload's text requests, repeated in order
+    max_tokens: int = 64  # every request generates this many (ignore_eos): equal lengths, equal work
+    transformers: bool = True  # transformers' assistant_early_exit beside its plain generate, at concurrency 1
+
+
+@dataclass
 class BenchConfig:
     name: str = "default"
     seed: int = 0  # the synthetic media and the arrival times derive from it
@@ -156,6 +169,7 @@ class BenchConfig:
     roofline: RooflineSettings = field(default_factory=RooflineSettings)
     peer: PeerSettings = field(default_factory=PeerSettings)
     soak: SoakConfig | None = None  # set (bench=soak): a soak of one server instead of the static/dynamic comparison
+    speculation: SpeculationBench | None = None  # set (bench=speculation): speculative against plain full depth instead
     # weight quantizations to compare (e.g. [null, int8, int4], each its own export): the whole
     # static/dynamic comparison once per entry, then one table of them side by side; empty: export.quantize only
     quantizations: list[str | None] = field(default_factory=list)
