@@ -22,6 +22,10 @@
 #   scripts/gpu_host.sh referencebench [OVERRIDES]  its fp16 engines exported, then the default mix under the calibrated
 #                                           confidence policy (+preset=reference-gpu-bench), into $OUT/bench-reference.tgz
 #   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
+#   scripts/gpu_host.sh referencetrain      the code corpus, then the reference model trained with exit losses (its report
+#                                           into $OUT/reference.tgz; the checkpoint stays in /data/engines/reference)
+#   scripts/gpu_host.sh speculation NAME [OVERRIDES]  bench=speculation in the foreground on the bench's composed model
+#                                           (e.g. +preset=reference-gpu-bench), its report into $OUT/speculation-NAME.tgz
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 ENGINES=${ENGINES:-/tmp/engines}
@@ -141,10 +145,25 @@ referencebench)
     > "$OUT/bench-reference.log" 2>&1 || true
   tail -n 40 "$OUT/bench-reference.log"
   [ -d /tmp/bench_results ] && tar czf "$OUT/bench-reference.tgz" -C /tmp/bench_results . ;;
+referencetrain)
+  start=$(date +%s)
+  python3 scripts/build_corpus.py /data/corpus-code --code > "$OUT/corpus.log" 2>&1
+  echo "corpus: $(( $(date +%s) - start )) s" | tee -a "$OUT/corpus.log"
+  python3 -m pipeline calibrate +preset=reference-gpu-train calibrate.progress=false > "$OUT/train.log" 2>&1 || echo "training failed: exit $?"
+  echo "corpus and training: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
+  tail -n 30 "$OUT/train.log"
+  tar czf "$OUT/reference.tgz" -C /data/engines/reference --exclude='*.safetensors' . ;;
+speculation)
+  name=$2; shift 2
+  rm -rf /tmp/speculation_results
+  python3 -m pipeline bench bench=speculation output_dir=/tmp/speculation_results run_name="$name" progress=false "$@" \
+    > "$OUT/speculation-$name.log" 2>&1 || echo "bench failed: exit $?"
+  tail -n 30 "$OUT/speculation-$name.log"
+  [ -d /tmp/speculation_results ] && tar czf "$OUT/speculation-$name.tgz" -C /tmp/speculation_results . ;;
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 pack)  # everything under $OUT into one $OUT/NAME.tgz (what comes back is at most 8 files)
   tar czf "/tmp/$2.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "/tmp/$2.tgz" "$OUT/" ;;
 *)
-  sed -n 2,19p "$0"; exit 2 ;;
+  sed -n "2,/^set /{/^set /!p}" "$0"; exit 2 ;;
 esac
