@@ -94,5 +94,5 @@ def exit_logits(path: PathSpec, run, feeds: dict[str, torch.Tensor], specs: dict
             cache = [torch.zeros(concrete_shape(t, sizes), dtype=tensor_dtype(t, dtype), device=device) for t in spec.inputs[3:]]
             seqlens = torch.full((b,), s - 1, dtype=torch.int32, device=device)  # no past: the prompt is each row's whole cache
             hidden, exit_hidden, *_ = run(name, [hidden, seqlens, torch.tensor(s, dtype=torch.int32), *cache])
-            logits[spec.layers[1]] = run("lm_head", [exit_hidden[:, -1]])[0]
+            logits[spec.layers[1]] = run("lm_head", [exit_hidden[:, -1].contiguous()])[0]
     return logits

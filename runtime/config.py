@@ -74,6 +74,10 @@ class SpeculationConfig:
     # one row only), while a decode step serves every row at once: above this many sequences decoding together,
     # requests decode without drafting
     max_batch: int = 1
+    # the draft's engines: null, the served export's own; int8 or int4, that weight quantization of the same export
+    # (python -m pipeline export export.quantize=...), read by drafts in steps where every sequence drafts: fewer
+    # bytes a draft step, while the verification, from the embedding then, stays the served export's
+    draft_quantize: str | None = None
 
 
 @dataclass

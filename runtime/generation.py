@@ -31,6 +31,7 @@ from functools import partial
 import torch
 
 from model.tokenizer import ChatTokenizer
+from contract.engines import segment_engine
 from contract.exits import Exits
 from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
@@ -157,8 +158,12 @@ class Sequence:
 
 
 class GenerationEngine:
-    def __init__(self, engines: EngineSet, placement: Placement, tokenizer: ChatTokenizer, cfg: RuntimeConfig, metrics: Metrics):
+    def __init__(self, engines: EngineSet, placement: Placement, tokenizer: ChatTokenizer, cfg: RuntimeConfig, metrics: Metrics,
+                 draft_engines: EngineSet | None = None):
+        """`draft_engines`: a weight-quantized export of the same model, for self-speculation's drafts
+        (runtime.speculation.draft_quantize)."""
         self.engines, self.placement, self.tokenizer, self.cfg, self.metrics = engines, placement, tokenizer, cfg, metrics
+        self.draft_engines = draft_engines
         manifest = engines.manifest
         self.manifest = manifest
         text = manifest.model["config"]["text"]
@@ -192,7 +197,10 @@ class GenerationEngine:
         except EngineIncompatible as e:
             raise EngineConfigError(str(e)) from None
         cuda_graphs = cfg.cuda_graphs and any(torch.device(d).type == "cuda" for d in placement.devices)
-        self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs)
+        if draft_engines is not None and draft_engines.manifest.model != manifest.model:
+            raise EngineConfigError(f"the draft engines in {draft_engines.directory} are another model's export (or other weights) "
+                                    f"than {engines.directory}: export both from the same model")
+        self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs, draft_engines)
 
         self.cond = threading.Condition()
         self.waiting: deque[Sequence] = deque()
@@ -261,6 +269,9 @@ class GenerationEngine:
             names = self.mode_engines()
         for name in names:
             self.engines.session(name)
+        if self.draft_engines is not None:  # what a draft at any exit short of the last runs
+            for name in ["embed", *map(segment_engine, range(self.exits.segments - 1)), "lm_head"]:
+                self.draft_engines.session(name)
         if self.mode == "static":
             log.info("[DYNAMIC GRAPH] Static mode: every request runs the full graph (%d layers, every encoder)", self.exits.full)
         elif self.on_demand:
@@ -549,7 +560,7 @@ class GenerationEngine:
         """Check a sequence's drafts with its deeper segments; take the tokens they yield, keep their cache entries."""
         draft = seq.draft
         past = len(seq.request.prompt_ids) + len(seq.token_ids) - 1  # entries before the first drafted position
-        logits = self.stepper.verify(seq.row, past)
+        logits = self.stepper.verify(seq.row, past, [seq.token_ids[-1], *draft.tokens[:-1]])
         tokens, accepted = accept(draft, logits, seq.request.sampling, seq.generator, self.sampler)
         counts = draft.settle(accepted, len(tokens))  # before the tokens are taken: the last may finish the request
         self.speculation_counts.setdefault(seq.path.name, Counter()).update(counts)

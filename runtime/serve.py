@@ -145,11 +145,23 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
                         on_load=loaded, on_unload=lambda name, device, reason: metrics.engine_unloads.labels(name, reason).inc(),
                         announce=on_demand, host_copy=lambda device: on_demand and offload.host_copy, backend=backend)
     tokenizer = load_tokenizer(cfg)
-    engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics)
+    engine = GenerationEngine(engines, placement, tokenizer, cfg.runtime, metrics, draft_engine_set(cfg, placement, backend, engines.cuda_graphs))
     engine.warm_up()
     if on_demand:
         engines.prefetch()  # the first read and hash of the engines not loaded yet, while the server starts and serves
     return ChatService(cfg.server, LocalEngine(engines, engine), tokenizer, metrics)
+
+
+def draft_engine_set(cfg: ServeApp, placement: Placement, backend: str, cuda_graphs: set[str]) -> EngineSet | None:
+    """The quantized export self-speculation drafts with (runtime.speculation.draft_quantize), if any."""
+    quantize = cfg.runtime.speculation.draft_quantize
+    if quantize is None:
+        return None
+    directory = engines_path(cfg.engines_dir, cfg.model.name, cfg.export.backend, quantize)
+    if not (directory / "manifest.json").exists():
+        raise ServeError(f"runtime.speculation.draft_quantize={quantize}: no engines at {directory}: export them first with "
+                         f"`python -m pipeline export export.quantize={quantize}` and the served export's other settings")
+    return EngineSet(directory, placement, verify=cfg.runtime.verify, backend=backend, cuda_graphs=cuda_graphs)
 
 
 def dynamic_graph_env() -> bool | None:

@@ -24,7 +24,11 @@ a deeper segment that runs for other sequences carries its row along without adv
 so the entry written there lands past its own and is overwritten by the verification. Its hidden
 state at the draft exit is kept per drafted position, and `verify` runs those positions through the
 deeper segments as one chunk after its past, like a prompt chunk, scoring each at its exit;
-`truncate` then drops the rejected entries from every segment by its length alone.
+`truncate` then drops the rejected entries from every segment by its length alone. With a
+quantized draft (`draft_engines`: a weight-quantized export of the same model), a step in which
+every sequence drafts runs that export's engines, which read fewer bytes; their cache entries are
+the quantized layers', so the verification then runs the drafted tokens through every segment from
+the embedding, rewriting those entries with the full model's.
 """
 from __future__ import annotations
 
@@ -131,8 +135,9 @@ class DecodeBuffers:
 
 
 class Stepper:
-    def __init__(self, engines: EngineSet, max_batch: int, capacity: int, cuda_graphs: bool):
+    def __init__(self, engines: EngineSet, max_batch: int, capacity: int, cuda_graphs: bool, draft_engines: EngineSet | None = None):
         self.engines = engines
+        self.draft_engines = draft_engines  # a quantized export of the same model, for steps in which every sequence drafts
         manifest: Manifest = engines.manifest
         self.manifest = manifest
         self.dtype = EXPORT_DTYPES[manifest.dtype]
@@ -230,12 +235,18 @@ class Stepper:
 
     # --- self-speculation: verify a sequence's drafted positions, keep what was accepted ------------------
 
-    def verify(self, row: Row, past: int) -> torch.Tensor:
-        """The positions a drafting sequence fed since its verification before (its kept draft-exit
-        hidden states) through the segments past its draft exit, as one chunk after the `past` entries
-        they hold: logits [m, V] at its own exit, one row per position."""
-        hidden = torch.cat(self.drafted.pop(row.key), dim=1)  # [1, m, D]
-        for k in range(row.draft, row.depth):
+    def verify(self, row: Row, past: int, fed: list[int]) -> torch.Tensor:
+        """The positions a drafting sequence fed since its verification before (`fed`, their tokens)
+        through the segments past its draft exit (their kept draft-exit hidden states), or with a
+        quantized draft through every segment, as one chunk after the `past` entries they hold:
+        logits [m, V] at its own exit, one row per position."""
+        kept = self.drafted.pop(row.key)
+        first = 0 if self.draft_engines is not None else row.draft
+        if first:
+            hidden = torch.cat(kept, dim=1)  # [1, m, D]
+        else:
+            hidden = self.engines.run("embed", {"input_ids": torch.tensor([fed], device=self.engines.device("embed"))})["hidden"]
+        for k in range(first, row.depth):
             out = self.extend(k, self.caches[k].row(row.key), hidden, past, row.media)
             hidden = out["hidden_out"]
         return self.head(out["exit_hidden"][0])
@@ -267,11 +278,13 @@ class Stepper:
         plan = self.plan(by_key)
         keys = plan.members[0]
         n0 = len(keys)
+        # every sequence drafting: every engine this step runs is some draft's, the quantized one where there is one
+        engines = self.draft_engines if self.draft_engines is not None and all(r.draft for r in rows) else self.engines
         bufs = self.decode_buffers(bucket_for(n0, self.buckets))  # the embedding's and the head's
         host = self.token_host[:n0]
         host.copy_(torch.tensor([by_key[k].token for k in keys]))
         bufs.input_ids[:n0, 0].copy_(host, non_blocking=True)
-        self.run_embed(bufs)
+        self.run_embed(bufs, engines)
         hidden = bufs.segments[0].hidden
         for k, at in enumerate(plan.segments):
             b = bucket_for(at.count, self.buckets)
@@ -282,7 +295,7 @@ class Stepper:
             if at.media is not None:
                 media = self.block_media(k, [by_key[m] for m in at.media_keys])
                 x[at.media] = self.cross_attention(k, x[at.media], media["cross_kv"], media["media_mask"]).to(x.device)
-            self.run_segment(k, b)
+            self.run_segment(k, b, engines)
             self.caches[k].lengths[:at.count] += 1 if at.advance is None else at.advance
             if at.exits is not None:
                 bufs.exit_hidden.index_copy_(0, at.head_rows, seg.exit_hidden[:, 0].index_select(0, at.exits).to(self.head_device))
@@ -291,26 +304,27 @@ class Stepper:
                 for i, key in enumerate(at.draft_keys):
                     self.drafted.setdefault(key, []).append(kept[i:i + 1])
             hidden = seg.hidden_out
-        self.run_head(bufs)
+        self.run_head(bufs, engines)
         return list(keys), bufs.logits[:n0]
 
-    def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                     engines: EngineSet | None = None) -> None:
         """A decode-step run of an engine from its bucket's buffers: captured where steps run in buckets."""
-        self.engines.session(name).run(feeds, outputs, captured=self.buckets is not None)
+        (engines or self.engines).session(name).run(feeds, outputs, captured=self.buckets is not None)
 
-    def run_embed(self, bufs: DecodeBuffers) -> None:
-        self.run_captured("embed", {"input_ids": bufs.input_ids}, {"hidden": bufs.segments[0].hidden})
+    def run_embed(self, bufs: DecodeBuffers, engines: EngineSet | None = None) -> None:
+        self.run_captured("embed", {"input_ids": bufs.input_ids}, {"hidden": bufs.segments[0].hidden}, engines)
 
-    def run_segment(self, k: int, batch: int) -> None:
+    def run_segment(self, k: int, batch: int, engines: EngineSet | None = None) -> None:
         """Segment k's decode step over its first `batch` cache rows, from its buffers at that batch size."""
         seg, cache = self.decode_buffers(batch).segments[k], self.caches[k]
         cache.allocate()  # a capture at start-up runs on spare rows before any sequence has come
         self.run_captured(segment_engine(k), {"hidden": seg.hidden, "seqlens_k": cache.lengths[:batch],
                                               "total_sequence_length": self.decode_total, **cache.feeds(slice(0, batch))},
-                          {"hidden_out": seg.hidden_out, "exit_hidden": seg.exit_hidden})
+                          {"hidden_out": seg.hidden_out, "exit_hidden": seg.exit_hidden}, engines)
 
-    def run_head(self, bufs: DecodeBuffers) -> None:
-        self.run_captured("lm_head", {"exit_hidden": bufs.exit_hidden}, {"logits": bufs.logits})
+    def run_head(self, bufs: DecodeBuffers, engines: EngineSet | None = None) -> None:
+        self.run_captured("lm_head", {"exit_hidden": bufs.exit_hidden}, {"logits": bufs.logits}, engines)
 
     def replay(self, batch: int, depth: int) -> None:
         """A decode step's engines alone at one batch size, on whatever their buffers hold: embed,

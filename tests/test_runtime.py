@@ -58,9 +58,9 @@ def media():
     return pixels, decode_audio(encode_wav(synth_sound("tone", 0.7, np.random.default_rng(0))), "wav", LIMITS, AudioArgs(max_seconds=10.0), "audio")
 
 
-def make_engine(engines: EngineSet, tok: ChatTokenizer, **runtime) -> GenerationEngine:
+def make_engine(engines: EngineSet, tok: ChatTokenizer, draft_engines: EngineSet | None = None, **runtime) -> GenerationEngine:
     cfg = RuntimeConfig(**runtime)
-    return GenerationEngine(engines, Placement(cfg.placement, engines.manifest), tok, cfg, Metrics(cfg.max_batch_size))
+    return GenerationEngine(engines, Placement(cfg.placement, engines.manifest), tok, cfg, Metrics(cfg.max_batch_size), draft_engines)
 
 
 class Running:

@@ -4,8 +4,7 @@ plain run leaves them; the bookkeeping is right at both ends (no draft accepted,
 accepted); bad settings get one line."""
 from __future__ import annotations
 
-import itertools
-
+import httpx
 import pytest
 import torch
 from rich.console import Console
@@ -18,7 +17,9 @@ from runtime.sampling import Sampler, SamplingParams
 from runtime.speculation import Draft, accept
 from runtime.step import Row, Stepper
 from .conftest import compose_export
+from .test_quantize import int8_export  # noqa: F401 (a fixture)
 from .test_runtime import GREEDY, Running, eager_greedy, make_engine, media, request  # noqa: F401 (media: a fixture)
+from .test_serve import MODEL, Server, chat, user
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -263,3 +264,52 @@ def test_bad_settings_are_refused_in_one_line(engines, tok, settings, words):
     with pytest.raises(EngineConfigError, match=words) as e:
         make_engine(engines, tok, **spec(**settings))
     assert "\n" not in str(e.value)
+
+
+# --- a quantized draft -------------------------------------------------------------------------------------
+
+
+def test_an_int8_draft_still_gives_the_full_models_tokens(engines, int8_export, tok):
+    """Drafts through the int8 export's engines, verified from the embedding by the fp32 export's:
+    the tokens are the plain fp32 run's, and int8 drafts agree with fp32 far more often than not."""
+    draft = EngineSet(int8_export.directory)
+    reqs = [request(tok, t, 16, ignore_eos=True) for t in TEXTS]
+    plain = generate(engines, tok, reqs, policy=PolicyConfig(force_exit=24))
+    for draft_exit in (6, 18):
+        r = Running(make_engine(engines, tok, policy=PolicyConfig(force_exit=24), **spec(draft_tokens=3, draft_exit=draft_exit),
+                                draft_engines=draft))
+        try:
+            got = [r.run(q)[0][-1] for q in reqs]
+        finally:
+            r.close()
+        assert [g.token_ids for g in got] == [p.token_ids for p in plain], draft_exit
+    assert all(g.speculation["verifications"] for g in got)
+
+
+# --- through the server, with the openai client ---------------------------------------------------------------
+
+
+def test_the_server_speculates_per_request_and_reports_it(engines_root, tiny_export, tmp_path):
+    server = Server(engines_root, tmp_path / "serve.log", "runtime.policy.force_exit=24", "runtime.speculation.enabled=false",
+                    "runtime.speculation.draft_tokens=3")
+    try:
+        ask = dict(messages=user("Open the camera"), max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        plain, _ = chat(server, **ask)
+        assert "speculation" not in plain["dyngraph"]
+        for draft_exit in (6, 12):
+            body, _ = chat(server, **ask | {"extra_body": {"ignore_eos": True, "speculative": True, "draft_exit": draft_exit}})
+            assert body["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+            c = body["dyngraph"]["speculation"]
+            assert c["verifications"] >= 1 and c["drafted"] >= c["accepted"]
+        stream = server.client().chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **ask
+                                                         | {"extra_body": {"ignore_eos": True, "speculative": True}})
+        text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+        assert text == plain["choices"][0]["message"]["content"]
+        stats = httpx.get(f"{server.url}/stats").json()["speculation"]
+        assert stats["exit24-text"]["verifications"] >= 3
+        assert server.metric("dyngraph_speculation_total", kind="drafted", path="exit24-text") >= 3
+        assert "drafting 3 tokens at exit 6" in server.logs() and "speculated:" in server.logs()
+        bad = server.post({"model": MODEL, "messages": user("hi"), "speculative": True, "draft_exit": 24})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "draft_exit"
+    finally:
+        server.stop()
