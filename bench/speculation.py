@@ -1,6 +1,8 @@
 """`python -m pipeline bench bench=speculation`: full depth with self-speculation against without.
 
-One server per draft length in `bench.speculation.draft_tokens`, every request forced to full depth
+One server per draft length in `bench.speculation.draft_tokens` and draft quantization in
+`bench.speculation.draft_quantize` (null: the served export's engines draft; int8/int4: that
+`export.quantize` export of the same model does), every request forced to full depth
 (`runtime.policy.force_exit`) and speculating at every batch size (`runtime.speculation.max_batch`
 = the largest concurrency level, so each level shows what speculation does there; the server's
 default, 1, speculates only for a request decoding alone). At each concurrency level the workload's
@@ -74,11 +76,12 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
                   f"draft lengths {list(cfg.draft_tokens)} at exits {[exits.first if e is None else e for e in cfg.draft_exits]}, "
                   f"full depth ({exits.full} layers); engines {engines}")
     runs: list[dict] = []
-    for k in cfg.draft_tokens:
+    for k, quantize in [(k, q) for q in cfg.draft_quantize for k in cfg.draft_tokens]:
         overrides = [f"runtime.policy.force_exit={exits.full}", "runtime.speculation.enabled=false",
                      f"runtime.speculation.draft_tokens={k}", f"runtime.speculation.adaptive={str(cfg.adaptive).lower()}",
-                     f"runtime.speculation.max_batch={max(levels)}"]
-        with Server(app, "dynamic", server_overrides + overrides, log_dir / f"server-k{k}.log") as server:
+                     f"runtime.speculation.max_batch={max(levels)}", f"runtime.speculation.draft_quantize={quantize or 'null'}"]
+        server_log = log_dir / f"server-k{k}{'-' + quantize if quantize else ''}.log"
+        with Server(app, "dynamic", server_overrides + overrides, server_log) as server:
             warm = [requests[0].body(server.model_id, 0.0, app.bench.seed, max_tokens=cfg.max_tokens) | {"ignore_eos": True, "speculative": True}]
             asyncio.run(drive(server.url, requests[:1], warm, "dynamic", 1, [0.0], app.bench.request_timeout_s, lambda _: None))
             for concurrency in levels:
@@ -93,9 +96,9 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
                     failed = [r for r in results if not r.ok]
                     if failed:
                         raise BenchError(f"a request failed (k={k}, draft exit {draft_exit}, concurrency {concurrency}): "
-                                         f"{failed[0].error} (log: {log_dir / f'server-k{k}.log'})")
-                    runs.append(summarize(k, draft_exit, concurrency, results, wall))
-                    console.print(f"  k={k} {'plain' if draft_exit is None else f'draft at exit {draft_exit}'} c={concurrency}: "
+                                         f"{failed[0].error} (log: {server_log})")
+                    runs.append(summarize(k, quantize, draft_exit, concurrency, results, wall))
+                    console.print(f"  {label(runs[-1])} c={concurrency}: "
                                   f"{runs[-1]['tpot_ms']:.2f} ms/token, {runs[-1]['tokens_per_s']:.0f} tokens/s"
                                   + (f", {runs[-1]['acceptance']:.0%} of drafts accepted" if draft_exit is not None else ""))
     report = build_report(app, manifest, engines.name, device, requests, runs)
@@ -114,10 +117,10 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
     return report_dir
 
 
-def summarize(k: int, draft_exit: int | None, concurrency: int, results: list[RequestResult], wall: float) -> dict:
+def summarize(k: int, quantize: str | None, draft_exit: int | None, concurrency: int, results: list[RequestResult], wall: float) -> dict:
     tokens = sum(r.completion_tokens for r in results)
     counts = {key: sum((r.speculation or {}).get(key, 0) for r in results) for key in ("drafted", "accepted", "verifications", "tokens")}
-    return {"draft_tokens": k, "draft_exit": draft_exit, "concurrency": concurrency,
+    return {"draft_tokens": k, "draft_quantize": quantize, "draft_exit": draft_exit, "concurrency": concurrency,
             "tpot_ms": 1000 * statistics.fmean(r.tpot_s for r in results if r.tpot_s is not None),
             "ttft_ms": 1000 * statistics.fmean(r.ttft_s for r in results),
             "latency_s": statistics.fmean(r.latency_s for r in results),
@@ -133,7 +136,7 @@ def build_report(app: BenchApp, manifest: Manifest, engines: str, device: str, r
     reference = next(r for r in runs if r["draft_exit"] is None and r["concurrency"] == min(x["concurrency"] for x in runs))["outputs"]
     for run in runs:
         plain = next(r for r in runs if r["draft_exit"] is None and r["draft_tokens"] == run["draft_tokens"]
-                     and r["concurrency"] == run["concurrency"])
+                     and r["draft_quantize"] == run["draft_quantize"] and r["concurrency"] == run["concurrency"])
         equal, compared = map(sum, zip(*(agreement(out, ref) for out, ref in zip(run["outputs"], reference))))
         run["tokens_equal"] = equal / compared if compared else None
         run["speedup_tokens_per_s"] = run["tokens_per_s"] / plain["tokens_per_s"]
@@ -207,9 +210,14 @@ def fmt(value, spec: str, missing: str = "–") -> str:
 
 
 def label(run: dict) -> str:
+    quantized = f" {run['draft_quantize']}" if run["draft_quantize"] else ""
     if run["draft_exit"] is None:
-        return f"plain full depth (server of draft {run['draft_tokens']})"
-    return f"draft {run['draft_tokens']} at exit {run['draft_exit']}"
+        return f"plain full depth (server of draft {run['draft_tokens']}{quantized})"
+    return f"draft {run['draft_tokens']}{quantized} at exit {run['draft_exit']}"
+
+
+def order(run: dict) -> tuple:
+    return run["concurrency"], run["draft_exit"] or 0, run["draft_quantize"] or "", run["draft_tokens"]
 
 
 def render_markdown(report: dict) -> str:
@@ -220,12 +228,12 @@ def render_markdown(report: dict) -> str:
            "| configuration | concurrency | ms/token | tokens/s | × plain | drafts accepted | tokens per verification | tokens equal to full depth |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     seen = set()
-    for run in sorted(report["runs"], key=lambda r: (r["concurrency"], r["draft_exit"] or 0, r["draft_tokens"])):
+    for run in sorted(report["runs"], key=order):
         key = (run["concurrency"], run["draft_exit"])
         if run["draft_exit"] is None and key in seen:
             continue  # plain runs once per server: one row per concurrency level
         seen.add(key)
-        name = "plain full depth" if run["draft_exit"] is None else label(run)
+        name = "plain full depth" if run["draft_exit"] is None else label(run)  # plain: the first server's
         out.append(f"| {name} | {run['concurrency']} | {run['tpot_ms']:.2f} | {run['tokens_per_s']:.0f} | "
                    f"{run['speedup_tokens_per_s']:.2f} | {fmt(run['acceptance'], '.0%')} | {fmt(run['tokens_per_verification'], '.2f')} | "
                    f"{fmt(run['tokens_equal'], '.1%')} |")
@@ -251,7 +259,7 @@ def print_table(report: dict, console: Console) -> None:
     table = Table(title="self-speculation against plain full depth")
     for col in ("configuration", "c", "ms/token", "tokens/s", "× plain", "accepted", "tokens/verif.", "equal"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
-    for run in sorted(report["runs"], key=lambda r: (r["concurrency"], r["draft_exit"] or 0, r["draft_tokens"])):
+    for run in sorted(report["runs"], key=order):
         table.add_row(label(run), str(run["concurrency"]), f"{run['tpot_ms']:.2f}", f"{run['tokens_per_s']:.0f}",
                       f"{run['speedup_tokens_per_s']:.2f}", fmt(run["acceptance"], ".0%"), fmt(run["tokens_per_verification"], ".2f"),
                       fmt(run["tokens_equal"], ".1%"))

@@ -149,6 +149,8 @@ class SpeculationBench:
     draft_exits: list[int | None] = field(default_factory=lambda: [None])  # null: the first exit
     draft_tokens: list[int] = field(default_factory=lambda: [2, 4])  # one server per value (runtime.speculation.draft_tokens)
     adaptive: bool = False  # runtime.speculation.adaptive
+    # the drafts' engines, one server per entry: null, the served export's; int8/int4, that quantization's export of it
+    draft_quantize: list[str | None] = field(default_factory=lambda: [None])
     requests: int = 8  # per configuration and concurrency level: the workload's text requests, repeated in order
     max_tokens: int = 64  # every request generates this many (ignore_eos): equal lengths, equal work
     transformers: bool = True  # transformers' assistant_early_exit beside its plain generate, at concurrency 1

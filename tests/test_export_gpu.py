@@ -128,3 +128,60 @@ def test_an_evicted_segment_recaptures_its_graphs_on_reload(cuda_export):
             assert len(new.graphs) >= 1 and new.graph_runs[threading.get_ident(), 1] == CAPTURE_RUNS  # captured anew, under the load lock
         tokens[graphs] = out
     assert tokens[True] == tokens[False]
+
+
+@requires_gpu
+@pytest.mark.parametrize("draft_depth, k", [(1, 4), (2, 3)])
+def test_speculation_over_captured_steps_gives_the_plain_tokens(cuda_export, draft_depth, k):
+    """A drafting sequence beside a plain one, captured decode steps (the plain row runs the deep
+    segments the drafting one is carried through), verifications in fp16 on CUDA: both sequences'
+    tokens are the plain captured run's."""
+    from runtime.sampling import GREEDY, Sampler
+    from runtime.speculation import Draft, accept
+    from runtime.step import Row
+
+    prompts = {"a": [9, 8, 7, 6, 5], "b": [3, 4, 5]}
+    n = 20
+    want = {key: [] for key in prompts}
+    stepper = stepper_on_cuda(cuda_export.directory, graphs=True)
+    with torch.inference_mode():
+        stepper.capture()
+        rows = {}
+        for key, prompt in prompts.items():
+            logits, _ = stepper.prefill(key, prompt, 4, None)
+            rows[key] = Row(key, 4, int(logits.argmax()))
+            want[key].append(rows[key].token)
+        for _ in range(n):
+            keys, logits = stepper.decode(list(rows.values()))
+            for key, token in zip(keys, logits.argmax(-1).tolist()):
+                rows[key].token = token
+                want[key].append(token)
+
+    got = {key: [] for key in prompts}
+    stepper = stepper_on_cuda(cuda_export.directory, graphs=True)
+    sampler = Sampler(512)
+    with torch.inference_mode():
+        stepper.capture()
+        rows = {}
+        for key, prompt in prompts.items():
+            logits, _ = stepper.prefill(key, prompt, 4, None)
+            rows[key] = Row(key, 4, int(logits.argmax()))
+            got[key].append(rows[key].token)
+        draft = Draft(draft_depth, k, k, False)
+        while len(got["a"]) <= n:
+            rows["a"].draft = draft_depth
+            keys, logits = stepper.decode(list(rows.values()))
+            tokens = dict(zip(keys, logits.argmax(-1).tolist()))
+            rows["b"].token = tokens["b"]
+            got["b"].append(tokens["b"])
+            draft.add(tokens["a"], None)
+            rows["a"].token = tokens["a"]
+            if len(draft.tokens) == k:
+                past = len(prompts["a"]) + len(got["a"]) - 1
+                out, accepted = accept(draft, stepper.verify(rows["a"], past, [got["a"][-1], *draft.tokens[:-1]]), GREEDY, None, sampler)
+                draft.settle(accepted, len(out))
+                got["a"] += out
+                rows["a"].token = out[-1]
+                stepper.truncate("a", past + len(out))
+    assert got["a"][:n + 1] == want["a"][:n + 1]
+    assert got["b"][:len(want["b"])] == want["b"][:len(got["b"])]

@@ -4,6 +4,8 @@ plain run leaves them; the bookkeeping is right at both ends (no draft accepted,
 accepted); bad settings get one line."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import torch
@@ -16,7 +18,7 @@ from runtime.generation import EngineConfigError, Finished
 from runtime.sampling import Sampler, SamplingParams
 from runtime.speculation import Draft, accept
 from runtime.step import Row, Stepper
-from .conftest import compose_export
+from .conftest import compose_export, run_cli
 from .test_quantize import int8_export  # noqa: F401 (a fixture)
 from .test_runtime import GREEDY, Running, eager_greedy, make_engine, media, request  # noqa: F401 (media: a fixture)
 from .test_serve import MODEL, Server, chat, user
@@ -158,7 +160,7 @@ def test_caches_after_drafts_and_verifications_equal_a_plain_runs(engines, tok):
             rows[0].token = tokens[0]
             if len(draft.tokens) == draft.length:
                 past = len(prompts[0]) + len(out[0]) - 1
-                got, accepted = accept(draft, stepper.verify(rows[0], past), GREEDY, None, sampler)
+                got, accepted = accept(draft, stepper.verify(rows[0], past, [out[0][-1], *draft.tokens[:-1]]), GREEDY, None, sampler)
                 draft.settle(accepted, len(got))
                 out[0] += got
                 rows[0].token = got[-1]
@@ -313,3 +315,35 @@ def test_the_server_speculates_per_request_and_reports_it(engines_root, tiny_exp
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "draft_exit"
     finally:
         server.stop()
+
+
+# --- the bench -------------------------------------------------------------------------------------------
+
+
+def test_bench_speculation_reports_every_configuration(engines_root, tiny_export, tmp_path):
+    result = run_cli("pipeline", "bench", "bench=speculation", f"engines_dir={engines_root}", f"output_dir={tmp_path}", "run_name=spec",
+                     "bench.concurrency=[1,2]", "bench.speculation.requests=2", "bench.speculation.max_tokens=6",
+                     "bench.speculation.draft_tokens=[2]", "bench.speculation.draft_exits=[6,18]", "progress=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "spec" / "speculation.json").read_text())
+    runs = {(r["draft_exit"], r["concurrency"]): r for r in report["runs"]}
+    assert set(runs) == {(e, c) for e in (None, 6, 18) for c in (1, 2)}
+    for (draft_exit, _), run in runs.items():
+        assert run["tokens_equal"] == 1.0  # greedy: speculation keeps full depth's tokens
+        assert run["completion_tokens"] == 2 * 6
+        if draft_exit is None:
+            assert run["drafted"] == 0 and run["speedup_tokens_per_s"] == 1.0
+        else:
+            assert run["verifications"] > 0 and 0 <= run["acceptance"] <= 1 and run["tokens_per_verification"] >= 1
+    hf = report["transformers"]
+    assert [row["draft_exit"] for row in hf["rows"]] == [None, 6, 18] and hf["rows"][0]["tokens_equal"] == 1.0
+    for name in ("speculation.md", "speculation.png", "server-k2.log"):
+        assert (tmp_path / "spec" / name).stat().st_size > 0
+    assert "| draft 2 at exit 18 | 2 |" in (tmp_path / "spec" / "speculation.md").read_text()
+
+
+def test_bench_speculation_refuses_a_draft_exit_that_is_not_one(engines_root, tiny_export, tmp_path):
+    result = run_cli("pipeline", "bench", "bench=speculation", f"engines_dir={engines_root}", f"output_dir={tmp_path}",
+                     "bench.speculation.draft_exits=[24]")
+    assert result.returncode != 0 and "draft_exits=[24] must be exits short of the last" in result.stderr
+    assert "Traceback" not in result.stderr
