@@ -420,7 +420,8 @@ def test_kv_buffers_are_allocated_by_need_and_freed_with_their_segment(tiny_engi
         deep = request(tok, "deep", 3, exit_layer=24)
         (_, tokens), = r.tokens(deep)
         assert tokens == eager_greedy(tiny_model, tok, deep.prompt_ids, 24, 3)
-        assert engine.kv_bytes["cpu"] == engine.kv_peak["cpu"] == sum(per_segment)
+        # every segment's buffer existed for it (now, the idle deep segments may already be gone with theirs)
+        assert engine.kv_peak["cpu"] == sum(per_segment)
         deadline = time.monotonic() + 3  # the deep segments unload when idle, and their buffers go with them
         while engine.kv_bytes["cpu"] > per_segment[0] and time.monotonic() < deadline:
             time.sleep(0.05)
