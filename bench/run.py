@@ -35,6 +35,7 @@ from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baselin
 from contract.config import BenchApp, ExportConfig
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from bench import report as reporting
+from bench.metrics import machine_class
 from contract.manifest import Manifest, ManifestError, engines_path
 from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.client import RequestResult, arrival_times, drive
@@ -305,7 +306,7 @@ def gather_environment(app: BenchApp, nvml: Nvml | None, modes: dict[str, ModeRe
     cores = os.cpu_count()
     return {
         "device": {**device, "placement": app.server.runtime, "gpus": gpus},
-        "machine_class": reporting.machine_class(device["kind"], name, app.server.runtime, len(labels), cores),
+        "machine_class": machine_class(device["kind"], name, app.server.runtime, len(labels), cores),
         # other work on the host slows a CPU run (and a GPU run's host side): the 1-minute load average at the end
         "cpu": {"model": cpu_model(), "cores": cores, "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "python": platform.python_version(),

@@ -26,7 +26,9 @@ from bench.compare import CompareError, load_report, run_compare, tolerance_for
 from contract.config import BenchApp, CompareConfig, RequestGroup
 from pipeline.commands import register_configs
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
-from bench.report import SCHEMA_VERSION, build_report, decode_title, machine_class, plot_decode, stats, write_report
+from bench.metrics import machine_class, stats
+from bench.plots import decode_title, plot_decode
+from bench.report import SCHEMA_VERSION, build_report, write_report
 from bench.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
 
 from .conftest import CONF_DIR, ROOT, run_cli
