@@ -19,6 +19,7 @@ from bench.metrics import (KIND_SCOPES, RATIOS, build_metrics, decode_batch1, fm
                            mode_block, path_table, ratio, roofline, stats, transformers_block)
 from bench.plots import decode_title, plot_decode, write_plots  # noqa: F401
 from bench.quality import quality_block
+from bench.workload import active_groups
 from contract.config import BenchApp
 from contract.manifest import Manifest, write_atomic
 
@@ -68,8 +69,9 @@ def build_report(app: BenchApp, manifest: Manifest, requests, workload_fingerpri
                      # weight quantization: scheme and per-path agreement with the eager model (not the cache keys)
                      "quantization": {k: v for k, v in (manifest.quantization or {}).items() if k != "keys"} or None},
         "workload": {"name": app.bench.name, "fingerprint": workload_fingerprint, "requests": len(requests),
-                     "groups": {g: {"count": c.count, "max_tokens": c.max_tokens, "modalities": list(c.modalities)} for g, c in app.bench.groups.items()},
-                     "concurrency": list(app.bench.concurrency), "request_rate": app.bench.request_rate},
+                     "groups": {g: {"count": c.count, "max_tokens": c.max_tokens, "modalities": list(c.modalities), "source": c.source}
+                                for g, c in active_groups(app.bench).items()},
+                     "corpus": app.bench.corpus, "concurrency": list(app.bench.concurrency), "request_rate": app.bench.request_rate},
         "modes": blocks,
         "headline": heads,
         "ratios": ratios,

@@ -41,7 +41,7 @@ from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
 from bench.server import BenchError, Server, server_env
-from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
+from bench.workload import BenchRequest, WorkloadError, active_groups, build_workload, fingerprint
 from pipeline.console import make_console
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,34 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
     if find_spec("runtime.serve") is None:
         raise BenchError("python -m runtime.serve is not available in this checkout")
     try:
-        requests = build_workload(cfg)
+        requests = build_workload(cfg, corpus_tokenizer(app), manifest.dims["capacity"]["max"])
     except WorkloadError as e:
         raise BenchError(str(e)) from None
     if not requests:
         raise BenchError(f"bench={cfg.name} has no requests (every group has count 0)")
     return engines, manifest, requests
+
+
+def served_tokenizer(app: BenchApp) -> ChatTokenizer:
+    """The tokenizer runtime.serve loads for this model: the checkpoint's tokenizer.json, else the built-in byte-level one."""
+    folder = Path(app.model.checkpoint).expanduser() if app.model.checkpoint else None
+    try:
+        return ChatTokenizer.from_dir(folder) if folder and (folder / "tokenizer.json").is_file() else ChatTokenizer.builtin()
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+
+
+def corpus_tokenizer(app: BenchApp) -> ChatTokenizer | None:
+    """What the corpus groups' prompts are measured with; None where the workload has none. A corpus
+    group is for a model trained on that corpus, so a model without a tokenizer of its own is refused."""
+    if all(g.source == "prompts" for g in active_groups(app.bench).values()):
+        return None
+    folder = Path(app.model.checkpoint).expanduser() if app.model.checkpoint else None
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        raise BenchError(f"bench.corpus={app.bench.corpus}: its groups are for a model trained on that corpus, served with its "
+                         f"tokenizer, but model={app.model.name} has {'no model.checkpoint' if folder is None else f'no tokenizer.json in {folder}'}; "
+                         "bench.corpus=null leaves them out")
+    return served_tokenizer(app)
 
 
 def run_bench(app: BenchApp, server_overrides: list[str], console: Console | None = None) -> Path:
@@ -362,11 +384,11 @@ def measure_yardsticks(app: BenchApp, manifest: Manifest, requests: list[BenchRe
     if cfg.transformers.enabled:
         console.print(f"running transformers' generate on {device}")
         out["transformers"] = yardstick("transformers comparison", BaselineSkipped, lambda: transformers_baseline(
-            requests, manifest, app.model, app.export, cfg.transformers, device, ChatTokenizer.builtin()))
+            requests, manifest, app.model, app.export, cfg.transformers, device, served_tokenizer(app)))
     if cfg.peer.enabled:
         console.print(f"building and timing the peer (ORT GenAI) on {device}")
         out["peer"] = yardstick("peer", PeerSkipped, lambda: run_peer(
-            app, manifest, requests, device, ChatTokenizer.builtin(), log_dir, console))
+            app, manifest, requests, device, served_tokenizer(app), log_dir, console))
     return out
 
 

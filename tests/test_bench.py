@@ -9,6 +9,7 @@ import fnmatch
 import io
 import json
 import subprocess
+import sys
 import wave
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,6 +88,57 @@ def test_workload_refuses_bad_groups():
     cfg.groups = {"odd": RequestGroup(modalities=["image"])}
     with pytest.raises(WorkloadError, match=r"bench.groups.odd.modalities=\['image'\] must hold 'text'"):
         build_workload(cfg)
+
+
+def held_out_corpus(folder: Path) -> Path:
+    """scripts/build_corpus.py --code on twelve small made-up modules: a third of them held out, a BPE of 300 ids."""
+    source = folder / "src"
+    source.mkdir()
+    for k in range(12):
+        body = "".join(f"def step_{k}_{j}(x, y={j}):\n    \"\"\"Return x scaled by {j} and shifted by y.\n\n"
+                       f"    The {j}th step of module {k}: the caller checks\n    that x is finite, and the result\n"
+                       f"    is never negative.\n    \"\"\"\n    total = x * {j} + y\n    return max(0, total)\n\n\n" for j in range(8))
+        (source / f"mod{k}.py").write_text(f'"""Module {k}: a few steps."""\nimport math\n\n\n' + body)
+    corpus = folder / "corpus"
+    subprocess.run([sys.executable, "scripts/build_corpus.py", str(corpus), "--code", "--source", str(source), "--max-mb", "0.1",
+                    "--vocab-size", "300", "--heldout-fraction", "0.34"], cwd=ROOT, check=True, capture_output=True)
+    return corpus
+
+
+def test_corpus_groups_come_from_the_held_out_part(tmp_path):
+    """bench.corpus: held-out files cut at a line boundary within the budget, held-out docstring questions,
+    seeded; without it the default mix is unchanged, and a model without a tokenizer of its own is refused."""
+    from bench.run import corpus_tokenizer
+    from bench.server import BenchError
+    from model.tokenizer import ChatTokenizer
+
+    corpus = held_out_corpus(tmp_path)
+    overrides = [f"bench.corpus={corpus}", "bench.groups.code.count=3", "bench.groups.docstrings.count=4", "bench.groups.code.max_prompt_tokens=200"]
+    cfg = compose_bench(overrides).bench
+    tokenizer, context = ChatTokenizer.from_dir(corpus), 256
+    requests = build_workload(cfg, tokenizer, context)
+    assert [r.prompt for r in requests] == [r.prompt for r in build_workload(cfg, tokenizer, context)]
+    code = [r for r in requests if r.group == "code"]
+    questions = [r for r in requests if r.group == "docstrings"]
+    assert len(code) == 3 and len(questions) == 4 and len(requests) == 40 + 7
+    held = {p.read_text() for p in (corpus / "heldout").glob("*-py-*.txt")}
+    train = (corpus / "train" / "chats.jsonl").read_text()
+    for r in code:
+        instruction, prefix = r.prompt.split("\n", 1)
+        assert instruction == "Continue this Python file:" and prefix.endswith("\n")
+        source = next(text for text in held if text.startswith(prefix))
+        assert len(prefix) < len(source)  # something left to continue
+        n = len(tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}]))
+        assert 200 // 2 - 40 <= n <= min(200, context - r.max_tokens)  # half to all of the budget, cut at a line
+    for r in questions:
+        assert r.prompt in (corpus / "heldout" / "chats.jsonl").read_text() and json.dumps(r.prompt) not in train
+    other = build_workload(compose_bench([*overrides, "bench.seed=1"]).bench, tokenizer, context)
+    assert {r.prompt for r in other if r.group == "code"} != {r.prompt for r in code}  # other cuts
+    assert "code" not in {r.group for r in build_workload(compose_bench().bench)}  # no corpus: the mix as it was
+    with pytest.raises(WorkloadError, match="not a scripts/build_corpus.py --code folder"):
+        build_workload(compose_bench(["bench.corpus=/nonexistent"]).bench, tokenizer, context)
+    with pytest.raises(BenchError, match="has no model.checkpoint; bench.corpus=null leaves them out"):
+        corpus_tokenizer(compose_bench([f"bench.corpus={corpus}"]))
 
 
 def test_stats_and_slug():
