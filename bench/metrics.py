@@ -21,6 +21,7 @@ from dataclasses import asdict
 import numpy as np
 
 from bench.baseline import encode_weight_bytes, step_engine_bytes
+from bench.quality import agreement, share
 from contract.manifest import Manifest
 
 
@@ -351,6 +352,47 @@ def decode_batch1(modes: dict, paths: dict[str, dict], roof: dict, hf: dict, pee
     return {"concurrency": c, "groups": prompt_tokens, "rows": rows,
             "over_peer": {"first_exit": over_peer(first), "full_depth": over_peer(full)},
             "roofline_skipped": roof.get("skipped"), "peer_skipped": peer.get("skipped")}
+
+
+def curve_block(curve: dict | None, paths: dict[str, dict], exit_layers: list[int], skipped: str) -> dict:
+    """The threshold curve (bench/curve.py): per point the mean latency over the static point's on the
+    same requests, time per output token, early-exit share and the tokens equal to the static point's
+    greedy full-depth output (bench/quality.py); and the fastest point with at least 95 % of them."""
+    if curve is None:
+        return {"skipped": skipped}
+    results = {label: (point, [request_record(r) for r in result.runs[0].requests], result)
+               for label, (point, result) in curve["results"].items()}
+    static = results["static"][1]
+    reference = {r["index"]: r["tokens"] for r in static if r["ok"]}
+    base = get(stats([r["latency_s"] for r in static if r["ok"]]), "mean")
+    points = []
+    for label, (point, records, result) in results.items():
+        s = summarize(records, paths, exit_layers)
+        pooled, groups = [0, 0], {}
+        for r in records:
+            if r["ok"] and r["index"] in reference:
+                same, total = agreement(r["tokens"], reference[r["index"]])
+                for acc in (pooled, groups.setdefault(r["group"], [0, 0])):
+                    acc[0] += same
+                    acc[1] += total
+        mean = get(s, "latency_s", "mean")
+        points.append({"label": label, "mode": point.mode, "threshold": point.threshold, "settings": list(point.extra),
+                       "requests": s["requests"], "failed": s["failed"], "mean_latency_s": mean, "latency_ratio": ratio(mean, base),
+                       "mean_ttft_s": get(s, "ttft_s", "mean"), "mean_tpot_s": get(s, "tpot_s", "mean"),
+                       "early_exit_share": s["early_exit_share"], "exit_histogram": s["exit_histogram"],
+                       "token_agreement": share(pooled), "tokens": pooled[1], "per_group": {g: share(v) for g, v in sorted(groups.items())},
+                       "log": result.log_file, "startup_s": result.startup_s, "records": records})
+    good = [p for p in points if p["mode"] == "dynamic" and p["latency_ratio"] is not None and (p["token_agreement"] or 0) >= CURVE_QUALITY]
+    best = min(good, key=lambda p: p["latency_ratio"], default=None)
+    requests = curve["requests"]
+    return {"concurrency": result.runs[0].concurrency, "requests": len(requests), "groups": sorted({r.group for r in requests}),
+            "max_tokens": max(r.max_tokens for r in requests), "reference": "the static point's greedy full-depth output on the same requests",
+            "calibrated_thresholds": curve["thresholds"], "calibrated_skipped": curve["calibrated_skipped"], "points": points,
+            "quality_floor": CURVE_QUALITY, "at_quality_floor": None if best is None else
+            {k: best[k] for k in ("label", "threshold", "latency_ratio", "mean_tpot_s", "early_exit_share", "token_agreement")}}
+
+
+CURVE_QUALITY = 0.95  # the curve's point the report names: the fastest with at least this share of tokens equal to full depth
 
 
 # where each kind of metric may be compared (module docstring); a memory figure that counts what

@@ -19,7 +19,7 @@ def write_plots(report: dict, directory: Path) -> list[Path]:
 
     written = []
     for name, draw in (("latency.png", plot_latency), ("memory.png", plot_memory), ("energy.png", plot_energy), ("exits.png", plot_exits),
-                       ("decode.png", plot_decode)):
+                       ("decode.png", plot_decode), ("quality_latency.png", plot_quality_latency)):
         fig = draw(report, plt)
         if fig is None:
             continue
@@ -172,5 +172,40 @@ def plot_decode(report: dict, plt):
     ax.set_xlim(0, max(values) * 1.35)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(decode_title(rows, bool(roofs)), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_quality_latency(report: dict, plt):
+    """The threshold curve: tokens equal to full-depth greedy against latency relative to static, a point per server."""
+    curve = report.get("threshold_curve") or {"skipped": "no curve"}
+    points = [p for p in curve.get("points", []) if p["latency_ratio"] is not None and p["token_agreement"] is not None]
+    if "skipped" in curve or not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    swept = sorted((p for p in points if p["threshold"] is not None), key=lambda p: p["threshold"])
+    if swept:
+        ax.plot([p["latency_ratio"] for p in swept], [100 * p["token_agreement"] for p in swept], "-o", color=COLORS["dynamic"],
+                label="dynamic, top-1 threshold at every exit")
+        for p in swept:
+            ax.annotate(f"{p['threshold']:g}", (p["latency_ratio"], 100 * p["token_agreement"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+    marks = {"static": ("s", COLORS["static"], "static (full depth)"), "calibrated": ("*", "#c44e52", "calibrated thresholds")}
+    for p in points:
+        if p["label"] in marks:
+            marker, color, name = marks[p["label"]]
+            ax.scatter([p["latency_ratio"]], [100 * p["token_agreement"]], marker=marker, s=120, color=color, zorder=3, label=name)
+    ax.axhline(100 * curve["quality_floor"], color="grey", ls=":", lw=1, label=f"{100 * curve['quality_floor']:.0f}% of tokens equal")
+    best = curve.get("at_quality_floor")
+    if best:
+        ax.axvline(best["latency_ratio"], color="grey", ls="--", lw=1, label=f"fastest above it: {best['latency_ratio']:.2f} of static")
+    ax.set_xlabel("mean latency relative to static")
+    ax.set_ylabel("tokens equal to full-depth greedy (%)")
+    low = min(100 * p["token_agreement"] for p in points)
+    ax.set_ylim(max(0.0, low - 5), 104)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Quality against latency over confidence thresholds ({curve['requests']} requests, concurrency {curve['concurrency']})",
+                 fontsize=10)
     fig.tight_layout()
     return fig

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 # KIND_SCOPES, machine_class, stats, decode_title and plot_decode: imported from here by compare and the tests
-from bench.metrics import (KIND_SCOPES, RATIOS, build_metrics, decode_batch1, fmt, fmt_bytes, fmt_change,  # noqa: F401
+from bench.metrics import (KIND_SCOPES, RATIOS, build_metrics, curve_block, decode_batch1, fmt, fmt_bytes, fmt_change,  # noqa: F401
                            fmt_fraction, fmt_j, fmt_ms, fmt_range, fmt_rate, fmt_ratio, fmt_s, fmt_share, get, headline, machine_class,
                            mode_block, path_table, ratio, roofline, stats, transformers_block)
 from bench.plots import decode_title, plot_decode, write_plots  # noqa: F401
@@ -38,7 +38,8 @@ TARGETS = [
 
 
 def build_report(app: BenchApp, manifest: Manifest, requests, workload_fingerprint: str, modes: dict, environment: dict,
-                 yardsticks: dict, name: str) -> dict:
+                 yardsticks: dict, name: str, curve: dict | None = None) -> dict:
+    """`curve`: what bench/curve.py run_curve measured, where bench.threshold_curve is on."""
     paths = path_table(manifest)
     exit_layers = list(manifest.model["config"]["text"]["exit_layers"])
     blocks = {mode: mode_block(result, paths, exit_layers, manifest) for mode, result in modes.items()}
@@ -83,6 +84,7 @@ def build_report(app: BenchApp, manifest: Manifest, requests, workload_fingerpri
     report["decode_batch1"] = decode_batch1(blocks, paths, report["roofline"], report["transformers"], report["peer"], exit_layers,
                                             report["workload"])
     report["quality"] = quality_block(blocks, app.bench.temperature)
+    report["threshold_curve"] = curve_block(curve, paths, exit_layers, "bench.threshold_curve.thresholds is empty")
     report["metrics"] = build_metrics(report)
     return report
 
@@ -206,6 +208,9 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             rows.append([text, f"{op} {goal:g}", fmt_ratio(value), met])
         out += [table(["Target", "Goal", "Measured", "Met"], rows), ""]
 
+    if "skipped" not in report["threshold_curve"]:
+        out += curve_markdown(report["threshold_curve"])
+
     out += ["## Per concurrency level", ""]
     rows = []
     for mode, block in modes.items():
@@ -302,6 +307,38 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     return "\n".join(out)
 
 
+def point_name(point: dict) -> str:
+    if point["mode"] == "static":
+        return "static (full depth)"
+    return "calibrated thresholds" if point["threshold"] is None else f"top-1 ≥ {point['threshold']:g}"
+
+
+def curve_markdown(curve: dict) -> list[str]:
+    """The threshold curve's table and the sentence on its fastest point above the quality floor."""
+    floor = fmt_share(curve["quality_floor"])
+    out = ["## Quality against latency over confidence thresholds", "",
+           f"{curve['requests']} requests ({', '.join(curve['groups'])}; at most {curve['max_tokens']} tokens each) at concurrency "
+           f"{curve['concurrency']}, through one server per point: static, then dynamic under `runtime.policy.name=confidence` with "
+           "each top-1 threshold at every exit (`runtime.policy.confidence`)"
+           + (f" and the calibrated ones ({', '.join(f'exit {e}: {fmt_ratio(v)}' for e, v in curve['calibrated_thresholds'].items())})."
+              if curve["calibrated_skipped"] is None else f"; no calibrated point: {curve['calibrated_skipped']}.")
+           + f" Tokens equal: position by position against {curve['reference']}.", ""]
+    rows = [[point_name(p), fmt_share(p["early_exit_share"]), fmt_s(p["mean_latency_s"]), fmt_ratio(p["latency_ratio"]), fmt_s(p["mean_tpot_s"]),
+             fmt_share(p["token_agreement"]), ", ".join(f"{g} {fmt_share(v)}" for g, v in p["per_group"].items())] for p in curve["points"]]
+    out += [table(["point", "exit early", "mean latency", "latency / static", "time per output token", "tokens equal to full depth",
+                   "per group"], rows, "lrrrrrl"), ""]
+    failed = [f"{point_name(p)}: {p['failed']}" for p in curve["points"] if p["failed"]]
+    if failed:
+        out += [f"Failed requests (left out of the figures): {'; '.join(failed)}.", ""]
+    best = curve["at_quality_floor"]
+    out += [(f"At ≥ {floor} of tokens equal to full-depth greedy, the fastest point of the curve is {point_name({'mode': 'dynamic', **best})}: "
+             f"latency {fmt_ratio(best['latency_ratio'])} of static, {fmt_s(best['mean_tpot_s'])} per output token, "
+             f"{fmt_share(best['early_exit_share'])} of requests exit early, {fmt_share(best['token_agreement'])} of tokens equal."
+             if best else f"No dynamic point of the curve keeps ≥ {floor} of tokens equal to full-depth greedy."), "",
+            "Plot: `quality_latency.png`.", ""]
+    return out
+
+
 def decode_markdown(report: dict) -> list[str]:
     batch1, peer, roof = report["decode_batch1"], report["peer"], report["roofline"]
     out = ["## Decode at batch 1 beside the peer and the roofline", ""]
@@ -349,3 +386,7 @@ def print_headline(report: dict, console: Console) -> None:
     for title, key, fmt, r in rows:
         t.add_row(title, *(fmt(h[key]) for h in heads.values()), *([fmt_ratio(ratios.get(r)) if r else ""] if ratios else []))
     console.print(t)
+    curve = report.get("threshold_curve") or {}
+    if "points" in curve:
+        console.print("threshold curve (latency / static, tokens equal to full depth): " + "; ".join(
+            f"{point_name(p)} {fmt_ratio(p['latency_ratio'])}, {fmt_share(p['token_agreement'])}" for p in curve["points"]))

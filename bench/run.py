@@ -40,6 +40,7 @@ from contract.manifest import Manifest, ManifestError, engines_path
 from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
+from bench.curve import check_curve, run_curve
 from bench.server import BenchError, Server, server_env
 from bench.workload import BenchRequest, WorkloadError, active_groups, build_workload, fingerprint
 from pipeline.console import make_console
@@ -81,21 +82,25 @@ class ModeResult:
 
 
 def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_overrides: list[str], nvml: Nvml | None,
-             log_dir: Path, progress: Progress, console: Console) -> ModeResult:
+             log_dir: Path, progress: Progress, console: Console, levels: list[int] | None = None, extra: tuple[str, ...] = (),
+             label: str | None = None) -> ModeResult:
+    """One server in `mode` through the workload at each concurrency level (`levels`, default
+    bench.concurrency); `extra` and `label`: a threshold curve's point (its settings, its name)."""
     cfg = app.bench
+    label = label or mode
     baseline_used = nvml.memory_used([g.label for g in nvml.gpus]) if nvml else {}
-    log_path = log_dir / f"server-{mode}.log"
-    server = Server(app, mode, server_overrides, log_path)
-    task = progress.add_task(f"{mode}: starting server", total=None)
+    log_path = log_dir / f"server-{label}.log"
+    server = Server(app, mode, server_overrides, log_path, extra)
+    task = progress.add_task(f"{label}: starting server", total=None)
     with server:
         bodies = [r.body(server.model_id, cfg.temperature, cfg.seed) for r in requests]
-        progress.update(task, description=f"{mode}: warm-up", total=len(cfg.groups), completed=0)
+        progress.update(task, description=f"{label}: warm-up", total=len(cfg.groups), completed=0)
         warm = {r.group: r for r in requests}  # one request per group (the last of each)
         for r in warm.values():
             result = asyncio.run(drive(server.url, [r], [r.body(server.model_id, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
                                        cfg.request_timeout_s, lambda _, t=task: progress.advance(t)))[0]
             if not result.ok:
-                raise BenchError(f"{mode} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")
+                raise BenchError(f"{label} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")
         progress.remove_task(task)
         stats = server.stats()
         if stats.get("mode") not in (None, mode):
@@ -110,8 +115,8 @@ def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_over
 
         paths: dict[str, dict] = {}
         runs = []
-        for concurrency in cfg.concurrency:
-            task = progress.add_task(f"{mode} c={concurrency}", total=len(requests))
+        for concurrency in levels or cfg.concurrency:
+            task = progress.add_task(f"{label} c={concurrency}", total=len(requests))
             server.reset_stats()
             sampler = Sampler(server.pid, cfg.sample_interval_s, meter, gpu_labels).start()
             e0 = meter.energy_mj(gpu_labels) if meter else {}
@@ -127,8 +132,8 @@ def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_over
                 if r.ok and r.path not in paths:
                     paths[r.path] = {"exit_layer": r.exit_layer, "engines": r.engines, "devices": r.devices}
             runs.append(RunResult(concurrency, cfg.request_rate, duration, results, peaks, energy, server.stats()))
-            progress.update(task, description=f"{mode} c={concurrency} ({duration:.1f} s)")
-    console.print(f"{mode}: server ready in {server.startup_s:.1f} s; {sum(len(r.requests) for r in runs)} requests measured")
+            progress.update(task, description=f"{label} c={concurrency} ({duration:.1f} s)")
+    console.print(f"{label}: server ready in {server.startup_s:.1f} s; {sum(len(r.requests) for r in runs)} requests measured")
     return ModeResult(mode, server.command, server.startup_s, gpu_labels, baseline_used, paths, runs, log_path.name)
 
 
@@ -162,6 +167,7 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
     if "static" in cfg.modes and manifest.static_path is None:
         raise BenchError(f"the engines in {engines} have no static path (an export older than the static path): "
                          "export them again, or bench.modes=[dynamic]")
+    check_curve(app)
     if find_spec("runtime.serve") is None:
         raise BenchError("python -m runtime.serve is not available in this checkout")
     try:
@@ -223,6 +229,9 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
         with progress:
             for mode in app.bench.modes:
                 modes[mode] = run_mode(app, mode, requests, server_overrides, nvml, log_dir, progress, console)
+            curve = run_curve(app, manifest, requests, lambda mode, chosen, levels, extra, label: run_mode(
+                app, mode, chosen, server_overrides, nvml, log_dir, progress, console, levels, extra, label)) \
+                if app.bench.threshold_curve.thresholds else None
         environment = gather_environment(app, nvml, modes)
     finally:
         if nvml is not None:
@@ -233,11 +242,11 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
     for f in log_dir.iterdir():
         shutil.move(f, report_dir / f.name)
     log_dir.rmdir()
-    report = reporting.build_report(app, manifest, requests, fingerprint(requests), modes, environment, yardsticks, report_dir.name)
+    report = reporting.build_report(app, manifest, requests, fingerprint(requests), modes, environment, yardsticks, report_dir.name, curve)
     reporting.write_report(report, report_dir)
     reporting.print_headline(report, console)
     console.print(f"report: {report_dir / 'report.md'}")
-    failed = [r for m in modes.values() for run in m.runs for r in run.requests if not r.ok]
+    failed = [r for m in [*modes.values(), *(m for _, m in (curve or {}).get("results", {}).values())] for run in m.runs for r in run.requests if not r.ok]
     if failed:
         raise BenchError(f"{len(failed)} requests failed (first: {failed[0].error}); the report in {report_dir} records them")
     return report_dir

@@ -8,6 +8,7 @@ import copy
 import fnmatch
 import io
 import json
+import re
 import subprocess
 import sys
 import wave
@@ -586,6 +587,49 @@ def test_bench_refuses_missing_engines(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "bench failed: no manifest at" in lines[0] and "export first: python -m pipeline export model=tiny" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["bench.temperature=0.7"], "needs greedy outputs to compare (bench.temperature=0, not 0.7)"),
+    (["bench.threshold_curve.thresholds=[0.5,1.5]"], "1.5 is not a probability"),
+    (["bench.threshold_curve.groups=[code]"], "names 'code', not a group of bench=ci"),
+])
+def test_threshold_curve_refuses_bad_settings(overrides, message):
+    from bench.curve import check_curve
+    from bench.server import BenchError
+
+    app = compose_bench(["bench=ci", "bench.threshold_curve.thresholds=[0.5]", *overrides])
+    with pytest.raises(BenchError, match=re.escape(message)):
+        check_curve(app)
+
+
+def test_threshold_curve_on_the_cpu(tiny_engines_dir, tmp_path):
+    """bench.threshold_curve on the tiny model (no calibrated thresholds): a static server and one
+    dynamic server per threshold, two requests of four tokens each; top-1 >= 0 exits at the first
+    exit, >= 1.0 never, and only the latter's tokens are all full depth's."""
+    small = ["bench.groups.short.count=1", "bench.groups.long.count=1", "bench.groups.image.count=0", "bench.groups.audio.count=0"]
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={tiny_engines_dir.parent.parent}", f"output_dir={tmp_path}", "run_name=curve",
+                     "progress=false", "bench.modes=[static]", "bench.concurrency=[1]", "bench.transformers.enabled=false",
+                     "bench.roofline.enabled=false", *small, "bench.threshold_curve.thresholds=[1.0,0.0]", "bench.threshold_curve.requests=2",
+                     "bench.threshold_curve.max_tokens=4", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "curve"
+    assert {"quality_latency.png", "server-curve-static.log", "server-curve-0.log", "server-curve-1.log"} <= {p.name for p in out.iterdir()}
+    with Image.open(out / "quality_latency.png") as png:
+        assert png.size[0] > 400
+    curve = json.loads((out / "report.json").read_text())["threshold_curve"]
+    points = {p["label"]: p for p in curve["points"]}
+    assert list(points) == ["static", "0", "1"] and curve["requests"] == 2 and curve["max_tokens"] == 4
+    assert "no calibrated thresholds" in curve["calibrated_skipped"]
+    assert points["static"]["token_agreement"] == 1.0 and points["static"]["latency_ratio"] == 1.0
+    assert points["1"]["token_agreement"] == 1.0 and points["1"]["early_exit_share"] == 0.0
+    assert points["1"]["settings"] == ["runtime.policy.name=confidence", "runtime.policy.confidence=1.0"]
+    assert points["0"]["early_exit_share"] == 1.0 and points["0"]["exit_histogram"]["6"] == 2
+    assert points["0"]["records"] != points["1"]["records"] and all(p["failed"] == 0 for p in points.values())
+    assert curve["at_quality_floor"]["label"] == "1"
+    md = (out / "report.md").read_text()
+    assert "## Quality against latency over confidence thresholds" in md and "| top-1 ≥ 1 | 0% |" in md and "| top-1 ≥ 0 | 100% |" in md
+    assert "At ≥ 95% of tokens equal to full-depth greedy, the fastest point of the curve is top-1 ≥ 1: latency " in md
 
 
 def test_ci_bench_against_baseline(tiny_engines_dir, tmp_path):
