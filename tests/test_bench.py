@@ -589,6 +589,19 @@ def test_bench_refuses_missing_engines(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("preset, corpus, thresholds", [("reference-gpu-bench", "/data/corpus-code", 4), ("reference-cpu-bench", "/tmp/dyngraph-code", 5)])
+def test_reference_bench_presets_turn_on_the_corpus_and_the_curve(preset, corpus, thresholds):
+    from bench.curve import check_curve
+
+    app = compose_bench([f"+preset={preset}"])
+    assert app.bench.corpus == corpus and app.model.checkpoint and "runtime.policy.name=confidence" in app.server.args
+    assert {g.source for g in app.bench.groups.values()} == {"prompts", "code", "docstrings"}
+    curve = app.bench.threshold_curve
+    assert len(curve.thresholds) == thresholds and curve.calibrated and set(curve.groups) == {"code", "docstrings"}
+    check_curve(app)
+    assert compose_bench().bench.threshold_curve.thresholds == [] and compose_bench().bench.corpus is None  # off by default
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["bench.temperature=0.7"], "needs greedy outputs to compare (bench.temperature=0, not 0.7)"),
     (["bench.threshold_curve.thresholds=[0.5,1.5]"], "1.5 is not a probability"),
