@@ -187,9 +187,9 @@ def plot_quality_latency(report: dict, plt):
     if swept:
         ax.plot([p["latency_ratio"] for p in swept], [100 * p["token_agreement"] for p in swept], "-o", color=COLORS["dynamic"],
                 label="dynamic, top-1 threshold at every exit")
-        for p in swept:
+        for k, p in enumerate(swept):  # labels above and below in turn: points of equal quality sit side by side
             ax.annotate(f"{p['threshold']:g}", (p["latency_ratio"], 100 * p["token_agreement"]), textcoords="offset points",
-                        xytext=(5, 5), fontsize=8)
+                        xytext=(4, 6 if k % 2 == 0 else -12), fontsize=8)
     marks = {"static": ("s", COLORS["static"], "static (full depth)"), "calibrated": ("*", "#c44e52", "calibrated thresholds")}
     for p in points:
         if p["label"] in marks:
@@ -202,7 +202,8 @@ def plot_quality_latency(report: dict, plt):
     ax.set_xlabel("mean latency relative to static")
     ax.set_ylabel("tokens equal to full-depth greedy (%)")
     low = min(100 * p["token_agreement"] for p in points)
-    ax.set_ylim(max(0.0, low - 5), 104)
+    ax.set_ylim(max(0.0, low - 5), 102)
+    ax.set_yticks([y for y in ax.get_yticks() if max(0.0, low - 5) <= y <= 100])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"Quality against latency over confidence thresholds ({curve['requests']} requests, concurrency {curve['concurrency']})",
