@@ -31,7 +31,7 @@ from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable,
 from bench.metrics import machine_class, stats
 from bench.plots import decode_title, plot_decode
 from bench.report import SCHEMA_VERSION, build_report, write_report
-from bench.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
+from bench.workload import SAMPLE_RATE, WorkloadError, active_groups, build_workload, fingerprint
 
 from .conftest import CONF_DIR, ROOT, run_cli
 
@@ -56,7 +56,7 @@ def test_workload_is_deterministic():
     a, b = build_workload(cfg), build_workload(cfg)
     assert [(r.group, r.prompt, r.image_png, r.audio_wav) for r in a] == [(r.group, r.prompt, r.image_png, r.audio_wav) for r in b]
     assert fingerprint(a) == fingerprint(b)
-    assert len(a) == sum(g.count for g in cfg.groups.values())
+    assert len(a) == sum(g.count for g in active_groups(cfg).values()) == sum(g.count for g in cfg.groups.values() if g.source == "prompts")
     assert {r.group: r.modalities for r in a} == {"short": ("text",), "long": ("text",), "image": ("text", "image"),
                                                    "audio": ("text", "audio")}
     assert sorted(r.index for r in a) == list(range(len(a)))
