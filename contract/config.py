@@ -123,6 +123,19 @@ class RooflineSettings:
 
 
 @dataclass
+class ThresholdCurve:
+    """Quality against latency over confidence thresholds (bench/curve.py): after the modes, one dynamic
+    server per point under runtime.policy.name=confidence, and one static server as the reference."""
+
+    thresholds: list[float] = field(default_factory=list)  # top-1 thresholds, each at every exit (runtime.policy.confidence); empty: no curve
+    calibrated: bool = True  # and the point of the thresholds calibrated into the engines (runtime.policy.confidence=null), where they have some
+    groups: list[str] = field(default_factory=list)  # the workload groups whose requests it sends; empty: every group
+    requests: int = 0  # the first N of those requests in send order; 0: all
+    max_tokens: int = 0  # at most this many tokens per request (the static reference too); 0: each group's max_tokens
+    concurrency: int = 1
+
+
+@dataclass
 class SoakConfig:
     """`pipeline bench bench=soak` (bench/soak.py): `streams` clients, each sending one streaming
     request after another for `duration_s`, drawn from `mix`; the run fails on any 5xx, on any
@@ -144,19 +157,6 @@ class SoakConfig:
     max_fd_growth: int = 16  # the server's open file descriptors, end over start
     sample_interval_s: float = 1.0  # RSS and GPU memory polled for the peaks between the samples
     request_timeout_s: float = 300.0
-
-
-@dataclass
-class ThresholdCurve:
-    """Quality against latency over confidence thresholds (bench/curve.py): after the modes, one dynamic
-    server per point under runtime.policy.name=confidence, and one static server as the reference."""
-
-    thresholds: list[float] = field(default_factory=list)  # top-1 thresholds, each at every exit (runtime.policy.confidence); empty: no curve
-    calibrated: bool = True  # and the point of the thresholds calibrated into the engines (runtime.policy.confidence=null), where they have some
-    groups: list[str] = field(default_factory=list)  # the workload groups whose requests it sends; empty: every group
-    requests: int = 0  # the first N of those requests in send order; 0: all
-    max_tokens: int = 0  # at most this many tokens per request (the static reference too); 0: each group's max_tokens
-    concurrency: int = 1
 
 
 @dataclass

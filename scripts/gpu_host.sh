@@ -153,5 +153,5 @@ matmulnbits)
 pack)  # everything under $OUT into one $OUT/NAME.tgz (what comes back is at most 8 files)
   tar czf "/tmp/$2.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "/tmp/$2.tgz" "$OUT/" ;;
 *)
-  sed -n "2,/^set -euo/p" "$0" | sed '$d'; exit 2 ;;
+  sed -n 2,19p "$0"; exit 2 ;;
 esac
