@@ -5,9 +5,10 @@ For each mode the bench starts `python -m runtime.serve` as a subprocess, sends 
 request per group (engine loading, first-call allocations), then drives the whole workload once
 per concurrency level with streaming chat completions. Around each run it resets the server's
 peak-memory counters, samples memory (NVML for the server's GPUs, the server's RSS on the host)
-and reads each GPU's energy counter. After both servers have stopped it measures the two
-yardsticks in bench/baseline.py and writes the report (bench/report.py). The server control is
-bench/server.py, the HTTP client bench/client.py.
+and reads each GPU's energy counter. With bench.threshold_curve it then runs the curve's servers
+(bench/curve.py). After the servers have stopped it measures the two yardsticks in
+bench/baseline.py and writes the report (bench/report.py). The server control is bench/server.py,
+the HTTP client bench/client.py.
 """
 from __future__ import annotations
 
