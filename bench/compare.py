@@ -1,7 +1,7 @@
 """`python -m pipeline compare BASE.json NEW.json`: every metric of two bench reports, its change,
 and whether the change is a regression past its tolerance (exit status 1) or not (0).
 
-Each metric in a report says what may be compared with what (see bench/report.py): what ran
+Each metric in a report says what may be compared with what (see bench/metrics.py): what ran
 (exit shares, weights read per token, engine bytes, failed requests, tokens equal to full-depth
 greedy) across machines; peak memory between two GPU runs or two CPU runs; times, throughput,
 energy and every ratio of them only between reports of the same machine class. What is skipped,
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TextIO
 
 from contract.config import CompareConfig
-from bench.report import KIND_SCOPES, REPORT_KIND, SCHEMA_VERSION, fmt_bytes, fmt_s
+from bench.metrics import KIND_SCOPES, fmt_bytes, fmt_s
+from bench.report import REPORT_KIND, SCHEMA_VERSION
 
 KINDS = tuple(KIND_SCOPES)
 DEFAULT_TOLERANCE = 0.10

@@ -5,9 +5,10 @@ For each mode the bench starts `python -m runtime.serve` as a subprocess, sends 
 request per group (engine loading, first-call allocations), then drives the whole workload once
 per concurrency level with streaming chat completions. Around each run it resets the server's
 peak-memory counters, samples memory (NVML for the server's GPUs, the server's RSS on the host)
-and reads each GPU's energy counter. After both servers have stopped it measures the two
-yardsticks in bench/baseline.py and writes the report (bench/report.py). The server control is
-bench/server.py, the HTTP client bench/client.py.
+and reads each GPU's energy counter. With bench.threshold_curve it then runs the curve's servers
+(bench/curve.py). After the servers have stopped it measures the two yardsticks in
+bench/baseline.py and writes the report (bench/report.py). The server control is bench/server.py,
+the HTTP client bench/client.py.
 """
 from __future__ import annotations
 
@@ -35,12 +36,14 @@ from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baselin
 from contract.config import BenchApp, ExportConfig
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from bench import report as reporting
+from bench.metrics import machine_class
 from contract.manifest import Manifest, ManifestError, engines_path
 from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
+from bench.curve import check_curve, run_curve
 from bench.server import BenchError, Server, server_env
-from bench.workload import BenchRequest, WorkloadError, build_workload, fingerprint
+from bench.workload import BenchRequest, WorkloadError, active_groups, build_workload, fingerprint
 from pipeline.console import make_console
 
 log = logging.getLogger(__name__)
@@ -80,21 +83,25 @@ class ModeResult:
 
 
 def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_overrides: list[str], nvml: Nvml | None,
-             log_dir: Path, progress: Progress, console: Console) -> ModeResult:
+             log_dir: Path, progress: Progress, console: Console, levels: list[int] | None = None, extra: tuple[str, ...] = (),
+             label: str | None = None) -> ModeResult:
+    """One server in `mode` through the workload at each concurrency level (`levels`, default
+    bench.concurrency); `extra` and `label`: a threshold curve's point (its settings, its name)."""
     cfg = app.bench
+    label = label or mode
     baseline_used = nvml.memory_used([g.label for g in nvml.gpus]) if nvml else {}
-    log_path = log_dir / f"server-{mode}.log"
-    server = Server(app, mode, server_overrides, log_path)
-    task = progress.add_task(f"{mode}: starting server", total=None)
+    log_path = log_dir / f"server-{label}.log"
+    server = Server(app, mode, server_overrides, log_path, extra)
+    task = progress.add_task(f"{label}: starting server", total=None)
     with server:
         bodies = [r.body(server.model_id, cfg.temperature, cfg.seed) for r in requests]
-        progress.update(task, description=f"{mode}: warm-up", total=len(cfg.groups), completed=0)
+        progress.update(task, description=f"{label}: warm-up", total=len(cfg.groups), completed=0)
         warm = {r.group: r for r in requests}  # one request per group (the last of each)
         for r in warm.values():
             result = asyncio.run(drive(server.url, [r], [r.body(server.model_id, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
                                        cfg.request_timeout_s, lambda _, t=task: progress.advance(t)))[0]
             if not result.ok:
-                raise BenchError(f"{mode} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")
+                raise BenchError(f"{label} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")
         progress.remove_task(task)
         stats = server.stats()
         if stats.get("mode") not in (None, mode):
@@ -109,8 +116,8 @@ def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_over
 
         paths: dict[str, dict] = {}
         runs = []
-        for concurrency in cfg.concurrency:
-            task = progress.add_task(f"{mode} c={concurrency}", total=len(requests))
+        for concurrency in levels or cfg.concurrency:
+            task = progress.add_task(f"{label} c={concurrency}", total=len(requests))
             server.reset_stats()
             sampler = Sampler(server.pid, cfg.sample_interval_s, meter, gpu_labels).start()
             e0 = meter.energy_mj(gpu_labels) if meter else {}
@@ -126,8 +133,8 @@ def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_over
                 if r.ok and r.path not in paths:
                     paths[r.path] = {"exit_layer": r.exit_layer, "engines": r.engines, "devices": r.devices}
             runs.append(RunResult(concurrency, cfg.request_rate, duration, results, peaks, energy, server.stats()))
-            progress.update(task, description=f"{mode} c={concurrency} ({duration:.1f} s)")
-    console.print(f"{mode}: server ready in {server.startup_s:.1f} s; {sum(len(r.requests) for r in runs)} requests measured")
+            progress.update(task, description=f"{label} c={concurrency} ({duration:.1f} s)")
+    console.print(f"{label}: server ready in {server.startup_s:.1f} s; {sum(len(r.requests) for r in runs)} requests measured")
     return ModeResult(mode, server.command, server.startup_s, gpu_labels, baseline_used, paths, runs, log_path.name)
 
 
@@ -161,15 +168,38 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
     if "static" in cfg.modes and manifest.static_path is None:
         raise BenchError(f"the engines in {engines} have no static path (an export older than the static path): "
                          "export them again, or bench.modes=[dynamic]")
+    check_curve(app)
     if find_spec("runtime.serve") is None:
         raise BenchError("python -m runtime.serve is not available in this checkout")
     try:
-        requests = build_workload(cfg)
+        requests = build_workload(cfg, corpus_tokenizer(app), manifest.dims["capacity"]["max"])
     except WorkloadError as e:
         raise BenchError(str(e)) from None
     if not requests:
         raise BenchError(f"bench={cfg.name} has no requests (every group has count 0)")
     return engines, manifest, requests
+
+
+def served_tokenizer(app: BenchApp) -> ChatTokenizer:
+    """The tokenizer runtime.serve loads for this model: the checkpoint's tokenizer.json, else the built-in byte-level one."""
+    folder = Path(app.model.checkpoint).expanduser() if app.model.checkpoint else None
+    try:
+        return ChatTokenizer.from_dir(folder) if folder and (folder / "tokenizer.json").is_file() else ChatTokenizer.builtin()
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+
+
+def corpus_tokenizer(app: BenchApp) -> ChatTokenizer | None:
+    """What the corpus groups' prompts are measured with; None where the workload has none. A corpus
+    group is for a model trained on that corpus, so a model without a tokenizer of its own is refused."""
+    if all(g.source == "prompts" for g in active_groups(app.bench).values()):
+        return None
+    folder = Path(app.model.checkpoint).expanduser() if app.model.checkpoint else None
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        raise BenchError(f"bench.corpus={app.bench.corpus}: its groups are for a model trained on that corpus, served with its "
+                         f"tokenizer, but model={app.model.name} has {'no model.checkpoint' if folder is None else f'no tokenizer.json in {folder}'}; "
+                         "bench.corpus=null leaves them out")
+    return served_tokenizer(app)
 
 
 def run_bench(app: BenchApp, server_overrides: list[str], console: Console | None = None) -> Path:
@@ -204,6 +234,9 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
         with progress:
             for mode in app.bench.modes:
                 modes[mode] = run_mode(app, mode, requests, server_overrides, nvml, log_dir, progress, console)
+            curve = run_curve(app, manifest, requests, lambda mode, chosen, levels, extra, label: run_mode(
+                app, mode, chosen, server_overrides, nvml, log_dir, progress, console, levels, extra, label)) \
+                if app.bench.threshold_curve.thresholds else None
         environment = gather_environment(app, nvml, modes)
     finally:
         if nvml is not None:
@@ -214,11 +247,11 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
     for f in log_dir.iterdir():
         shutil.move(f, report_dir / f.name)
     log_dir.rmdir()
-    report = reporting.build_report(app, manifest, requests, fingerprint(requests), modes, environment, yardsticks, report_dir.name)
+    report = reporting.build_report(app, manifest, requests, fingerprint(requests), modes, environment, yardsticks, report_dir.name, curve)
     reporting.write_report(report, report_dir)
     reporting.print_headline(report, console)
     console.print(f"report: {report_dir / 'report.md'}")
-    failed = [r for m in modes.values() for run in m.runs for r in run.requests if not r.ok]
+    failed = [r for m in [*modes.values(), *(m for _, m in (curve or {}).get("results", {}).values())] for run in m.runs for r in run.requests if not r.ok]
     if failed:
         raise BenchError(f"{len(failed)} requests failed (first: {failed[0].error}); the report in {report_dir} records them")
     return report_dir
@@ -309,7 +342,7 @@ def gather_environment(app: BenchApp, nvml: Nvml | None, modes: dict[str, ModeRe
     cores = os.cpu_count()
     return {
         "device": {**device, "placement": app.server.runtime, "gpus": gpus},
-        "machine_class": reporting.machine_class(device["kind"], name, app.server.runtime, len(labels), cores),
+        "machine_class": machine_class(device["kind"], name, app.server.runtime, len(labels), cores),
         # other work on the host slows a CPU run (and a GPU run's host side): the 1-minute load average at the end
         "cpu": {"model": cpu_model(), "cores": cores, "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "python": platform.python_version(),
@@ -365,11 +398,11 @@ def measure_yardsticks(app: BenchApp, manifest: Manifest, requests: list[BenchRe
     if cfg.transformers.enabled:
         console.print(f"running transformers' generate on {device}")
         out["transformers"] = yardstick("transformers comparison", BaselineSkipped, lambda: transformers_baseline(
-            requests, manifest, app.model, app.export, cfg.transformers, device, ChatTokenizer.builtin()))
+            requests, manifest, app.model, app.export, cfg.transformers, device, served_tokenizer(app)))
     if cfg.peer.enabled:
         console.print(f"building and timing the peer (ORT GenAI) on {device}")
         out["peer"] = yardstick("peer", PeerSkipped, lambda: run_peer(
-            app, manifest, requests, device, ChatTokenizer.builtin(), log_dir, console))
+            app, manifest, requests, device, served_tokenizer(app), log_dir, console))
     return out
 
 

@@ -31,13 +31,14 @@ def free_port() -> int:
 class Server:
     """`python -m runtime.serve` in one mode, as a subprocess that the bench owns and stops."""
 
-    def __init__(self, app: BenchApp, mode: str, server_overrides: list[str], log_path: Path):
+    def __init__(self, app: BenchApp, mode: str, server_overrides: list[str], log_path: Path, extra: tuple[str, ...] = ()):
+        """`extra`: overrides after every other, server.args included (the threshold curve's policy settings)."""
         self.port = app.server.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "runtime.serve", *server_overrides, f"runtime={app.server.runtime}",
                         f"runtime.mode={mode}", f"server.port={self.port}",
                         f"engines_dir={Path(app.engines_dir).expanduser().resolve()}", f"cluster={app.server.cluster}",
-                        *([f"cluster.num_replicas={app.server.replicas}"] if app.server.cluster == "ray" else []), *app.server.args]
+                        *([f"cluster.num_replicas={app.server.replicas}"] if app.server.cluster == "ray" else []), *app.server.args, *extra]
         self.replicas = app.server.replicas if app.server.cluster == "ray" else 0  # replicas that must answer before it is ready
         self.env = server_env(mode)
         self.log_path = log_path

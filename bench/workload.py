@@ -6,6 +6,14 @@ charts drawn with Pillow from data drawn from a seeded generator (bars, lines, a
 files of tones, chirps and beeps synthesised with numpy. Every random draw comes from a generator
 seeded by (workload seed, group, request number), so adding a group or a request never reshuffles
 the others.
+
+For a model trained on scripts/build_corpus.py --code's corpus (`bench.corpus`), two kinds of group
+draw from its held-out part, which the training never saw: `source: code`, a held-out .py file cut at
+a line boundary after an instruction to continue it, and `source: docstrings`, the held-out docstring
+questions (heldout/chats.jsonl). Files and questions are taken in a seeded order; a code prompt's
+length is drawn between half and all of its budget (`max_prompt_tokens`, and never past the engines'
+context less `max_tokens`), counted with the served model's tokenizer, chat template included.
+Without `bench.corpus` those groups send nothing.
 """
 from __future__ import annotations
 
@@ -16,13 +24,16 @@ import json
 import wave
 import zlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from contract.config import BenchConfig, RequestGroup
+from model.tokenizer import ChatTokenizer
 
 MODALITIES = ("text", "image", "audio")
+SOURCES = ("prompts", "code", "docstrings")  # RequestGroup.source
 SAMPLE_RATE = 16000  # what the audio encoder's log-mel expects; the server resamples anything else
 CHART_KINDS = ("bars", "lines", "pie")
 SOUND_KINDS = ("tone", "chirp", "beeps")
@@ -73,24 +84,43 @@ class BenchRequest:
         }
 
 
-def build_workload(cfg: BenchConfig) -> list[BenchRequest]:
+def build_workload(cfg: BenchConfig, tokenizer: ChatTokenizer | None = None, context: int | None = None) -> list[BenchRequest]:
     """Every request of the workload in send order: groups interleaved by a seeded permutation,
-    so that each concurrency level sees the same mix from its first request on."""
+    so that each concurrency level sees the same mix from its first request on. `tokenizer` (the
+    served model's) and `context` (the engines' tokens) size the corpus groups' prompts; they are
+    needed only with bench.corpus."""
     if not cfg.groups:
         raise WorkloadError(f"bench={cfg.name} has no request groups (bench.groups is empty)")
     made: list[BenchRequest] = []
-    for name, group in cfg.groups.items():
+    corpus = None
+    for name, group in active_groups(cfg).items():
         check_group(name, group)
-        for i in range(group.count):
-            made.append(make_request(cfg.seed, name, group, i))
+        if group.source == "prompts":
+            made += [make_request(cfg.seed, name, group, i) for i in range(group.count)]
+            continue
+        if tokenizer is None or context is None:
+            raise WorkloadError(f"bench.groups.{name} (source {group.source}) needs the served model's tokenizer and context")
+        corpus = corpus or HeldOut.load(cfg.corpus)
+        made += corpus_requests(corpus, cfg.seed, name, group, tokenizer, context)
     order = np.random.default_rng(cfg.seed).permutation(len(made))
     return [replace(made[j], index=k) for k, j in enumerate(order)]
+
+
+def active_groups(cfg: BenchConfig) -> dict[str, RequestGroup]:
+    """The groups that send requests: those of source code or docstrings only with bench.corpus."""
+    return {name: g for name, g in cfg.groups.items() if g.source == "prompts" or cfg.corpus}
 
 
 def check_group(name: str, group: RequestGroup) -> None:
     where = f"bench.groups.{name}"
     if group.count < 0 or group.max_tokens < 1:
         raise WorkloadError(f"{where}: count must be >= 0 and max_tokens >= 1")
+    if group.source not in SOURCES:
+        raise WorkloadError(f"{where}.source={group.source!r} is not one of {SOURCES}")
+    if group.source != "prompts" and group.modalities != ["text"]:
+        raise WorkloadError(f"{where}: a group of source {group.source} is text only (modalities [text])")
+    if group.max_prompt_tokens < 0:
+        raise WorkloadError(f"{where}.max_prompt_tokens={group.max_prompt_tokens} must be >= 0 (0: the context left after max_tokens)")
     if "text" not in group.modalities or any(m not in MODALITIES for m in group.modalities):
         raise WorkloadError(f"{where}.modalities={list(group.modalities)} must hold 'text' and only {MODALITIES}")
     if not group.prompts:
@@ -118,6 +148,83 @@ def make_request(seed: int, group_name: str, group: RequestGroup, i: int) -> Ben
     modalities = tuple(m for m in MODALITIES if m in group.modalities)
     return BenchRequest(0, group_name, modalities, group.prompts[i % len(group.prompts)], group.max_tokens, png, wav,
                         digest.hexdigest() if png or wav else "")
+
+
+# --- the held-out corpus ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out part of a scripts/build_corpus.py --code folder: its .py files and docstring questions."""
+
+    directory: Path
+    code: list[str]  # file names under heldout/, in the corpus's seeded order
+    questions: list[str]  # the user turns of heldout/chats.jsonl, in file order
+
+    @classmethod
+    def load(cls, folder: str | None) -> HeldOut:
+        root = Path(folder or "").expanduser()
+        record_file = root / "corpus.json"
+        try:
+            record = json.loads(record_file.read_text())
+            names = record["parts"]["heldout"]["names"]
+            chats = (root / "heldout" / "chats.jsonl").read_text(encoding="utf-8").splitlines()
+            questions = [json.loads(line)["messages"][0]["content"] for line in chats if line.strip()]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise WorkloadError(f"bench.corpus={folder}: not a scripts/build_corpus.py --code folder ({type(e).__name__}: {e})") from None
+        # build_corpus names the held-out files NNNNN-py-<module>.txt (sources) and NNNNN-readme-<package>.txt
+        code = [n for n in names if n.split("-", 1)[-1].startswith("py-")]
+        return cls(root / "heldout", code, questions)
+
+
+def corpus_requests(corpus: HeldOut, seed: int, name: str, group: RequestGroup, tokenizer: ChatTokenizer, context: int) -> list[BenchRequest]:
+    """`group.count` requests of a code or docstrings group: the corpus's files or questions in a
+    seeded order, each prompt within the group's budget (a file or question that cannot fit is passed over)."""
+    items = corpus.code if group.source == "code" else corpus.questions
+    budget = context - group.max_tokens
+    if group.max_prompt_tokens:
+        budget = min(budget, group.max_prompt_tokens)
+    order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(len(items))
+    made: list[BenchRequest] = []
+    for j in order:
+        if len(made) == group.count:
+            break
+        i = len(made)
+        if group.source == "docstrings":
+            prompt = items[j]
+            if prompt_tokens(tokenizer, prompt) > budget:
+                continue
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode()), i])
+            text = (corpus.directory / items[j]).read_text(encoding="utf-8")
+            prompt = cut_at_line(group.prompts[i % len(group.prompts)], text, int(budget * rng.uniform(0.5, 1.0)), tokenizer)
+            if prompt is None:
+                continue
+        made.append(BenchRequest(0, name, ("text",), prompt, group.max_tokens))
+    if len(made) < group.count:
+        raise WorkloadError(f"bench.groups.{name}: {corpus.directory} has {len(made)} {group.source} prompts within "
+                            f"{budget} tokens, not the {group.count} asked for")
+    return made
+
+
+def cut_at_line(instruction: str, text: str, budget: int, tokenizer: ChatTokenizer) -> str | None:
+    """The instruction, a newline and the longest run of the text's first lines whose prompt holds at most
+    `budget` tokens, with at least one line left for the model to continue; None where not even one line fits."""
+    lines = text.splitlines(keepends=True)
+    lines = lines[:min(len(lines) - 1, budget)]  # the search's bound: past runs of blank lines, a line takes a token at least
+    lo, hi = 0, len(lines)  # the prompt of lines[:lo] fits; find the largest such lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prompt_tokens(tokenizer, instruction + "\n" + "".join(lines[:mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return instruction + "\n" + "".join(lines[:lo]) if lo else None
+
+
+def prompt_tokens(tokenizer: ChatTokenizer, prompt: str) -> int:
+    """The tokens the server will prefill for this prompt as the one user message."""
+    return len(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
 
 
 def fingerprint(requests: list[BenchRequest]) -> str:

@@ -82,6 +82,11 @@ class RequestGroup:
     prompts: list[str] = field(default_factory=lambda: ["你是谁?"])
     image_size: int = 448  # side of the synthetic chart in pixels; the server resizes to the encoder's input
     audio_seconds: list[float] = field(default_factory=lambda: [3.0])  # synthetic WAV lengths, cycled
+    # prompts: the prompts above | code: a held-out file of bench.corpus cut at a line boundary after one of the prompts
+    # (the model continues it) | docstrings: the held-out docstring questions of bench.corpus. Without bench.corpus
+    # a code or docstrings group sends nothing (bench/workload.py)
+    source: str = "prompts"
+    max_prompt_tokens: int = 0  # code: prompt tokens at most (chat template included); 0: the context left after max_tokens
 
 
 @dataclass
@@ -115,6 +120,19 @@ class RooflineSettings:
     enabled: bool = True
     copy_mib: int = 1024  # buffer copied device to device to measure the bandwidth (read + write)
     iters: int = 20
+
+
+@dataclass
+class ThresholdCurve:
+    """Quality against latency over confidence thresholds (bench/curve.py): after the modes, one dynamic
+    server per point under runtime.policy.name=confidence, and one static server as the reference."""
+
+    thresholds: list[float] = field(default_factory=list)  # top-1 thresholds, each at every exit (runtime.policy.confidence); empty: no curve
+    calibrated: bool = True  # and the point of the thresholds calibrated into the engines (runtime.policy.confidence=null), where they have some
+    groups: list[str] = field(default_factory=list)  # the workload groups whose requests it sends; empty: every group
+    requests: int = 0  # the first N of those requests in send order; 0: all
+    max_tokens: int = 0  # at most this many tokens per request (the static reference too); 0: each group's max_tokens
+    concurrency: int = 1
 
 
 @dataclass
@@ -175,6 +193,10 @@ class BenchConfig:
     # weight quantizations to compare (e.g. [null, int8, int4], each its own export): the whole
     # static/dynamic comparison once per entry, then one table of them side by side; empty: export.quantize only
     quantizations: list[str | None] = field(default_factory=list)
+    # a scripts/build_corpus.py --code folder (heldout/, corpus.json) for a model trained on it, whose checkpoint has the
+    # corpus's tokenizer: its held-out part feeds the groups of source code and docstrings; null: those groups send nothing
+    corpus: str | None = None
+    threshold_curve: ThresholdCurve = field(default_factory=ThresholdCurve)
 
 
 @dataclass

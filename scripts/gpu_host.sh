@@ -19,8 +19,9 @@
 #   scripts/gpu_host.sh pack NAME           everything under $OUT into $OUT/NAME.tgz
 #   scripts/gpu_host.sh reference           the code corpus, then the reference model trained with and without exit losses
 #                                           side by side on the one GPU (their reports into $OUT/reference.tgz)
-#   scripts/gpu_host.sh referencebench [OVERRIDES]  its fp16 engines exported, then the default mix under the calibrated
-#                                           confidence policy (+preset=reference-gpu-bench), into $OUT/bench-reference.tgz
+#   scripts/gpu_host.sh referencebench [OVERRIDES]  its fp16 engines exported, then the default mix and the corpus's held-out
+#                                           groups under the calibrated confidence policy, and the quality/latency curve over
+#                                           thresholds (+preset=reference-gpu-bench), into $OUT/bench-reference.tgz
 #   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
 #   scripts/gpu_host.sh referencetrain      the code corpus, then the reference model trained with exit losses (its report
 #                                           into $OUT/reference.tgz; the checkpoint stays in /data/engines/reference)
@@ -138,11 +139,17 @@ reference)
   tar czf "$OUT/reference.tgz" -C /data/engines/reference --exclude='*.safetensors' . ;;
 referencebench)
   shift
+  # the preset's corpus groups need the corpus the checkpoint was trained on (`reference` builds both)
+  for f in /data/corpus-code/corpus.json /data/engines/reference/checkpoint/tokenizer.json; do
+    [ -f "$f" ] || { echo "no $f: run scripts/gpu_host.sh reference first"; exit 2; }
+  done
   python3 -m pipeline export +preset=reference-gpu export.progress=false > "$OUT/export-reference.log" 2>&1
   tail -n 5 "$OUT/export-reference.log"
   rm -rf /tmp/bench_results
+  start=$(date +%s)
   python3 -m pipeline bench +preset=reference-gpu-bench output_dir=/tmp/bench_results run_name=reference progress=false "$@" \
     > "$OUT/bench-reference.log" 2>&1 || true
+  echo "bench wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/bench-reference.log"
   tail -n 40 "$OUT/bench-reference.log"
   [ -d /tmp/bench_results ] && tar czf "$OUT/bench-reference.tgz" -C /tmp/bench_results . ;;
 referencetrain)

@@ -8,7 +8,9 @@ import copy
 import fnmatch
 import io
 import json
+import re
 import subprocess
+import sys
 import wave
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,8 +28,10 @@ from bench.compare import CompareError, load_report, run_compare, tolerance_for
 from contract.config import BenchApp, CompareConfig, RequestGroup
 from pipeline.commands import register_configs
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
-from bench.report import SCHEMA_VERSION, build_report, decode_title, machine_class, plot_decode, stats, write_report
-from bench.workload import SAMPLE_RATE, WorkloadError, build_workload, fingerprint
+from bench.metrics import machine_class, stats
+from bench.plots import decode_title, plot_decode
+from bench.report import SCHEMA_VERSION, build_report, write_report
+from bench.workload import SAMPLE_RATE, WorkloadError, active_groups, build_workload, fingerprint
 
 from .conftest import CONF_DIR, ROOT, run_cli
 
@@ -52,7 +56,7 @@ def test_workload_is_deterministic():
     a, b = build_workload(cfg), build_workload(cfg)
     assert [(r.group, r.prompt, r.image_png, r.audio_wav) for r in a] == [(r.group, r.prompt, r.image_png, r.audio_wav) for r in b]
     assert fingerprint(a) == fingerprint(b)
-    assert len(a) == sum(g.count for g in cfg.groups.values())
+    assert len(a) == sum(g.count for g in active_groups(cfg).values()) == sum(g.count for g in cfg.groups.values() if g.source == "prompts")
     assert {r.group: r.modalities for r in a} == {"short": ("text",), "long": ("text",), "image": ("text", "image"),
                                                    "audio": ("text", "audio")}
     assert sorted(r.index for r in a) == list(range(len(a)))
@@ -85,6 +89,57 @@ def test_workload_refuses_bad_groups():
     cfg.groups = {"odd": RequestGroup(modalities=["image"])}
     with pytest.raises(WorkloadError, match=r"bench.groups.odd.modalities=\['image'\] must hold 'text'"):
         build_workload(cfg)
+
+
+def held_out_corpus(folder: Path) -> Path:
+    """scripts/build_corpus.py --code on twelve small made-up modules: a third of them held out, a BPE of 300 ids."""
+    source = folder / "src"
+    source.mkdir()
+    for k in range(12):
+        body = "".join(f"def step_{k}_{j}(x, y={j}):\n    \"\"\"Return x scaled by {j} and shifted by y.\n\n"
+                       f"    The {j}th step of module {k}: the caller checks\n    that x is finite, and the result\n"
+                       f"    is never negative.\n    \"\"\"\n    total = x * {j} + y\n    return max(0, total)\n\n\n" for j in range(8))
+        (source / f"mod{k}.py").write_text(f'"""Module {k}: a few steps."""\nimport math\n\n\n' + body)
+    corpus = folder / "corpus"
+    subprocess.run([sys.executable, "scripts/build_corpus.py", str(corpus), "--code", "--source", str(source), "--max-mb", "0.1",
+                    "--vocab-size", "300", "--heldout-fraction", "0.34"], cwd=ROOT, check=True, capture_output=True)
+    return corpus
+
+
+def test_corpus_groups_come_from_the_held_out_part(tmp_path):
+    """bench.corpus: held-out files cut at a line boundary within the budget, held-out docstring questions,
+    seeded; without it the default mix is unchanged, and a model without a tokenizer of its own is refused."""
+    from bench.run import corpus_tokenizer
+    from bench.server import BenchError
+    from model.tokenizer import ChatTokenizer
+
+    corpus = held_out_corpus(tmp_path)
+    overrides = [f"bench.corpus={corpus}", "bench.groups.code.count=3", "bench.groups.docstrings.count=4", "bench.groups.code.max_prompt_tokens=200"]
+    cfg = compose_bench(overrides).bench
+    tokenizer, context = ChatTokenizer.from_dir(corpus), 256
+    requests = build_workload(cfg, tokenizer, context)
+    assert [r.prompt for r in requests] == [r.prompt for r in build_workload(cfg, tokenizer, context)]
+    code = [r for r in requests if r.group == "code"]
+    questions = [r for r in requests if r.group == "docstrings"]
+    assert len(code) == 3 and len(questions) == 4 and len(requests) == 40 + 7
+    held = {p.read_text() for p in (corpus / "heldout").glob("*-py-*.txt")}
+    train = (corpus / "train" / "chats.jsonl").read_text()
+    for r in code:
+        instruction, prefix = r.prompt.split("\n", 1)
+        assert instruction == "Continue this Python file:" and prefix.endswith("\n")
+        source = next(text for text in held if text.startswith(prefix))
+        assert len(prefix) < len(source)  # something left to continue
+        n = len(tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}]))
+        assert 200 // 2 - 40 <= n <= min(200, context - r.max_tokens)  # half to all of the budget, cut at a line
+    for r in questions:
+        assert r.prompt in (corpus / "heldout" / "chats.jsonl").read_text() and json.dumps(r.prompt) not in train
+    other = build_workload(compose_bench([*overrides, "bench.seed=1"]).bench, tokenizer, context)
+    assert {r.prompt for r in other if r.group == "code"} != {r.prompt for r in code}  # other cuts
+    assert "code" not in {r.group for r in build_workload(compose_bench().bench)}  # no corpus: the mix as it was
+    with pytest.raises(WorkloadError, match="not a scripts/build_corpus.py --code folder"):
+        build_workload(compose_bench(["bench.corpus=/nonexistent"]).bench, tokenizer, context)
+    with pytest.raises(BenchError, match="has no model.checkpoint; bench.corpus=null leaves them out"):
+        corpus_tokenizer(compose_bench([f"bench.corpus={corpus}"]))
 
 
 def test_stats_and_slug():
@@ -532,6 +587,62 @@ def test_bench_refuses_missing_engines(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "bench failed: no manifest at" in lines[0] and "export first: python -m pipeline export model=tiny" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset, corpus, thresholds", [("reference-gpu-bench", "/data/corpus-code", 4), ("reference-cpu-bench", "/tmp/dyngraph-code", 5)])
+def test_reference_bench_presets_turn_on_the_corpus_and_the_curve(preset, corpus, thresholds):
+    from bench.curve import check_curve
+
+    app = compose_bench([f"+preset={preset}"])
+    assert app.bench.corpus == corpus and app.model.checkpoint and "runtime.policy.name=confidence" in app.server.args
+    assert {g.source for g in app.bench.groups.values()} == {"prompts", "code", "docstrings"}
+    curve = app.bench.threshold_curve
+    assert len(curve.thresholds) == thresholds and curve.calibrated and set(curve.groups) == {"code", "docstrings"}
+    check_curve(app)
+    assert compose_bench().bench.threshold_curve.thresholds == [] and compose_bench().bench.corpus is None  # off by default
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["bench.temperature=0.7"], "needs greedy outputs to compare (bench.temperature=0, not 0.7)"),
+    (["bench.threshold_curve.thresholds=[0.5,1.5]"], "1.5 is not a probability"),
+    (["bench.threshold_curve.groups=[code]"], "names 'code', not a group of bench=ci"),
+])
+def test_threshold_curve_refuses_bad_settings(overrides, message):
+    from bench.curve import check_curve
+    from bench.server import BenchError
+
+    app = compose_bench(["bench=ci", "bench.threshold_curve.thresholds=[0.5]", *overrides])
+    with pytest.raises(BenchError, match=re.escape(message)):
+        check_curve(app)
+
+
+def test_threshold_curve_on_the_cpu(tiny_engines_dir, tmp_path):
+    """bench.threshold_curve on the tiny model (no calibrated thresholds): a static server and one
+    dynamic server per threshold, two requests of four tokens each; top-1 >= 0 exits at the first
+    exit, >= 1.0 never, and only the latter's tokens are all full depth's."""
+    small = ["bench.groups.short.count=1", "bench.groups.long.count=1", "bench.groups.image.count=0", "bench.groups.audio.count=0"]
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={tiny_engines_dir.parent.parent}", f"output_dir={tmp_path}", "run_name=curve",
+                     "progress=false", "bench.modes=[static]", "bench.concurrency=[1]", "bench.transformers.enabled=false",
+                     "bench.roofline.enabled=false", *small, "bench.threshold_curve.thresholds=[1.0,0.0]", "bench.threshold_curve.requests=2",
+                     "bench.threshold_curve.max_tokens=4", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "curve"
+    assert {"quality_latency.png", "server-curve-static.log", "server-curve-0.log", "server-curve-1.log"} <= {p.name for p in out.iterdir()}
+    with Image.open(out / "quality_latency.png") as png:
+        assert png.size[0] > 400
+    curve = json.loads((out / "report.json").read_text())["threshold_curve"]
+    points = {p["label"]: p for p in curve["points"]}
+    assert list(points) == ["static", "0", "1"] and curve["requests"] == 2 and curve["max_tokens"] == 4
+    assert "no calibrated thresholds" in curve["calibrated_skipped"]
+    assert points["static"]["token_agreement"] == 1.0 and points["static"]["latency_ratio"] == 1.0
+    assert points["1"]["token_agreement"] == 1.0 and points["1"]["early_exit_share"] == 0.0
+    assert points["1"]["settings"] == ["runtime.policy.name=confidence", "runtime.policy.confidence=1.0"]
+    assert points["0"]["early_exit_share"] == 1.0 and points["0"]["exit_histogram"]["6"] == 2
+    assert points["0"]["records"] != points["1"]["records"] and all(p["failed"] == 0 for p in points.values())
+    assert curve["at_quality_floor"]["label"] == "1"
+    md = (out / "report.md").read_text()
+    assert "## Quality against latency over confidence thresholds" in md and "| top-1 ≥ 1 | 0% |" in md and "| top-1 ≥ 0 | 100% |" in md
+    assert "At ≥ 95% of tokens equal to full-depth greedy, the fastest point of the curve is top-1 ≥ 1: latency " in md
 
 
 def test_ci_bench_against_baseline(tiny_engines_dir, tmp_path):
