@@ -62,10 +62,7 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
         raise BenchError(f"bench.speculation: draft_exits={list(cfg.draft_exits)} must be exits short of the last "
                          f"({list(exits.layers[:-1])}), draft_tokens={list(cfg.draft_tokens)} at least 1 each, "
                          f"requests={cfg.requests} at least 1, max_tokens={cfg.max_tokens} at least 2")
-    text = [r for r in workload if r.text_only]
-    if not text:
-        raise BenchError("bench=speculation needs text requests in the workload (bench.groups)")
-    requests = [text[i % len(text)] for i in range(cfg.requests)]
+    requests = take_in_turn(workload, cfg.groups, cfg.requests)
     levels = sorted(set(app.bench.concurrency))
     nvml = open_nvml(app)
     device = nvml.gpus[0].label if nvml is not None and nvml.gpus else cpu_model()
@@ -117,10 +114,30 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
     return report_dir
 
 
+def take_in_turn(workload: list[BenchRequest], groups: list[str], n: int) -> list[BenchRequest]:
+    """n text requests, one of each group in turn (each group's in its order), repeated when they run out."""
+    text = {}
+    for r in workload:
+        if r.text_only and (not groups or r.group in groups):
+            text.setdefault(r.group, []).append(r)
+    unknown = sorted(set(groups) - {r.group for r in workload})
+    if unknown or not text:
+        raise BenchError(f"bench.speculation.groups={list(groups)}: " + (f"no group {unknown} in the workload" if unknown else
+                         "no text request in them") + f" (text groups: {sorted({r.group for r in workload if r.text_only})})")
+    turns = [r for group in zip(*(g * (1 + n // len(g)) for g in text.values())) for r in group]
+    return turns[:n]
+
+
 def summarize(k: int, quantize: str | None, draft_exit: int | None, concurrency: int, results: list[RequestResult], wall: float) -> dict:
     tokens = sum(r.completion_tokens for r in results)
     counts = {key: sum((r.speculation or {}).get(key, 0) for r in results) for key in ("drafted", "accepted", "verifications", "tokens")}
+    per_group = {}
+    for r in results:
+        g = per_group.setdefault(r.group, {"drafted": 0, "accepted": 0})
+        for key in g:
+            g[key] += (r.speculation or {}).get(key, 0)
     return {"draft_tokens": k, "draft_quantize": quantize, "draft_exit": draft_exit, "concurrency": concurrency,
+            "acceptance_per_group": {g: c["accepted"] / c["drafted"] if c["drafted"] else None for g, c in per_group.items()},
             "tpot_ms": 1000 * statistics.fmean(r.tpot_s for r in results if r.tpot_s is not None),
             "ttft_ms": 1000 * statistics.fmean(r.ttft_s for r in results),
             "latency_s": statistics.fmean(r.latency_s for r in results),
@@ -249,6 +266,13 @@ def render_markdown(report: dict) -> str:
             for row in hf["rows"]:
                 name = "plain generate" if row["draft_exit"] is None else f"draft {row['draft_tokens']} at exit {row['draft_exit']}"
                 out.append(f"| {name} | {1000 * row['s_per_token']:.2f} | {base / row['s_per_token']:.2f} | {row['tokens_equal']:.1%} |")
+    groups = sorted({g for run in report["runs"] for g in run["acceptance_per_group"]})
+    speculative = [r for r in report["runs"] if r["draft_exit"] is not None and r["concurrency"] == min(x["concurrency"] for x in report["runs"])]
+    if speculative and len(groups) > 1:
+        out += ["", "Drafts accepted per request group, at the lowest concurrency:", "",
+                "| configuration | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+        for run in sorted(speculative, key=order):
+            out.append(f"| {label(run)} | " + " | ".join(fmt(run["acceptance_per_group"].get(g), ".0%") for g in groups) + " |")
     out += ["", "ms/token: the client's mean over requests of (latency − time to first token) / (tokens − 1); tokens/s: all "
             "requests' tokens over the level's wall time; × plain: tokens/s over plain full depth's on the same server and level; "
             "tokens equal: position by position against plain full depth at the lowest concurrency (bench/quality.py).", ""]

@@ -169,7 +169,8 @@ class SpeculationBench:
     adaptive: bool = False  # runtime.speculation.adaptive
     # the drafts' engines, one server per entry: null, the served export's; int8/int4, that quantization's export of it
     draft_quantize: list[str | None] = field(default_factory=lambda: [None])
-    requests: int = 8  # per configuration and concurrency level: the workload's text requests, repeated in order
+    groups: list[str] = field(default_factory=list)  # the workload's text groups to send; empty: every text group
+    requests: int = 8  # per configuration and concurrency level: the groups' requests taken in turn, repeated in order
     max_tokens: int = 64  # every request generates this many (ignore_eos): equal lengths, equal work
     transformers: bool = True  # transformers' assistant_early_exit beside its plain generate, at concurrency 1
 
