@@ -72,6 +72,7 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
     console.print(f"[bold]speculation[/]: {len(requests)} text requests x {cfg.max_tokens} tokens x concurrency {levels}, "
                   f"draft lengths {list(cfg.draft_tokens)} at exits {[exits.first if e is None else e for e in cfg.draft_exits]}, "
                   f"full depth ({exits.full} layers); engines {engines}")
+    draft_exits = [exits.first if e is None else e for e in cfg.draft_exits]
     runs: list[dict] = []
     for k, quantize in [(k, q) for q in cfg.draft_quantize for k in cfg.draft_tokens]:
         overrides = [f"runtime.policy.force_exit={exits.full}", "runtime.speculation.enabled=false",
@@ -79,10 +80,14 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
                      f"runtime.speculation.max_batch={max(levels)}", f"runtime.speculation.draft_quantize={quantize or 'null'}"]
         server_log = log_dir / f"server-k{k}{'-' + quantize if quantize else ''}.log"
         with Server(app, "dynamic", server_overrides + overrides, server_log) as server:
-            warm = [requests[0].body(server.model_id, 0.0, app.bench.seed, max_tokens=cfg.max_tokens) | {"ignore_eos": True, "speculative": True}]
-            asyncio.run(drive(server.url, requests[:1], warm, "dynamic", 1, [0.0], app.bench.request_timeout_s, lambda _: None))
+            # unmeasured: every request once at the highest level (each prompt's prefill shapes, every batch size's
+            # arenas), then one request per draft exit: the first configuration measured pays no warm-up of the others
+            warm = [(r, r.body(server.model_id, 0.0, app.bench.seed, max_tokens=cfg.max_tokens) | {"ignore_eos": True}) for r in requests]
+            warm += [(requests[0], warm[0][1] | {"speculative": True, "draft_exit": e}) for e in draft_exits]
+            asyncio.run(drive(server.url, [r for r, _ in warm], [b for _, b in warm], "dynamic", max(levels), [0.0] * len(warm),
+                              app.bench.request_timeout_s, lambda _: None))
             for concurrency in levels:
-                for draft_exit in (None, *[exits.first if e is None else e for e in cfg.draft_exits]):
+                for draft_exit in (None, *draft_exits):
                     bodies = [r.body(server.model_id, 0.0, app.bench.seed, max_tokens=cfg.max_tokens)
                               | {"ignore_eos": True, "speculative": draft_exit is not None}
                               | ({"draft_exit": draft_exit} if draft_exit is not None else {}) for r in requests]
