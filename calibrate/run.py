@@ -54,7 +54,8 @@ from model.tokenizer import ChatTokenizer
 from contract.config import CalibrateApp, CalibrateConfig, ExportConfig
 from contract.engines import EXPORT_DTYPES
 from pipeline.console import make_console
-from pipeline.export import ExportError, check_writable, weights_identity
+from pipeline.export import ExportError, check_writable
+from contract.weights import WeightsError, weights_identity
 from contract.manifest import write_atomic
 from bench.workload import WorkloadError, build_workload
 from runtime.config import PolicyConfig
@@ -529,7 +530,7 @@ def run_calibrate(app: CalibrateApp, console: Console | None = None) -> Path:
         base_weights.pop("exits")
         torch.manual_seed(cfg.seed)
         model = build_model(model_cfg, cfg.device, EXPORT_DTYPES[cfg.dtype])
-    except (ExportError, CheckpointError) as e:
+    except (WeightsError, CheckpointError) as e:
         raise CalibrateError(str(e)) from None
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise CalibrateError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of {model_cfg.text.vocab_size}")

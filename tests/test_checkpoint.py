@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from model.autoglm import ModelConfig, build_model
 from model.checkpoint import CheckpointError, checkpoint_fingerprint, load_glm_checkpoint
-from pipeline.commands import register_configs
+from cli.command import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -30,7 +30,8 @@ from exporters.quantize import BITS
 from model.autoglm import meta_model
 from contract.engines import Limits, engine_specs, model_dims
 from contract.manifest import engines_path
-from pipeline.export import code_hash, engine_key, run_export, weights_identity
+from contract.weights import weights_identity
+from pipeline.export import code_hash, engine_key, run_export
 from contract.manifest import Manifest
 from bench.quality import agreement
 

@@ -177,7 +177,7 @@ def test_without_an_export_it_names_the_export_command(tmp_path, monkeypatch):
     result = run_cli("runtime.serve", f"engines_dir={tmp_path}", "server.port=1", timeout=120)
     assert result.returncode == 2
     assert f"export them first with `python -m pipeline export model=tiny engines_dir={tmp_path}`" in result.stderr
-    from runtime.serve import dynamic_graph_env
+    from cli.serve import dynamic_graph_env
 
     for value, expected in (("False", False), ("0", False), ("true", True)):
         monkeypatch.setenv("ENABLE_DYNAMIC_GRAPH", value)
@@ -193,7 +193,7 @@ def test_the_export_command_keeps_the_preset_that_chose_the_engines():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from runtime.serve import CONF_DIR, export_command
+    from cli.serve import CONF_DIR, export_command
 
     overrides = ["+preset=phone-9b-gpu", "runtime=two_gpu", "export.quantize=int8"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -685,7 +685,7 @@ def test_without_keys_the_rate_limit_is_per_client_address():
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from runtime.config import RateLimitConfig, ServerConfig
+    from serving.config import RateLimitConfig, ServerConfig
     from runtime.metrics import Metrics
     from serving.app import Guard
 

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.commands import register_configs
+from cli.command import register_configs
 from bench.gpu_monitor import MemoryPeaks
 from bench.soak import Outcome, Sample, build_report
 
