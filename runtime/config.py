@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from contract.config import ExportApp
-
 
 @dataclass
 class PlacementConfig:

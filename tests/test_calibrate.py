@@ -16,7 +16,8 @@ from safetensors import safe_open
 from model.autoglm import build_model
 from model.exits import EXITS_NAME, ExitsError, read_exits, resolve_exits
 from model.tokenizer import ChatTokenizer
-from calibrate.run import agreement_curve, agreement_title, choose_threshold, fit_heuristic
+from calibrate.metrics import agreement_curve, choose_threshold, fit_heuristic
+from calibrate.plots import agreement_title
 from contract.manifest import Manifest
 from bench.quality import agreement, quality_block, token_texts
 from runtime.config import PolicyConfig
