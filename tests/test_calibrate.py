@@ -218,7 +218,7 @@ def test_export_and_serve_with_calibrated_exits(tiny_export, corpus, tmp_path, o
     """The random tiny model's exits calibrated, exported over a copy of the shared export (only
     the segments before full depth rebuild), served with the confidence policy: each request
     exits where the calibrated heads and the manifest's thresholds say."""
-    from .test_serve import MODEL, Server
+    from .servers import MODEL, Server
 
     root, directory = copy_export(tiny_export.directory, tmp_path)
     out = tmp_path / "exits"

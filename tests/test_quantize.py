@@ -37,7 +37,7 @@ from bench.quality import agreement
 
 from .conftest import compose_export, one_error_line, run_cli
 from .test_bench import compose_bench
-from .test_serve import MODEL, Server
+from .servers import MODEL, Server
 
 QUANTIZED = ("segment", "cross_kv", "cross_attn", "lm_head")  # the graphs whose weight matrices are quantized
 FLOAT = ("embed", "vision", "audio")  # and those that keep the export dtype

@@ -18,10 +18,10 @@ import yaml
 pytest.importorskip("ray.serve", reason="cluster=ray needs Ray Serve: pip install 'ray[serve]' (in the test extra)")
 
 from .conftest import CONF_DIR, ROOT  # noqa: E402
-from .test_serve import (DEPTH_POLICY, MODEL, TEXT, Server, audio_part, chat, eager_text, image_part, langchain_round_trip, png_url, user,  # noqa: E402
+from .servers import (DEPTH_POLICY, MODEL, TEXT, Server, audio_part, chat, eager_text, image_part, langchain_round_trip, png_url, user,  # noqa: E402
                          wav_b64)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.heavy, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def compose_serve(overrides: list[str]):
