@@ -94,7 +94,7 @@ COMPARE = Command(
     "python -m pipeline compare", "bench",
     "Two bench reports metric by metric: exit 1 on a change past its tolerance, else 0.",
     {"compare.kinds": "the metric kinds compared",
-     "compare.tolerances.GLOB=X": "the default tolerances (conf/bench.yaml); the longest matching glob wins"},
+     "compare.tolerances.GLOB=X": "the default tolerances (contract/config.py COMPARE_TOLERANCES); the longest matching glob wins"},
     arguments={"BASE.json": "the report compared against (a bench run's report.json)",
                "NEW.json": "the report checked",
                "--tolerance METRIC=X": "allowed change of a metric (name or glob), a fraction or share points; repeatable"},

@@ -1,7 +1,6 @@
 """The checkpoint loader against transformers' own GlmForCausalLM: same weights, same logits."""
 from __future__ import annotations
 
-
 import dataclasses
 import json
 import shutil
