@@ -49,8 +49,8 @@ class OffloadConfig:
     idle_unload_s: float = 30.0  # an on-demand engine unused this long unloads (with its segment's KV buffer); 0 = never
     # where a load reads the engine files from: false, the files (the page cache; hashed once, at start-up on a
     # background thread, and again only if they change); true keeps them in host memory (pinned, for a GPU)
-    # after the first read, for a disk too slow to reread. False by default: on one H200, ONNX Runtime 1.31 built a
-    # 3.4 GiB phone-9b segment's CUDA session in 0.4 s from the files (unhashed) and in 5.9-6.5 s from a host copy (README)
+    # after the first read, for a disk too slow to reread. False by default: ONNX Runtime builds a CUDA session from
+    # the files an order of magnitude faster than from a host copy (README, modules on demand, has the figures)
     host_copy: bool = False
 
     def check(self) -> None:

@@ -146,9 +146,9 @@ def file_stamp(directory: Path, record: EngineRecord) -> tuple | None:
 
 def host_buffer(size: int) -> np.ndarray:
     """`size` bytes of host memory, page-locked in place where CUDA is available (cudaHostRegister,
-    undone when the buffer goes): for 2.3 GiB on the H200 host, 0.58 s against 2.20 s from torch's
-    pinned allocator, and copied to the device at 55 GB/s against pageable memory's 6.9
-    (scripts/host_copy_bench.py)."""
+    undone when the buffer goes): quicker to make than a buffer of torch's pinned allocator, and copied
+    to the device by DMA, several times faster than pageable memory (scripts/host_copy_bench.py
+    measures both)."""
     data = np.empty(size, dtype=np.uint8)
     if torch.cuda.is_available() and size:
         cudart = torch.cuda.cudart()
