@@ -1,7 +1,7 @@
-"""Typed schemas of the export, bench and calibrate configs (the serve ones are runtime/config.py).
+"""Typed schemas of the export, bench and calibrate configs (the serve ones are runtime/config.py and serving/config.py).
 
 The YAML files under conf/ fill these in; the entry points register them in Hydra's ConfigStore
-(pipeline/commands.py register_configs), so that an override of a field that does not exist, or
+(cli/command.py register_configs), so that an override of a field that does not exist, or
 of the wrong type, is refused before any work starts. Entry points turn the composed DictConfig
 into these dataclasses with OmegaConf.to_object, and library code only sees them: nothing here
 imports Hydra.
