@@ -26,7 +26,7 @@ from model.autoglm import ModelConfig, materialize, meta_model
 from model.tokenizer import ChatTokenizer
 from contract.config import ExportConfig, RooflineSettings, TransformersBaseline
 from contract.engines import DTYPE_BYTES, EXPORT_DTYPES
-from pipeline.export import weights_identity  # the export's own record of what made the weights
+from contract.weights import weights_identity  # the export's own record of what made the weights
 from contract.manifest import Manifest, PathRecord
 from bench.workload import BenchRequest
 

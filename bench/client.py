@@ -1,6 +1,6 @@
 """The bench's HTTP client: streaming chat completions sent at a concurrency and an arrival rate,
 each measured from the client's side of the stream (time to first token, per output token,
-latency, the path the server chose). The probe (runtime/probe.py) sends its requests with it too."""
+latency, the path the server chose). The probe (bench/probe.py) sends its requests with it too."""
 from __future__ import annotations
 
 import asyncio

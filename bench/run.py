@@ -16,9 +16,7 @@ import asyncio
 import logging
 import os
 import platform
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from model.tokenizer import ChatTokenizer
 from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
 from contract.config import BenchApp, ExportConfig
-from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
+from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, Sampler, energy_between
 from bench import report as reporting
 from bench.metrics import machine_class
 from contract.manifest import Manifest, ManifestError, engines_path
@@ -42,13 +40,13 @@ from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
 from bench.curve import check_curve, run_curve
-from bench.server import BenchError, Server, server_env
+from bench.server import BenchError, Server
 from bench.workload import BenchRequest, WorkloadError, active_groups, build_workload, fingerprint
+from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
 from pipeline.console import make_console
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 MODES = ("static", "dynamic")
 LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnx", "transformers", "numpy", "httpx", "hydra-core", "nvidia-ml-py", "fastapi", "uvicorn")
 
@@ -283,45 +281,6 @@ def quantization_label(quantize: str | None) -> str:
     return quantize or "unquantized"
 
 
-def open_nvml(app: BenchApp) -> Nvml | None:
-    """NVML, only for a GPU placement: a CPU run never touches the driver."""
-    if app.server.runtime == "cpu":
-        return None
-    try:
-        return Nvml.open(server_env("dynamic"))
-    except NvmlUnavailable as e:
-        log.warning("no GPU measurements: %s", e)
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(text: str) -> str:
-    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
-    text = re.sub(r"\b(cpu|processor)\b|@.*$", "", text)  # "Intel(R) Xeon(R) CPU @ 2.20GHz" -> "intel-xeon"
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "device"
-
-
-def unique_dir(path: Path, keep_name: bool) -> Path:
-    """A fresh report folder: a second run on the same day gets -2, -3, ... unless named explicitly."""
-    candidate, n = path, 2
-    while not keep_name and candidate.exists():
-        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
-    try:
-        candidate.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BenchError(f"cannot create the report folder {candidate}: {e.strerror}") from None
-    return candidate
-
-
 def gather_environment(app: BenchApp, nvml: Nvml | None, modes: dict[str, ModeResult]) -> dict:
     versions = {}
     for lib in LIBRARIES:
@@ -359,18 +318,6 @@ def cuda_name(label: str) -> str:
         return torch.cuda.get_device_name(torch.device(label))
     except (RuntimeError, AssertionError):
         return "unknown GPU"
-
-
-def git_state() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
 def measure_yardsticks(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], modes: dict[str, ModeResult],

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contract.manifest import engines_path
-from bench.run import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
 from bench.server import BenchError, Server
 from contract.config import BenchApp, SoakConfig
 from bench.gpu_monitor import Nvml, Sampler, rss_bytes

@@ -35,7 +35,8 @@ from rich.table import Table
 from bench.baseline import BaselineSkipped, same_weights
 from bench.client import RequestResult, drive
 from bench.quality import agreement
-from bench.run import check_request, cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.run import check_request
 from bench.server import BenchError, Server
 from bench.workload import BenchRequest
 from contract.config import BenchApp

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibrate.run import agreement_curve, at_threshold, choose_threshold, curve_points, fmt, fmt_pct, save
+from calibrate.metrics import agreement_curve, at_threshold, choose_threshold, curve_points
+from calibrate.plots import save
+from calibrate.report import fmt, fmt_pct
 
 
 @dataclass

@@ -20,7 +20,8 @@ heads, by self-distillation as in LayerSkip), and calibrates when to trust them 
    `min_exit_rate` of the positions, meets `target_agreement`: fixed-sequence testing from the
    top, as in CALM's calibration, here on point estimates.
 5. Output: exits.safetensors (model/exits.py: the heads and, in its metadata, the thresholds),
-   exits.sha256, report.json, report.md and PNG plots, moved into the output folder only once
+   exits.sha256, report.json, report.md (calibrate/report.py) and PNG plots (calibrate/plots.py), the
+   numbers from calibrate/metrics.py, moved into the output folder only once
    everything has been computed.
 """
 from __future__ import annotations
@@ -44,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from model.autoglm import AutoGLM, build_model
 from model.checkpoint import CheckpointError
@@ -54,11 +54,16 @@ from model.tokenizer import ChatTokenizer
 from contract.config import CalibrateApp, CalibrateConfig, ExportConfig
 from contract.engines import EXPORT_DTYPES
 from pipeline.console import make_console
-from pipeline.export import ExportError, check_writable, weights_identity
+from pipeline.export import ExportError, check_writable
+from contract.weights import WeightsError, weights_identity
 from contract.manifest import write_atomic
 from bench.workload import WorkloadError, build_workload
 from runtime.config import PolicyConfig
 from runtime.policy import DEFAULT_CONFIDENCE, DepthPolicy, PolicyInput
+from calibrate.metrics import (agreement_curve, at_threshold, cascade, choose_threshold, curve_points, fit_heuristic,
+                               policy_shares)
+from calibrate.plots import write_plots
+from calibrate.report import print_summary, render_markdown
 
 log = logging.getLogger(__name__)
 
@@ -342,59 +347,6 @@ def evaluate(heads: torch.nn.ModuleList, distiller: Distiller, features: list[to
     return HeldOut(cat(kls), [a.astype(bool) for a in cat(agrees)], cat(confs))
 
 
-# --- thresholds ----------------------------------------------------------------------------
-
-
-def agreement_curve(confidence: np.ndarray, agree: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thresholds, exit rate, agreement), thresholds from the highest down: exiting at
-    confidence >= t, every distinct held-out confidence as t (ties exit together)."""
-    order = np.argsort(-confidence, kind="stable")
-    c, hits = confidence[order], np.cumsum(agree[order])
-    ends = np.append(np.nonzero(c[:-1] != c[1:])[0], len(c) - 1)
-    counts = ends + 1
-    return c[ends], counts / len(c), hits[ends] / counts
-
-
-def choose_threshold(thresholds: np.ndarray, rates: np.ndarray, agreements: np.ndarray, target: float, min_rate: float) -> float | None:
-    """The lowest threshold that meets `target`, as does every higher one that `min_rate` of the
-    positions would exit at (those above rest on too few to test); None: no threshold does."""
-    tested = rates >= min_rate
-    failed = tested & (agreements < target)
-    stop = int(np.argmax(failed)) if failed.any() else len(thresholds)
-    passing = np.nonzero(tested[:stop])[0]
-    return float(thresholds[passing[-1]]) if len(passing) else None
-
-
-def curve_points(curve: tuple[np.ndarray, np.ndarray, np.ndarray], n: int = 300) -> dict:
-    """At most n points of an agreement curve, evenly spread over its thresholds, for the report and the plots."""
-    keep = np.unique(np.linspace(0, len(curve[0]) - 1, n).astype(int))
-    return {key: [round(float(v), 6) for v in values[keep]] for key, values in zip(("threshold", "exit_rate", "agreement"), curve)}
-
-
-def at_threshold(confidence: np.ndarray, agree: np.ndarray, t: float | None) -> dict:
-    exits = confidence >= t if t is not None else np.zeros(len(confidence), dtype=bool)
-    return {"threshold": t, "exit_rate": float(exits.mean()), "agreement": float(agree[exits].mean()) if exits.any() else None,
-            "positions": int(exits.sum())}
-
-
-def cascade(confidence: list[np.ndarray], agree: list[np.ndarray], thresholds: list[float | None], exit_layers: list[int]) -> dict:
-    """The confidence policy over every held-out position: it stops at the first exit whose
-    threshold its confidence reaches, else at full depth (which agrees with itself)."""
-    n = len(confidence[0])
-    remaining = np.ones(n, dtype=bool)
-    agreed = np.zeros(n, dtype=bool)
-    shares, depth = {}, np.full(n, exit_layers[-1], dtype=float)
-    for k, t in enumerate(thresholds):
-        stop = remaining & (confidence[k] >= t) if t is not None else np.zeros(n, dtype=bool)
-        shares[str(exit_layers[k])] = float(stop.mean())
-        agreed[stop] = agree[k][stop]
-        depth[stop] = exit_layers[k]
-        remaining &= ~stop
-    shares[str(exit_layers[-1])] = float(remaining.mean())
-    agreed[remaining] = True
-    return {"thresholds": thresholds, "exit_share": shares, "agreement": float(agreed.mean()), "mean_layers": float(depth.mean())}
-
-
 # --- requests: held-out chats and the bench's text prompts -----------------------------------
 
 
@@ -424,39 +376,6 @@ def request_view(model: AutoGLM, heads: torch.nn.ModuleList, distiller: Distille
             counts.append(last - first)
             row += 1
     return np.array(confidence), np.array(agreement), np.array(counts)
-
-
-def policy_shares(confidence: np.ndarray, thresholds: list[float | None], exit_layers: list[int]) -> dict:
-    """Where the confidence policy sends each request: share per exit layer."""
-    where = []
-    for conf in confidence:
-        k = next((k for k, t in enumerate(thresholds) if t is not None and conf[k] >= t), len(exit_layers) - 1)
-        where.append(exit_layers[k])
-    return {str(e): float(np.mean([w == e for w in where])) if where else None for e in exit_layers}
-
-
-def fit_heuristic(scores: np.ndarray, agreement: np.ndarray, counts: np.ndarray, target: float) -> tuple[list[float], list[dict]]:
-    """runtime.policy.thresholds from held-out chats: a request exits at the first exit whose
-    threshold its heuristic score is below. Exit by exit, the threshold rises over the sorted
-    scores as long as the requests it adds to that exit (those between the previous threshold and
-    it) keep a reply agreement, weighted by reply length, of at least `target`."""
-    cuts = np.append(np.unique(scores), 1.0 + 1e-6)  # a threshold above every score lets everything through
-    thresholds, groups, low = [], [], 0.0
-    for k in range(agreement.shape[1]):
-        chosen = low
-        for t in cuts[cuts > low]:
-            members = (scores >= low) & (scores < t)
-            if not members.any():
-                continue
-            if np.average(agreement[members, k], weights=counts[members]) < target:
-                break
-            chosen = float(t)
-        members = (scores >= low) & (scores < chosen)
-        groups.append({"requests": int(members.sum()),
-                       "agreement": float(np.average(agreement[members, k], weights=counts[members])) if members.any() else None})
-        thresholds.append(round(chosen, 6))
-        low = chosen
-    return thresholds, groups
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -529,7 +448,7 @@ def run_calibrate(app: CalibrateApp, console: Console | None = None) -> Path:
         base_weights.pop("exits")
         torch.manual_seed(cfg.seed)
         model = build_model(model_cfg, cfg.device, EXPORT_DTYPES[cfg.dtype])
-    except (ExportError, CheckpointError) as e:
+    except (WeightsError, CheckpointError) as e:
         raise CalibrateError(str(e)) from None
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise CalibrateError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of {model_cfg.text.vocab_size}")
@@ -675,145 +594,3 @@ def device_name(device: str) -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-# --- report ---------------------------------------------------------------------------------
-
-
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def fmt_pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def shares_text(shares: dict) -> str:
-    return ", ".join(f"{e}: {fmt_pct(s)}" for e, s in shares.items())
-
-
-def render_markdown(report: dict, plots: list[str]) -> str:
-    m, c, t = report["model"], report["corpus"], report["training"]
-    cfg = report["config"]
-    out = [f"# dyngraph calibration: {m['name']} exits {m['exit_layers'][:-1]}", ""]
-    out += [f"{report['created']}; {report['device']['dtype']} on {report['device']['name']} ({report['device']['device']}); "
-            f"weights {m['checkpoint'] or 'random (seed ' + str(m['base_weights']['seed']) + ')'}; adapter rank {m['adapter_rank']}; "
-            f"KL(full depth || exit) over the {m['decodable_ids']} decodable ids.", ""]
-    out += [f"Corpus `{c['directory']}`: {c['files']} file(s), {c['documents']} documents ({c['chats_with_reply']} chats with a reply), "
-            f"sha256 `{c['sha256'][:16]}`; {c['train_tokens']:,} training tokens ({c['train_documents']} documents), "
-            f"{c['heldout_tokens']:,} held-out ({c['heldout_documents']}). Training: {t['steps']} steps of {t['batch_tokens']} positions "
-            f"in {t['seconds']:.1f} s ({t['tokens_per_s']:,.0f} positions/s), stopped by {t['stopped_by']}.", ""]
-    out += ["## Per exit, on held-out text", ""]
-    rows = []
-    for e in report["exits"]:
-        b, a, at = e["heldout"]["before"], e["heldout"]["after"], e["at_threshold"]
-        rows.append(f"| {e['exit_layer']} | {b['kl']:.4f} | {a['kl']:.4f} | {fmt_pct(b['agreement'])} | {fmt_pct(a['agreement'])} | "
-                    f"{fmt(e['threshold'], '.4g')} | {fmt_pct(at['exit_rate'])} | {fmt_pct(at['agreement'])} | {fmt(e['threshold_before'], '.4g')} |")
-    out += ["| exit | KL before | KL after | top-1 agreement before | after | threshold | exit rate there | agreement there | threshold before |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
-    out += [f"Threshold: the lowest top-1 probability at which this exit, and every higher threshold that at least "
-            f"{fmt_pct(cfg['min_exit_rate'])} of the positions reach, agrees with full depth on >= {fmt_pct(cfg['target_agreement'])} "
-            "of the positions it lets exit (n/a: none does, the exit is never taken). \"Before\": the uncalibrated heads.", ""]
-    ca, cb = report["cascade"]["after"], report["cascade"]["before"]
-    out += ["## The confidence policy over the held-out positions", "",
-            "| heads, thresholds | exit share | agreement with full depth | mean layers |", "|---|---|---:|---:|",
-            f"| calibrated, calibrated | {shares_text(ca['exit_share'])} | {fmt_pct(ca['agreement'])} | {ca['mean_layers']:.1f} |",
-            f"| uncalibrated, {DEFAULT_CONFIDENCE} (the runtime's default) | {shares_text(cb['exit_share'])} | {fmt_pct(cb['agreement'])} | {cb['mean_layers']:.1f} |", ""]
-    mix = report.get("mix") or {}
-    if "exit_share" in mix:
-        out += [f"## The bench's `{mix['bench']}` mix ({mix['text_requests']} text requests)", "",
-                f"Where the confidence policy sends them: calibrated {shares_text(mix['exit_share']['after'])}; "
-                f"uncalibrated at {DEFAULT_CONFIDENCE}: {shares_text(mix['exit_share']['before'])}. {mix['note']}.", ""]
-    chats = report.get("chats") or {}
-    if "heuristic_fit" in chats:
-        h = chats["heuristic_fit"]
-        out += [f"## Held-out chats as requests ({chats['requests']})", "",
-                f"The confidence policy, deciding at the prompt's last token as the runtime does: {shares_text(chats['confidence_policy']['exit_share'])}, "
-                f"reply agreement with full depth {fmt_pct(chats['confidence_policy']['reply_agreement'])}. Reply agreement if every request "
-                f"exited at one exit: {shares_text(chats['reply_agreement_per_exit'])}.", "",
-                f"Heuristic policy fitted to them: `{h['override']}` ({h['method']}).", ""]
-    elif chats.get("skipped"):
-        out += [f"Request view and heuristic fit skipped: {chats['skipped']}.", ""]
-    f = report["file"]
-    out += ["## Output", "", f"`{f['name']}` ({f['bytes']:,} bytes), sha256 `{f['sha256']}`; thresholds in its metadata.", ""]
-    out += [f"![{p}]({p})" for p in plots]
-    return "\n".join(out) + "\n"
-
-
-def write_plots(report: dict, result: TrainResult, directory: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for k, e in enumerate(report["exits"]):
-        color = colors[k % len(colors)]
-        for which, style in (("after", "-"), ("before", ":")):
-            curve = e["curve"][which]
-            label = f"exit {e['exit_layer']}" + (" (uncalibrated)" if which == "before" else "")
-            ax_t.plot(curve["threshold"], curve["agreement"], style, color=color, label=label)
-            ax_r.plot(curve["exit_rate"], curve["agreement"], style, color=color, label=label)
-        at = e["at_threshold"]
-        if e["threshold"] is not None:
-            ax_t.plot([e["threshold"]], [at["agreement"]], "o", color=color)
-            ax_r.plot([at["exit_rate"]], [at["agreement"]], "o", color=color)
-    for ax in (ax_t, ax_r):
-        ax.axhline(report["config"]["target_agreement"], color="grey", ls="--", lw=1, label="target")
-        ax.set_ylabel("top-1 agreement with full depth")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    ax_t.set_xlabel("threshold on the exit's top-1 probability")
-    ax_r.set_xlabel("exit rate (share of held-out positions at or above the threshold)")
-    ax_t.legend(fontsize=7)
-    fig.suptitle(agreement_title(report), fontsize=10)
-    written.append(save(fig, plt, directory / "agreement.png"))
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k, e in enumerate(report["exits"]):
-        losses = result.losses[k]
-        if losses:
-            window = max(1, len(losses) // 50)
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(np.arange(len(smooth)) + window, smooth, color=colors[k % len(colors)], label=f"exit {e['exit_layer']} (train)")
-        ax.axhline(e["heldout"]["before"]["kl"], color=colors[k % len(colors)], ls=":", lw=1)
-        ax.axhline(e["heldout"]["after"]["kl"], color=colors[k % len(colors)], ls="--", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(full depth || exit), nats")
-    ax.set_yscale("log")
-    ax.set_title("training batches; held-out before (dotted) and after (dashed)", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    written.append(save(fig, plt, directory / "training.png"))
-    return written
-
-
-def agreement_title(report: dict) -> str:
-    """agreement.png's title: it promises dots only when a threshold was chosen, and so drawn."""
-    chosen = any(e["threshold"] is not None for e in report["exits"])
-    return (f"{report['model']['name']}: held-out agreement per exit "
-            f"({'dots: the chosen thresholds' if chosen else 'no exit reaches the target: no threshold chosen'})")
-
-
-def save(fig, plt, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return path
-
-
-def print_summary(report: dict, info: ExitsInfo, app: CalibrateApp, console: Console) -> None:
-    table = Table(title=f"exits calibrated into {info.path}", title_justify="left")
-    for col in ("exit", "KL before", "KL after", "agree before", "agree after", "threshold", "exit rate"):
-        table.add_column(col, justify="right")
-    for e in report["exits"]:
-        b, a = e["heldout"]["before"], e["heldout"]["after"]
-        table.add_row(str(e["exit_layer"]), f"{b['kl']:.4f}", f"{a['kl']:.4f}", fmt_pct(b["agreement"]), fmt_pct(a["agreement"]),
-                      fmt(e["threshold"], ".4g"), fmt_pct(e["at_threshold"]["exit_rate"]))
-    console.print(table)
-    found = app.model.checkpoint and info.path == (Path(app.model.checkpoint).expanduser() / EXITS_DIR / EXITS_NAME).resolve()
-    where = f"model.checkpoint={app.model.checkpoint}" if found else f"model.exits={info.path}"
-    rank = f" model.text.exit_adapter_rank={app.model.text.exit_adapter_rank}" if app.model.text.exit_adapter_rank else ""
-    console.print(f"sha256 {info.sha256}; export with: python -m pipeline export model={app.model.name} {where}{rank}; "
-                  f"serve with the same overrides and runtime.policy.name=confidence")

@@ -47,7 +47,8 @@ from contract.manifest import write_atomic
 from pipeline.console import make_console
 from pipeline.export import ExportError, check_writable
 from calibrate.quality import exit_quality, predict, render_markdown, write_plots
-from calibrate.run import CalibrateError, check_request, device_name, fmt, fmt_pct, load_tokenizer, read_corpus, split_documents
+from calibrate.report import fmt, fmt_pct
+from calibrate.run import CalibrateError, check_request, device_name, load_tokenizer, read_corpus, split_documents
 
 REPORT_KIND = "dyngraph-exit-training-report"
 SCHEMA_VERSION = 1

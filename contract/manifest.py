@@ -5,7 +5,6 @@ moment an export dies at, the manifest on disk points only at complete files of 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -124,14 +123,6 @@ def engines_path(engines_dir: str | Path, model: str, backend: str, quantize: st
     so that an int8 export sits beside the fp16 one instead of replacing it. The export writes there
     and the server, the bench and the probe read there; this is the only place that spells the rule."""
     return Path(engines_dir).expanduser() / model / (f"{backend}-{quantize}" if quantize else backend)
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:

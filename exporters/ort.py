@@ -22,12 +22,11 @@ from exporters import EngineIncompatible, device_stream
 ort.set_default_logger_severity(3)
 
 # How a CUDA session holds memory. ONNX Runtime's defaults put the weights in the session's BFC arena,
-# which grows in powers of two (a 3.35 GiB segment's weights need a 4 GiB region), and so does
-# MatMulNBits's dequantization scratch. Weights get exact allocations of
-# their own, the arena only what a run asks for: phone-9b's text path held 17.7 GiB instead of 22.2
-# (bench_results/2026-12-03-nvidia-h200-phone-9b-ort-memory/). With exact weight allocations MatMulNBits's
-# fpA_intB kernels no longer keep a second copy: int8 held 11.2 GiB against the default kernel's 12.6 and
-# decoded 4.5 / 5.5 ms per full-depth step at batch 1 / 16 against 5.3 / 13.6, so quantized engines run them.
+# which grows in powers of two (a segment's weights round up to the next power of two), and so does
+# MatMulNBits's dequantization scratch. Weights get exact allocations of their own, the arena only
+# what a run asks for. With exact weight allocations MatMulNBits's fpA_intB kernels keep no second
+# copy of the weights, which makes them both smaller and faster than the default kernel, so quantized
+# engines run them (the measurements: bench_results/2026-12-03-nvidia-h200-phone-9b-ort-memory/).
 # Module level so that a measurement can put ONNX Runtime's defaults back (scripts/decode_profile.py --ort-defaults).
 CUDA_SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1", "ep.cuda.fpa_intb_gemm": "1"}
 CUDA_PROVIDER_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}

@@ -13,7 +13,6 @@ the file: its norm is the checkpoint's final norm, the teacher the other exits w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from model.files import sha256_file
 
 if TYPE_CHECKING:
     from .autoglm import AutoGLM, ModelConfig
@@ -77,14 +78,6 @@ def exit_parameters(model: AutoGLM) -> dict[str, torch.nn.Parameter]:
             if name.startswith(("exit_norm.", "exit_adapter."))}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_exits(path: str | Path) -> tuple[ExitsInfo, dict[str, list[int]]]:
     """The file's record and its tensor shapes, without loading the tensors."""
     path = Path(path).expanduser()
@@ -101,7 +94,7 @@ def read_exits(path: str | Path) -> tuple[ExitsInfo, dict[str, list[int]]]:
     if meta.get("version") != str(EXITS_VERSION):
         raise ExitsError(f"exits file {path} has version {meta.get('version')}, this dyngraph reads {EXITS_VERSION}: calibrate again")
     try:
-        info = ExitsInfo(path=path.resolve(), sha256=sha256_of(path), bytes=path.stat().st_size,
+        info = ExitsInfo(path=path.resolve(), sha256=sha256_file(path), bytes=path.stat().st_size,
                          exit_layers=json.loads(meta["exit_layers"]), adapter_rank=int(meta["adapter_rank"]),
                          thresholds={int(k): v for k, v in json.loads(meta["thresholds"]).items()},
                          target_agreement=float(meta["target_agreement"]), base_weights=json.loads(meta["base_weights"]),

@@ -36,7 +36,9 @@ from contract.config import ExportConfig
 from contract.engines import (EXPORT_DTYPES, Dim, EngineSpec, Limits, engine_specs, model_dims, path_specs,
                               probe_sizes, random_inputs, tensor_dtype)
 from contract.manifest import (MANIFEST_NAME, EngineRecord, FileRecord, Manifest, ManifestError, PathRecord, engines_path,
-                               fsync, sha256_file, write_atomic)
+                               fsync, write_atomic)
+from contract.weights import WeightsError, weights_identity
+from model.files import sha256_file
 from pipeline.console import make_console
 from pipeline.quantization import path_agreement
 
@@ -75,7 +77,10 @@ def run_export(model_cfg: ModelConfig, cfg: ExportConfig, engines_dir: str | Pat
     n_params = count_parameters(model)
     console.print(f"[bold]{model_cfg.name}[/]: {human_parameters(n_params)} parameters ({n_params:,}); "
                   f"{len(specs)} engines, backend {exporter.name}, {cfg.dtype} on {cfg.device}")
-    weights = weights_identity(model_cfg, cfg)
+    try:
+        weights = weights_identity(model_cfg, cfg)
+    except WeightsError as e:
+        raise ExportError(str(e)) from None
     exits = calibrated_exits(model_cfg, model, weights)
     code = code_hash(exporter)
     keys = {s.name: engine_key(s, dims, weights, exporter, code) for s in specs}
@@ -179,25 +184,6 @@ def ensure_weights(model: AutoGLM, cfg: ExportConfig) -> None:
 
 
 # --- cache keys -----------------------------------------------------------------------------
-
-
-def weights_identity(model_cfg: ModelConfig, cfg: ExportConfig) -> dict:
-    """What determines the weights: the seed and the generator's device for random ones (CPU and
-    CUDA generators draw different numbers), the checkpoint's content hash for loaded ones."""
-    identity = {"seed": model_cfg.seed, "init_device": torch.device(cfg.device).type, "checkpoint": None, "exits": None}
-    if model_cfg.checkpoint:
-        from model.checkpoint import CheckpointError, checkpoint_fingerprint
-
-        try:
-            identity["checkpoint"] = checkpoint_fingerprint(model_cfg.checkpoint)
-        except (CheckpointError, OSError) as e:
-            raise ExportError(f"model.checkpoint={model_cfg.checkpoint}: {e}") from None
-    if path := resolve_exits(model_cfg):
-        try:
-            identity["exits"] = read_exits(path)[0].sha256  # calibrated exit heads (python -m pipeline calibrate)
-        except ExitsError as e:
-            raise ExportError(str(e)) from None
-    return identity
 
 
 def calibrated_exits(model_cfg: ModelConfig, model: AutoGLM, weights: dict) -> ExitsInfo | None:

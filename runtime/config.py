@@ -1,14 +1,10 @@
-"""Typed schemas of `python -m runtime.serve` (registered in Hydra's ConfigStore by the entry points).
-
-conf/serve.yaml composes them: the model and export groups say which engines to serve
-(<engines_dir>/<model.name>/<export.backend>/), the runtime group where and how to run them,
-`server` how to expose them. Only runtime/serve.py touches Hydra; everything else takes these.
+"""Typed schemas of the runtime: where the engines run (placement), how depth is decided (policy),
+batching, CUDA graphs and modules on demand. conf/runtime/*.yaml sets them; the server's own
+settings (`server`, `cluster`) and the whole serve config (`ServeApp`) are serving/config.py's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from contract.config import ExportApp
 
 
 @dataclass
@@ -53,9 +49,14 @@ class OffloadConfig:
     idle_unload_s: float = 30.0  # an on-demand engine unused this long unloads (with its segment's KV buffer); 0 = never
     # where a load reads the engine files from: false, the files (the page cache; hashed once, at start-up on a
     # background thread, and again only if they change); true keeps them in host memory (pinned, for a GPU)
-    # after the first read, for a disk too slow to reread. False by default: on one H200, ONNX Runtime 1.31 built a
-    # 3.4 GiB phone-9b segment's CUDA session in 0.4 s from the files (unhashed) and in 5.9-6.5 s from a host copy (README)
+    # after the first read, for a disk too slow to reread. False by default: ONNX Runtime builds a CUDA session from
+    # the files an order of magnitude faster than from a host copy (README, modules on demand, has the figures)
     host_copy: bool = False
+
+    def check(self) -> None:
+        if self.gpu_memory_budget_gb < 0 or self.idle_unload_s < 0:
+            raise ValueError(f"runtime.offload.gpu_memory_budget_gb={self.gpu_memory_budget_gb} and "
+                             f"idle_unload_s={self.idle_unload_s} must not be negative (0: no limit, never)")
 
 
 @dataclass
@@ -93,77 +94,3 @@ class RuntimeConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     verify: bool = True  # sha256 of every engine file against the manifest before it is loaded
-
-
-@dataclass
-class RateLimitConfig:
-    # a token bucket per API key (with no key configured: per client address) on /v1/chat/completions:
-    # `per_second` requests a second on average, bursts of up to `burst`; past that 429 with Retry-After
-    per_second: float | None = None  # null: no rate limit
-    burst: int = 10
-    max_clients: int = 10_000  # buckets kept; the least recently seen client's is dropped (it had refilled)
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_id: str = "autoglm-phone-9b"  # the name /v1/models lists and requests must use
-    api_key: str | None = None  # Bearer key for /v1 and /stats; DYNGRAPH_API_KEY in the environment also sets it
-    api_keys: list[str] = field(default_factory=list)  # more accepted keys, one per user: each gets its own rate limit
-    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
-    # limits that bound the work of one request, checked before anything is decoded or tokenized:
-    # a body over max_body_bytes gets 413, the others 400 naming the parameter
-    max_body_bytes: int = 32 << 20
-    max_messages: int = 256
-    max_content_parts: int = 64  # per message
-    max_characters: int = 1_000_000  # text characters over all messages (the context bounds the tokens anyway)
-    max_stop: int = 4  # stop strings per request (OpenAI's limit)
-    max_stop_chars: int = 256  # characters per stop string
-    max_image_pixels: int = 16_000_000  # width * height, read from the header before anything is decoded (Pillow refuses > 179 M itself)
-    max_images: int = 1  # image parts per request
-    allowed_image_hosts: list[str] = field(default_factory=list)  # remote image URLs are fetched only from these
-    image_fetch_timeout_s: float = 10.0
-    max_audio_seconds: float | None = None  # default and upper bound: what the audio encoder was exported for
-    # slow clients: a request's headers must arrive within header_timeout_s of the connection opening
-    # (or of the previous response on it), its body within body_timeout_s of the headers; else 408 and
-    # the connection is closed. Neither holds a generation slot: one is taken only once the body is in
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    drain_timeout_s: float = 120.0  # after SIGTERM, how long in-flight requests may take before the server stops anyway
-    retry_after_s: int = 1  # the Retry-After of a 429 for a full queue, and of a 503 while draining
-    access_log: bool = False
-
-
-@dataclass
-class AutoscalingConfig:
-    # on: Serve adds or removes replicas between min and max to keep each replica's in-flight
-    # requests near the target; off: cluster.num_replicas replicas
-    enabled: bool = False
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 4.0
-
-
-@dataclass
-class ClusterConfig:
-    """How many copies of the engine chain serve the endpoint (runtime/cluster.py)."""
-
-    name: str = "local"  # local: this process serves; ray: a Ray Serve deployment whose replicas each hold a whole engine chain
-    address: str | None = None  # an existing Ray cluster ("auto", "HOST:6379"); null: start one on this machine
-    local_cpus: int | None = None  # CPUs a Ray started here offers (null: every core); ignored with an address
-    num_replicas: int = 2
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    num_cpus: float = 1.0  # per replica; on the cpu placement also ONNX Runtime's intra-op threads (DYNGRAPH_CPU_THREADS wins)
-    num_gpus: float | None = None  # per replica; null: the GPUs its placement uses (cpu 0, one_gpu 1, two_gpu 2)
-    max_ongoing_requests: int | None = None  # per replica; null: runtime.max_batch_size + runtime.max_queue
-    health_check_period_s: float = 2.0  # a replica whose engine thread died is replaced after one failed check
-
-
-@dataclass
-class ServeApp(ExportApp):
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    tokenizer: str | None = None  # a directory with tokenizer.json; default: model.checkpoint's, else the built-in byte-level one
-

@@ -6,12 +6,8 @@ first evicts the least recently used ones of its device until its weights fit, s
 use by requests in flight (`protected`) while others can go; `unload_idle` drops the on-demand
 engines nobody used for a while. Each load is timed and reported (`on_load`), each unload too
 (`on_unload`, with its reason: idle | budget), since on a GPU host they are what a slow request's
-latency is made of. With `host_copy`, an engine's files are read once into host memory (pinned
-for a CUDA device, so that the copy to the device is a DMA) and every later load of that engine
-builds its session from there: an evicted engine comes back without touching the disk. Without
-it, a load builds its session from the files (the page cache), hashing them only when they changed
-since they were last hashed. `prefetch` does that first read and hash of every engine at start-up,
-on a background thread, so that even a module's first load costs only its session's creation.
+latency is made of. What a load reads (the files, verified, or their host copies, and `prefetch`,
+their first read ahead of the loads) is runtime/files.py's `EngineFiles`.
 
 Loads are serialised by `load_lock`, which a session that replays CUDA graphs also holds while it
 captures one (a capture must see no allocation on the device from another thread: it is the
@@ -20,28 +16,22 @@ with what is resident, and a session only tries the lock: a decode step never wa
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from contract.manifest import EngineRecord, Manifest
 from exporters import EngineIncompatible, EngineSession, get_runtime
-from contract.manifest import EngineRecord, FileRecord, Manifest, sha256_file
+from runtime.files import EngineFiles, EngineMismatch, mib
 
 log = logging.getLogger(__name__)
 
 UNLOAD_REASONS = ("idle", "budget")
-
-
-class EngineMismatch(RuntimeError):
-    """An engine file or library differs from what the manifest recorded."""
 
 
 def describe(record: EngineRecord) -> str:
@@ -77,24 +67,25 @@ class EngineSet:
         self.manifest = Manifest.load(self.directory)
         self.placement = placement
         self.backend = get_runtime(backend or self.manifest.backend["name"])  # its run side
-        self.verify = verify and self.backend.reads_files
         self.budget_bytes = budget_bytes or {}
         self.on_load, self.on_unload, self.announce = on_load, on_unload, announce
-        self.host_copy = host_copy if getattr(self.backend, "loads_from_memory", False) else lambda d: False
         self.cuda_graphs = set(cuda_graphs)
         self.sessions: OrderedDict[str, EngineSession] = OrderedDict()  # least recently used first
         self.last_used: dict[str, float] = {}  # key -> monotonic time of its last session() call
         self.protected: set[str] = set()  # engine names in use by requests in flight: evicted only when nothing else can go
-        self.host: dict[str, dict[str, object]] = {}  # engine -> file name -> contents, verified when read
-        self.file_locks = {name: threading.Lock() for name in self.manifest.engines}  # one reader of an engine's files at a time
-        self.verified: dict[str, tuple] = {}  # engine -> its files' stat when hashed: an unchanged one reloads without rehashing
-        self.broken: dict[str, str] = {}  # engine -> why its last load failed verification (its paths are degraded)
+        self.files = EngineFiles(self.directory, self.manifest, verify and self.backend.reads_files,
+                                 host_copy if getattr(self.backend, "loads_from_memory", False) else lambda d: False)
         self.loads: dict[str, list] = {}  # engine -> [loads, seconds]
         self.unloads: Counter[tuple[str, str]] = Counter()  # (engine, reason) -> unloads
         self.lock = threading.Lock()  # the engine thread loads and evicts while HTTP handlers read `loaded`
         self.load_lock = threading.RLock()  # one load at a time (budget arithmetic), and none during a CUDA graph capture
-        if self.verify:
+        if self.files.verify:
             self.check_versions()
+
+    @property
+    def broken(self) -> dict[str, str]:
+        """Engine -> why its last load failed verification (EngineFiles.broken)."""
+        return self.files.broken
 
     def check_versions(self) -> None:
         try:  # each backend knows what it can run: exact versions, or later ones for portable engines
@@ -134,11 +125,7 @@ class EngineSet:
         if self.announce:
             log.info("[DYNAMIC GRAPH] Loading %s on %s", describe(record), device)
         start = time.perf_counter()
-        host = None
-        if self.host_copy(device):
-            host = self.host_files(record)
-        elif self.verify:
-            self.verify_files(record)
+        host = self.files.read(record, device)
         self.make_room(device, record.bytes, key)
         session = self.load(record, device, host)
         seconds = time.perf_counter() - start
@@ -154,73 +141,11 @@ class EngineSet:
                 name, device, mib(record.bytes), seconds, " from host memory" if host is not None else "")
         return session
 
-    def verified_or_broken(self, record: EngineRecord, check: Callable[[], object]):
-        try:
-            out = check()
-        except EngineMismatch as e:
-            self.broken[record.name] = str(e)
-            raise
-        self.broken.pop(record.name, None)
-        return out
-
-    def host_files(self, record: EngineRecord) -> dict[str, object]:
-        """The engine's files in host memory, read (and hashed as they are read) the first time: the
-        .onnx as bytes (ONNX Runtime parses the protobuf from bytes only), every other file (external
-        weights) into a host buffer, page-locked where CUDA is available."""
-        def read() -> dict[str, object]:
-            files = {}
-            for f in record.files:
-                path = self.existing(record, f)
-                if f.name == record.path:
-                    data = view = path.read_bytes()
-                else:
-                    data = host_buffer(path.stat().st_size)
-                    with open(path, "rb") as fh:
-                        fh.readinto(memoryview(data))
-                    view = memoryview(data)
-                if self.verify:
-                    self.compare(record, f, path, hashlib.sha256(view).hexdigest())
-                files[f.name] = data
-            return files
-
-        with self.file_locks[record.name]:  # the prefetch thread and a load may want the same engine
-            if record.name not in self.host:
-                self.host[record.name] = self.verified_or_broken(record, read)
-            return self.host[record.name]
-
-    def verify_files(self, record: EngineRecord) -> None:
-        """Hash the engine's files against the manifest unless they are unchanged since last hashed."""
-        with self.file_locks[record.name]:
-            stamp = file_stamp(self.directory, record)  # None also when a file is missing
-            if stamp is None or self.verified.get(record.name) != stamp:
-                self.verified_or_broken(record, lambda: self.check_files(record))
-                self.verified[record.name] = stamp
-
     def prefetch(self) -> threading.Thread | None:
-        """Read every engine not loaded yet as its load would, on a background thread: into host
-        memory where loads come from there, else hashed (`verify`) and so into the page cache; the
-        disk and the hash off the request path. Returns the thread, or None with nothing to read.
-        An engine whose files fail verification is left to its load, which reports it (and `broken`)."""
+        """The first read (and hash) of every engine not loaded yet, on a background thread
+        (EngineFiles.prefetch); returns the thread, or None with nothing to read."""
         loaded = {key.partition("@")[0] for key in self.loaded()}
-        to_host = {n: self.host_copy(str(self.device(n))) for n in self.manifest.engines if n not in loaded and n not in self.host}
-        names = [n for n, host in to_host.items() if host or self.verify]
-        if not names:
-            return None
-
-        def prefetch() -> None:
-            start = time.perf_counter()
-            for name in names:
-                record = self.manifest.engines[name]
-                try:
-                    self.host_files(record) if to_host[name] else self.verify_files(record)
-                except (EngineMismatch, OSError) as e:
-                    log.warning("[DYNAMIC GRAPH] not prefetched: %s", e)
-            log.info("[DYNAMIC GRAPH] %d engines (%s) read and verified ahead of their loads in %.1f s", len(names),
-                     mib(sum(self.manifest.engines[n].bytes for n in names)), time.perf_counter() - start)
-
-        thread = threading.Thread(target=prefetch, name="dyngraph-prefetch", daemon=True)
-        thread.start()
-        return thread
+        return self.files.prefetch([n for n in self.manifest.engines if n not in loaded], lambda n: str(self.device(n)))
 
     def load(self, record: EngineRecord, device: str, host: dict | None = None) -> EngineSession:
         inputs, outputs = record.input_specs(), record.output_specs()
@@ -299,22 +224,6 @@ class EngineSet:
         with self.lock:
             return sum(s.uncaptured for s in self.sessions.values())
 
-    def check_files(self, record: EngineRecord) -> None:
-        for f in record.files:
-            path = self.existing(record, f)
-            self.compare(record, f, path, sha256_file(path))
-
-    def existing(self, record: EngineRecord, f: FileRecord) -> Path:
-        path = self.directory / f.name
-        if not path.is_file():
-            raise EngineMismatch(f"engine {record.name}: {path} is missing (manifest expects sha256 {f.sha256})")
-        return path
-
-    @staticmethod
-    def compare(record: EngineRecord, f: FileRecord, path: Path, found: str) -> None:
-        if found != f.sha256:
-            raise EngineMismatch(f"engine {record.name}: {path} has sha256 {found}, manifest expects {f.sha256}")
-
     def run(self, name: str, feeds: dict[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """One uncaptured run with session-allocated outputs (prefill, encoders)."""
         session = self.session(name, device)
@@ -322,28 +231,4 @@ class EngineSet:
         # a CPU scalar (total_sequence_length) stays where the engine reads it
         return session.run({k: v if v.dim() == 0 else v.to(session.device, non_blocking=True).contiguous() for k, v in feeds.items()})
 
-
-def file_stamp(directory: Path, record: EngineRecord) -> tuple | None:
-    """What changes when an engine's files are rewritten, replaced or deleted, short of hashing them."""
-    try:
-        return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in ((directory / f.name).stat() for f in record.files))
-    except OSError:
-        return None
-
-
-def host_buffer(size: int) -> np.ndarray:
-    """`size` bytes of host memory, page-locked in place where CUDA is available (cudaHostRegister,
-    undone when the buffer goes): for 2.3 GiB on the H200 host, 0.58 s against 2.20 s from torch's
-    pinned allocator, and copied to the device at 55 GB/s against pageable memory's 6.9
-    (scripts/host_copy_bench.py)."""
-    data = np.empty(size, dtype=np.uint8)
-    if torch.cuda.is_available() and size:
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(data.ctypes.data, size, 0)) == 0:  # cudaSuccess; otherwise it stays pageable
-            weakref.finalize(data, cudart.cudaHostUnregister, data.ctypes.data)
-    return data
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 

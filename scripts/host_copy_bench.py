@@ -1,5 +1,5 @@
 """What a host copy of an engine's weights costs on a GPU host: the buffer (torch's pinned
-allocator, a page-locked-in-place numpy buffer as runtime.engines.host_buffer makes, or plain
+allocator, a page-locked-in-place numpy buffer as runtime.files.host_buffer makes, or plain
 pageable memory), filling it, and its copy to the device.
 
     python3 scripts/host_copy_bench.py --out host-copy.json     # buffers of 0.5 and 2.3 GiB
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from runtime.engines import host_buffer
+from runtime.files import host_buffer
 
 
 def timed(fn):

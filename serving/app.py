@@ -32,7 +32,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from runtime.config import RateLimitConfig, ServerConfig
+from serving.config import RateLimitConfig, ServerConfig
 from runtime.metrics import Metrics
 from serving.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
 from serving.chat import APIError, ChatService, ClientGone

@@ -22,10 +22,10 @@ from pydantic import ValidationError
 
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
-from runtime.config import ServerConfig
+from serving.config import ServerConfig
 from runtime.generation import (Delta, Event, Failed, Finished, GenerationRequest, QueueFull,
                                 RequestHandle, Started)
-from runtime.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
+from serving.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
 from runtime.metrics import Metrics
 from serving.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
                               CompletionTokensDetails, DeltaMessage, DyngraphInfo, ErrorBody, ErrorResponse, ModelCard,

@@ -23,7 +23,7 @@ CONF_DIR = str(ROOT / "conf")
 def compose_export(overrides: list[str] | None = None):
     """The export app config exactly as `python -m pipeline export OVERRIDES` would see it."""
     from contract.config import ExportApp
-    from pipeline.commands import register_configs
+    from cli.command import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

@@ -23,10 +23,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from bench.client import RequestResult
-from bench.run import ModeResult, RunResult, open_nvml, slug
+from bench.host import open_nvml, slug
+from bench.run import ModeResult, RunResult
 from bench.compare import CompareError, load_report, run_compare, tolerance_for
 from contract.config import BenchApp, CompareConfig, RequestGroup
-from pipeline.commands import register_configs
+from cli.command import register_configs
 from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, NvmlUnavailable, Sampler, energy_between
 from bench.metrics import machine_class, stats
 from bench.plots import decode_title, plot_decode

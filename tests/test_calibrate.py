@@ -16,7 +16,8 @@ from safetensors import safe_open
 from model.autoglm import build_model
 from model.exits import EXITS_NAME, ExitsError, read_exits, resolve_exits
 from model.tokenizer import ChatTokenizer
-from calibrate.run import agreement_curve, agreement_title, choose_threshold, fit_heuristic
+from calibrate.metrics import agreement_curve, choose_threshold, fit_heuristic
+from calibrate.plots import agreement_title
 from contract.manifest import Manifest
 from bench.quality import agreement, quality_block, token_texts
 from runtime.config import PolicyConfig
@@ -217,7 +218,7 @@ def test_export_and_serve_with_calibrated_exits(tiny_export, corpus, tmp_path, o
     """The random tiny model's exits calibrated, exported over a copy of the shared export (only
     the segments before full depth rebuild), served with the confidence policy: each request
     exits where the calibrated heads and the manifest's thresholds say."""
-    from .test_serve import MODEL, Server
+    from .servers import MODEL, Server
 
     root, directory = copy_export(tiny_export.directory, tmp_path)
     out = tmp_path / "exits"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from model.autoglm import ModelConfig, build_model
 from model.checkpoint import CheckpointError, checkpoint_fingerprint, load_glm_checkpoint
-from pipeline.commands import register_configs
+from cli.command import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -198,6 +199,8 @@ def test_fingerprint(checkpoint, tmp_path):
     directory, _ = checkpoint
     same = copy_checkpoint(directory, tmp_path / "same", lambda tensors: None)
     changed = copy_checkpoint(directory, tmp_path / "changed", lambda t: t["model.norm.weight"].add_(1.0))
-    assert checkpoint_fingerprint(same) == checkpoint_fingerprint(same)
+    moved = Path(shutil.copytree(same, tmp_path / "moved"))
+    (moved / "README.md").write_text("not a weight")
+    assert checkpoint_fingerprint(moved) == checkpoint_fingerprint(same)  # the content, wherever it lies and whatever lies beside it
     assert len(checkpoint_fingerprint(same)) == 64
     assert checkpoint_fingerprint(same) != checkpoint_fingerprint(changed)

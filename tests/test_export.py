@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from model.autoglm import meta_model
 from contract.engines import Limits, engine_specs, path_specs
-from contract.manifest import Manifest, engines_path, sha256_file
+from contract.manifest import Manifest, engines_path
+from model.files import sha256_file
 from pipeline.export import human_parameters
 from runtime.engines import EngineSet
 from runtime.step import Row, Stepper

@@ -14,7 +14,7 @@ import pytest
 
 from contract.manifest import Manifest, engines_path
 
-from .test_serve import MODEL, Server, audio_part, image_part, png_url, user, wait_for, wav_b64
+from .servers import MODEL, Server, audio_part, image_part, png_url, user, wait_for, wav_b64
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HI = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

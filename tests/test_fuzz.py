@@ -24,13 +24,13 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
-from .test_serve import Server
+from .servers import Server
 
 CHAT_EXAMPLES = 300  # positive and negative together; the other operations take no input and get a few
 SMALL_EXAMPLES = 40
 CHAT = "POST /v1/chat/completions"
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.heavy, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,14 @@ from exporters.quantize import BITS
 from model.autoglm import meta_model
 from contract.engines import Limits, engine_specs, model_dims
 from contract.manifest import engines_path
-from pipeline.export import code_hash, engine_key, run_export, weights_identity
+from contract.weights import weights_identity
+from pipeline.export import code_hash, engine_key, run_export
 from contract.manifest import Manifest
 from bench.quality import agreement
 
 from .conftest import compose_export, one_error_line, run_cli
 from .test_bench import compose_bench
-from .test_serve import MODEL, Server
+from .servers import MODEL, Server
 
 QUANTIZED = ("segment", "cross_kv", "cross_attn", "lm_head")  # the graphs whose weight matrices are quantized
 FLOAT = ("embed", "vision", "audio")  # and those that keep the export dtype

@@ -18,17 +18,17 @@ import yaml
 pytest.importorskip("ray.serve", reason="cluster=ray needs Ray Serve: pip install 'ray[serve]' (in the test extra)")
 
 from .conftest import CONF_DIR, ROOT  # noqa: E402
-from .test_serve import (DEPTH_POLICY, MODEL, TEXT, Server, audio_part, chat, eager_text, image_part, langchain_round_trip, png_url, user,  # noqa: E402
+from .servers import (DEPTH_POLICY, MODEL, TEXT, Server, audio_part, chat, eager_text, image_part, langchain_round_trip, png_url, user,  # noqa: E402
                          wav_b64)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.heavy, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def compose_serve(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pipeline.commands import register_configs
+    from cli.command import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -37,7 +37,7 @@ def compose_serve(overrides: list[str]):
 
 @pytest.mark.parametrize("placement, gpus", [("cpu", 0), ("one_gpu", 1), ("two_gpu", 2)])
 def test_replica_resources_follow_the_placement(placement, gpus):
-    from runtime.cluster import deployment_options
+    from cli.cluster import deployment_options
 
     cfg = compose_serve(["cluster=ray", f"runtime={placement}", "cluster.num_replicas=3"])
     options = deployment_options(cfg)
@@ -56,8 +56,8 @@ def test_the_kuberay_example_composes_into_the_deployment_it_describes():
     """The manifest is not run here (no Kubernetes): its Serve config must at least build."""
     from ray import serve
 
-    from runtime.cluster import deployment_options
-    from runtime.serve import ray_app
+    from cli.cluster import deployment_options
+    from runtime.serve import ray_app  # the documented import path of Serve's application builder
 
     manifest = yaml.safe_load((ROOT / "docs" / "kuberay-rayservice.yaml").read_text())
     (application,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]

@@ -22,7 +22,7 @@ from bench.workload import encode_wav, synth_sound
 from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, RuntimeConfig
 from runtime.engines import EngineMismatch, EngineSet
 from runtime.generation import Failed, Finished, GenerationEngine, GenerationRequest, Started
-from runtime.media import MediaLimits, decode_audio, decode_image
+from serving.media import MediaLimits, decode_audio, decode_image
 from runtime.metrics import Metrics
 from runtime.placement import Placement, PlacementError
 from runtime.policy import DepthPolicy, PolicyError, PolicyInput
@@ -336,7 +336,7 @@ def test_offload_keeps_engines_under_the_budget_with_lru_eviction(tiny_engines_d
     assert engines.resident_bytes("cpu") <= budget
     assert "loaded segment.3 on cpu" in caplog.text and "evicted" in caplog.text and "from host memory" in caplog.text
     assert engines.loads["segment.3"][0] >= 2 and ("segment.3", "budget") in unloads  # evicted, then reloaded from host memory
-    assert set(engines.host) >= {"segment.0", "segment.3"}
+    assert set(engines.files.host) >= {"segment.0", "segment.3"}
 
 
 @pytest.mark.parametrize("host_copy", [False, True], ids=["page-cache", "host-copy"])
@@ -354,10 +354,10 @@ def test_prefetch_reads_and_verifies_every_engine_ahead_of_its_first_load(tiny_e
     engines.session("embed")
     with caplog.at_level(logging.WARNING):
         engines.prefetch().join(timeout=120)
-    read = set(engines.host) if host_copy else set(engines.verified)
+    read = set(engines.files.host) if host_copy else set(engines.files.verified)
     assert read == set(manifest.engines) - {"segment.2"}  # embed by its load, the rest by the prefetch
     assert f"{data} has sha256" in caplog.text
-    monkeypatch.setattr("runtime.engines.sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
+    monkeypatch.setattr("runtime.files.sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
     if host_copy:
         for record in manifest.engines.values():
             if record.name != "segment.2":

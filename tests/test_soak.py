@@ -9,13 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.commands import register_configs
+from cli.command import register_configs
 from bench.gpu_monitor import MemoryPeaks
 from bench.soak import Outcome, Sample, build_report
 
 from .conftest import CONF_DIR, run_cli
 
 
+@pytest.mark.heavy
 def test_the_ci_soak_passes_and_reports_statuses_memory_and_latency(tiny_engines_dir, tmp_path):
     result = run_cli("pipeline", "bench", "bench=soak", f"engines_dir={tiny_engines_dir.parent.parent}", f"output_dir={tmp_path}",
                      "bench.soak.streams=4", "bench.soak.duration_s=20", "bench.soak.warmup_s=5", "progress=false", timeout=300)

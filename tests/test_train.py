@@ -23,7 +23,7 @@ from model.exits import EXITS_NAME, read_exits
 from model.tokenizer import ChatTokenizer
 from calibrate.quality import mean_accepted
 from calibrate.train import dropout_rates, enabled_exits, exit_hidden, exit_weights, run_train
-from pipeline.commands import register_configs
+from cli.command import register_configs
 
 from .conftest import CONF_DIR, ROOT, compose_export
 
