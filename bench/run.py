@@ -40,7 +40,7 @@ from bench.peer import PeerSkipped, check_settings, run_peer
 from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
 from bench.curve import check_curve, run_curve
-from bench.server import BenchError, Server
+from bench.server import BenchError, Server, check_launch
 from bench.workload import BenchRequest, WorkloadError, active_groups, build_workload, fingerprint
 from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
 from pipeline.console import make_console
@@ -203,18 +203,7 @@ def corpus_tokenizer(app: BenchApp) -> ChatTokenizer | None:
 def run_bench(app: BenchApp, server_overrides: list[str], console: Console | None = None) -> Path:
     """Run the benchmark; return the report folder. `server_overrides` select the same model and
     export for runtime.serve as the bench composed (model=..., export=..., and their overrides)."""
-    if not 0 <= app.server.port <= 65535:
-        raise BenchError(f"server.port={app.server.port} must lie in 0..65535 (0: any free port)")
-    if app.bench.soak is not None and app.bench.quantizations:
-        raise BenchError("bench=soak soaks one server: set export.quantize to soak a quantized export, not bench.quantizations")
-    if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time (bench/soak.py)
-        from bench.soak import run_soak
-
-        return run_soak(app, server_overrides, console)
-    if app.bench.speculation is not None:  # bench=speculation: full depth with and without self-speculation (bench/speculation.py)
-        from bench.speculation import run_speculation
-
-        return run_speculation(app, server_overrides, console)
+    check_launch(app)
     console = console or make_console()
     if app.bench.quantizations:
         return run_quantizations(app, server_overrides, console)

@@ -28,6 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_launch(app: BenchApp) -> None:
+    """What every bench checks of how it starts its servers, before anything runs."""
+    if not 0 <= app.server.port <= 65535:
+        raise BenchError(f"server.port={app.server.port} must lie in 0..65535 (0: any free port)")
+
+
 class Server:
     """`python -m runtime.serve` in one mode, as a subprocess that the bench owns and stops."""
 

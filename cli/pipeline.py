@@ -69,18 +69,29 @@ BENCH = Command(
      "server.port": "0: any free port",
      "server.*": "cluster, replicas, args (more runtime.serve overrides), startup_timeout_s",
      "progress": "false: no progress bars"},
-    presets=("phone-9b-gpu-bench", "phone-9b-gpu-soak", "reference-gpu-bench"))
+    presets=("phone-9b-gpu-bench", "phone-9b-gpu-soak", "reference-gpu-bench", "reference-cpu-bench"))
 
 
 @hydra_command(BENCH)
 def bench(app: BenchApp) -> None:
     from bench.run import BenchError, run_bench
+    from bench.server import check_launch
+    from bench.soak import run_soak
+    from bench.speculation import run_speculation
 
     # one line per request from httpx, and matplotlib's font cache notice, would bury the progress bar
     for name in ("httpx", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        run_bench(app, server_overrides(app))
+        check_launch(app)
+        if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time
+            if app.bench.quantizations:
+                raise BenchError("bench=soak soaks one server: set export.quantize to soak a quantized export, not bench.quantizations")
+            run_soak(app, server_overrides(app))
+        elif app.bench.speculation is not None:  # bench=speculation: full depth with and without self-speculation
+            run_speculation(app, server_overrides(app))
+        else:  # static against dynamic
+            run_bench(app, server_overrides(app))
     except BenchError as e:
         log.error("bench failed: %s", e)
         sys.exit(2)

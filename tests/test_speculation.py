@@ -21,7 +21,7 @@ from runtime.step import Row, Stepper
 from .conftest import compose_export, run_cli
 from .test_quantize import int8_export  # noqa: F401 (a fixture)
 from .test_runtime import GREEDY, Running, eager_greedy, make_engine, media, request  # noqa: F401 (media: a fixture)
-from .test_serve import MODEL, Server, chat, user
+from .servers import MODEL, Server, chat, user
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
