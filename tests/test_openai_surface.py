@@ -200,10 +200,15 @@ def test_logprobs_one_per_token_top_sorted_from_the_paths_exit(server, streamed)
 def test_logit_bias_and_penalties_reach_sampling(server):
     body, _ = chat(server, ASK, max_tokens=5, temperature=0, logit_bias={"65": 100}, extra_body={"ignore_eos": True})
     assert body["choices"][0]["message"]["content"] == "AAAAA"
-    # a frequency penalty larger than the bias: "A" once, then anything but
-    body, _ = chat(server, ASK, max_tokens=3, temperature=0, logit_bias={"65": 100}, frequency_penalty=2, repetition_penalty=1.5,
-                   presence_penalty=2, extra_body={"ignore_eos": True})
-    assert body["choices"][0]["message"]["content"].startswith("A")
+    plain, _ = chat(server, ASK, max_tokens=1, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
+    first = bytes(plain["choices"][0]["logprobs"]["content"][0]["bytes"])
+    token = first[0] if len(first) == 1 else TOK.token_id(first.decode())  # the built-in tokenizer: a byte is its id
+    banned, _ = chat(server, ASK, max_tokens=1, temperature=0, logprobs=True, logit_bias={str(token): -100}, extra_body={"ignore_eos": True})
+    assert bytes(banned["choices"][0]["logprobs"]["content"][0]["bytes"]) != first
+    # the penalties' arithmetic is the unit test's below; here they are taken, with the bias, in one request
+    body, _ = chat(server, ASK, max_tokens=3, temperature=0, logit_bias={"65": 100}, frequency_penalty=2, presence_penalty=2,
+                   extra_body={"ignore_eos": True, "repetition_penalty": 1.5})
+    assert body["choices"][0]["message"]["content"] == "AAA"  # +100 outweighs every penalty here
 
 
 BAD = {
