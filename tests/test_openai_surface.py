@@ -308,3 +308,13 @@ def test_the_grammar_engine_reads_the_byte_level_vocabulary_and_masks_padding():
     # the whole mask, 512 ids: padding bits are off in the engine's own mask too
     bits = [(int(grammar.mask()[i // 32]) >> (i % 32)) & 1 for i in range(512)]
     assert not any(bits[TOK.vocab_size:]) and bits[ord('"')] and bits[ord("b")]
+
+
+def test_processed_requests_do_not_speculate(server):
+    """A grammar, penalties or logprobs are not applied to self-speculation's drafts: such a request decodes plainly."""
+    kw = dict(max_tokens=6, temperature=0, extra_body={"exit_layer": 24, "speculative": True, "ignore_eos": True})
+    plain, _ = chat(server, ASK, **kw)
+    assert plain["dyngraph"]["speculation"]["drafted"] > 0
+    for extra in ({"logprobs": True}, {"presence_penalty": 1.0}, {"response_format": {"type": "json_object"}}):
+        body, _ = chat(server, ASK, **kw, **extra)
+        assert "speculation" not in body["dyngraph"], extra
