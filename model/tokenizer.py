@@ -10,8 +10,10 @@ that the runtime needs nothing from transformers.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -27,6 +29,19 @@ ROLES = ("system", "user", "assistant", "observation")
 EOS_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 # what apply_chat_template and eos_ids need; from_dir refuses a tokenizer.json without them
 CHAT_TOKENS = ("[gMASK]", "<sop>", *(f"<|{r}|>" for r in ROLES), "<|endoftext|>")
+# GLM-4's system turn for tools, as its tokenizer_config.json chat template writes it (glm-4-9b-chat)
+TOOLS_INTRO = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+               "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
+TOOL_CALL_HINT = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
+
+
+def tools_system_prompt(functions: list[dict[str, Any]]) -> str:
+    """The system turn that lists the functions (OpenAI's `function` objects: name, description,
+    parameters), each as `## name` and its JSON, as GLM-4's template writes it."""
+    parts = [TOOLS_INTRO]
+    for f in functions:
+        parts.append(f"\n\n## {f['name']}\n\n{json.dumps(f, indent=4, ensure_ascii=False)}\n{TOOL_CALL_HINT}")
+    return "".join(parts)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -153,23 +168,40 @@ class ChatTokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], enable_thinking: bool = False, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], enable_thinking: bool = False, add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None, call_tools: bool = False,
     ) -> list[int]:
         """GLM-4's prompt: [gMASK]<sop>, then <|role|>\\n{content} per message, then <|assistant|>\\n.
 
         With enable_thinking the prompt ends inside "<think>", so the model starts by reasoning.
         The result equals `encode` of the template's text: the specials split the text anyway.
+
+        Tools, in GLM-4's own format: `tools` (OpenAI function objects) make a first system turn that
+        lists them; an assistant message's `tool_calls` ([{"name", "arguments"}], arguments a JSON
+        string) are turns of their own, `<|assistant|>{name}\\n{arguments}` (its content, if any,
+        comes first as a turn of its own); a tool's result is an `observation` turn. With
+        `call_tools` the prompt ends at `<|assistant|>`: the model's first line is then a function
+        name (a call, arguments on the next line) or empty (an answer in text); without it the
+        newline is in the prompt and the answer is text.
         """
         ids = [self.token_id("[gMASK]"), self.token_id("<sop>")]
+        if tools:
+            ids += [self.token_id("<|system|>"), *self.encode("\n" + tools_system_prompt(tools))]
         for message in messages:
             role, content = message["role"], message["content"]
             if role not in ROLES:
                 raise ValueError(f"chat role {role!r} is not one of {ROLES}")
             if not isinstance(content, str):
                 raise ValueError(f"chat content of a {role} message must be a string, got {type(content).__name__}")
-            ids += [self.token_id(f"<|{role}|>"), *self.encode("\n" + content)]
+            calls = message.get("tool_calls") or []
+            if content or not calls:
+                ids += [self.token_id(f"<|{role}|>"), *self.encode("\n" + content)]
+            for call in calls:
+                ids += [self.token_id("<|assistant|>"), *self.encode(f"{call['name']}\n{call['arguments']}")]
         if add_generation_prompt:
-            ids += [self.token_id("<|assistant|>"), *self.encode("\n")]
+            ids.append(self.token_id("<|assistant|>"))
+            if not call_tools:
+                ids += self.encode("\n")
             if enable_thinking:
                 ids.append(self.token_id("<think>"))
         return ids

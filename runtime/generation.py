@@ -25,8 +25,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from runtime.engines import EngineMismatch, EngineSet, describe, mib
 from runtime.metrics import Metrics
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
-from runtime.sampling import GREEDY, Sampler, SamplingParams, make_generator
+from runtime.sampling import GREEDY, RowContext, Sampler, SamplingParams, TokenHistory, make_generator
 from runtime.speculation import Draft, SpeculationConfigError, accept, draft_exit_depth
 from runtime.speculation import check as check_speculation
 from runtime.step import Row, Stepper
@@ -78,7 +79,16 @@ class GenerationRequest:
     exit_layer: int | None = None  # chosen by the client (runtime.policy.request_override), else by the policy
     speculative: bool | None = None  # self-speculation for this request; None: runtime.speculation.enabled
     draft_exit: int | None = None  # its draft exit; None: runtime.speculation.draft_exit
+    # constrained decoding: this sequence's own matcher (runtime.constrained.Grammar: mask() before each
+    # token, accept(token) after); its tokens follow the grammar, at whatever exit the path takes
+    grammar: Any = None
     request_id: str = ""
+
+    @property
+    def processed(self) -> bool:
+        """Whether its logits are processed per token (grammar, penalties, bias) or it wants logprobs:
+        such a request does not speculate (its drafts would be chosen from unprocessed logits)."""
+        return self.grammar is not None or self.sampling.penalized or self.sampling.logprobs is not None
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,7 @@ class Sequence:
     waited_from: tuple[float, int] = (0.0, 0)  # when it began waiting for them: (monotonic time, decode steps so far)
     generator: torch.Generator | None = None
     draft: Draft | None = None  # its self-speculation, when it drafts
+    history: TokenHistory | None = None  # what its penalties read, on the logits' device
     token_ids: list[int] = field(default_factory=list)
     reasoning_tokens: int = 0
     done: bool = False  # finished, failed or cancelled: its rows are free
@@ -455,8 +466,11 @@ class GenerationEngine:
             return
         logits = self.prefill(seq)
         seq.generator = make_generator(seq.request.sampling, logits.device)
+        if seq.request.sampling.penalized:
+            seq.history = TokenHistory(seq.request.prompt_ids, self.sampler.decodable, logits.device)
         seq.draft = self.draft_for(seq)
-        self.take(seq, self.sample(logits, [seq])[0])
+        token = self.sample(logits, [seq])[0]
+        self.take(seq, token, self.logprob(seq, logits[0], token))
         if not seq.done:
             self.running.append(seq)
 
@@ -502,7 +516,7 @@ class GenerationEngine:
         """The request's self-speculation, once its path is known: in dynamic mode, when it asks for it
         (or the server does) and its path runs deeper than the draft exit."""
         cfg, req = self.cfg.speculation, seq.request
-        if self.mode != "dynamic" or not (cfg.enabled if req.speculative is None else req.speculative):
+        if self.mode != "dynamic" or not (cfg.enabled if req.speculative is None else req.speculative) or req.processed:
             return None
         draft_exit = req.draft_exit if req.draft_exit is not None else cfg.draft_exit if cfg.draft_exit is not None else self.exits.first
         depth = draft_exit_depth(draft_exit, self.exits, "draft_exit")  # the chat service checked a request's own
@@ -544,10 +558,11 @@ class GenerationEngine:
         # a sampled draft is drawn apart from the batch: its verification needs the distribution it came from
         sampled_drafts = [i for i, s in enumerate(seqs) if s.row.draft and not s.request.sampling.greedy]
         tokens = self.sampler(logits, [GREEDY if i in sampled_drafts else s.request.sampling for i, s in enumerate(seqs)],
-                              [s.generator for s in seqs])
+                              [s.generator for s in seqs], self.contexts(seqs))
         for i, s in enumerate(seqs):
             if not s.row.draft:
-                self.take(s, self.think_end if s.must_close_thinking else tokens[i])
+                token = self.think_end if s.must_close_thinking else tokens[i]
+                self.take(s, token, self.logprob(s, logits[i], token))
                 continue
             token, probs = self.sampler.draw(logits[i], s.request.sampling, s.generator) if i in sampled_drafts else (tokens[i], None)
             s.draft.add(token, probs)
@@ -577,14 +592,30 @@ class GenerationEngine:
             self.stepper.truncate(seq.number, past + taken)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        tokens = self.sampler(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        tokens = self.sampler(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs], self.contexts(seqs))
         return [self.think_end if s.must_close_thinking else t for s, t in zip(seqs, tokens)]
 
-    def take(self, seq: Sequence, token: int) -> None:
+    @staticmethod
+    def contexts(seqs: list[Sequence]) -> list[RowContext | None] | None:
+        """Per sequence, what its logits processing reads: its penalties' history and its grammar's mask now."""
+        out = [RowContext(s.history, s.request.grammar.mask() if s.request.grammar is not None else None)
+               if s.history is not None or s.request.grammar is not None else None for s in seqs]
+        return out if any(c is not None for c in out) else None
+
+    def logprob(self, seq: Sequence, logits: torch.Tensor, token: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """The token's logprob and the top ones at the sequence's exit, when its request asks for them."""
+        k = seq.request.sampling.logprobs
+        return None if k is None else self.sampler.logprobs(logits, token, k)
+
+    def take(self, seq: Sequence, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         """Account for a new token, stream its text, and finish the sequence where it ends."""
         if seq.row is not None:
             seq.row.token = token
         seq.token_ids.append(token)
+        if seq.history is not None:
+            seq.history.add(token)
+        if seq.request.grammar is not None and token not in self.eos:
+            seq.request.grammar.accept(token)
         if seq.text.reasoning:
             seq.reasoning_tokens += 1
         if token in self.eos and not seq.request.ignore_eos:
@@ -593,7 +624,7 @@ class GenerationEngine:
         delta, stopped = seq.text.add(token)
         # one event per token, empty or not: streams show the real token cadence (a byte-level
         # tokenizer often needs several tokens before any text decodes)
-        seq.handle.push(delta)
+        seq.handle.push(replace(delta, token=token, logprob=logprob))
         if stopped:
             self.finish(seq, "stop")
         elif len(seq.token_ids) >= seq.request.max_tokens:

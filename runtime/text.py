@@ -10,6 +10,8 @@ from model.tokenizer import ChatTokenizer
 class Delta:
     content: str = ""
     reasoning: str = ""
+    token: int | None = None  # the id it came from (None: text held back until the end)
+    logprob: tuple[float, list[tuple[int, float]]] | None = None  # the id's logprob and the top ids', when asked for
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning)

@@ -319,12 +319,7 @@ def request_schema(service: ChatService) -> tuple[dict, dict]:
         props[name] = nullable({"type": "integer", "minimum": 1, "maximum": engine.context_len - 1})
     stop = {"type": "string", "minLength": 1, "maxLength": server.max_stop_chars}
     props["stop"] = {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": server.max_stop}, {"type": "null"}]}
-    # refused unless off: n=1 only, no tools, no logprobs, no penalties
-    props["n"] = nullable({"type": "integer", "minimum": 1, "maximum": 1})
-    props["tools"] = nullable({"type": "array", "maxItems": 0})
-    props["logprobs"] = nullable({"type": "boolean", "enum": [False]})
-    for name in ("presence_penalty", "frequency_penalty"):
-        props[name] = nullable({"type": "number", "enum": [0]})
+    props["n"] = nullable({"type": "integer", "minimum": 1, "maximum": server.max_n})
     exits = engine.exit_layers if engine.request_override else []
     props["exit_layer"] = nullable({"type": "integer", "enum": exits}) if exits else {"type": "null"}
     defs["ChatMessage"]["properties"]["content"] = {"anyOf": [

@@ -14,8 +14,8 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
-from dataclasses import dataclass
+from typing import Any, Protocol
+from dataclasses import dataclass, replace
 
 import torch
 from pydantic import ValidationError
@@ -25,12 +25,15 @@ from model.tokenizer import ChatTokenizer
 from serving.config import ServerConfig
 from runtime.generation import (Delta, Event, Failed, Finished, GenerationRequest, QueueFull,
                                 RequestHandle, Started)
+from runtime.constrained import GrammarCompiler, GrammarError
 from serving.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
 from runtime.metrics import Metrics
-from serving.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
-                              CompletionTokensDetails, DeltaMessage, DyngraphInfo, ErrorBody, ErrorResponse, ModelCard,
-                              ModelList, ResponseMessage, Usage)
+from serving.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChoiceLogprobs,
+                              ChunkChoice, CompletionTokensDetails, DeltaFunction, DeltaMessage, DeltaToolCall, DyngraphInfo,
+                              ErrorBody, ErrorResponse, ModelCard, ModelList, NamedToolChoice, ResponseFunctionCall,
+                              ResponseMessage, ResponseToolCall, TokenLogprob, TopLogprob, Usage)
 from runtime.sampling import SamplingParams
+from serving.tools import Piece, ToolCallReader, grammar_for, parameters_of
 
 log = logging.getLogger("dyngraph.serving")
 
@@ -41,6 +44,35 @@ UNION_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
 # float32, which would drop every token; either way the probabilities become NaN
 GREEDY_BELOW = 1e-5
 SURROGATES = re.compile("[\ud800-\udfff]")
+# parameters of OpenAI's chat API (and vLLM's extensions) that would change the answer and that this
+# server does not implement: refused with a 400 naming them unless absent or at a value that changes nothing
+REFUSED: dict[str, tuple[str, tuple]] = {
+    "functions": ("the deprecated `functions` are not supported: send `tools`", ()),
+    "function_call": ("the deprecated `function_call` is not supported: send `tool_choice`", ()),
+    "audio": ("audio output is not supported", ()),
+    "modalities": ("only text output is supported", (["text"],)),
+    "prediction": ("predicted outputs are not supported", ()),
+    "web_search_options": ("web search is not supported", ()),
+    "reasoning_effort": ("reasoning_effort is not supported: send enable_thinking", ()),
+    "verbosity": ("verbosity is not supported", ()),
+    "min_p": ("min_p is not supported", ()),
+    "best_of": ("best_of is not supported: send n", (1,)),
+    "use_beam_search": ("beam search is not supported", ()),
+    "min_tokens": ("min_tokens is not supported", ()),
+    "stop_token_ids": ("stop_token_ids are not supported: send stop", ()),
+    "allowed_token_ids": ("allowed_token_ids are not supported: send logit_bias or response_format", ()),
+    "bad_words": ("bad_words are not supported: send logit_bias", ()),
+    "guided_json": ("guided_json is not supported: send response_format", ()),
+    "guided_regex": ("guided_regex is not supported", ()),
+    "guided_choice": ("guided_choice is not supported: send response_format with an enum schema", ()),
+    "guided_grammar": ("guided_grammar is not supported", ()),
+    "structured_outputs": ("structured_outputs is not supported: send response_format", ()),
+    "prompt_logprobs": ("prompt_logprobs are not supported", ()),
+    "logits_processors": ("logits_processors are not supported", ()),
+    "echo": ("echo is not supported", ()),
+    "continue_final_message": ("continue_final_message is not supported", ()),
+}
+HARMLESS = (None, False, 0, "", [], {})
 
 
 class APIError(Exception):
@@ -67,18 +99,33 @@ class Reply:
 
 
 @dataclass
+class Output:
+    """How a request's answer is shaped: its grammar (compiled, unchecked against nothing else) and
+    whether it is read back for tool calls."""
+
+    functions: list[dict[str, Any]] | None  # the tools offered (OpenAI function objects)
+    calls: bool  # the model may call them: the prompt ends at <|assistant|>, the answer is read for calls
+    grammar: str | None  # what each choice's matcher is made of
+
+
+@dataclass
 class Run:
-    """One admitted request, from its path decision on."""
+    """One admitted request, from its path decision on: one sequence per choice (n)."""
 
     id: str
     request: ChatCompletionRequest
-    generation: GenerationRequest
-    handle: RequestHandle
+    generations: list[GenerationRequest]
+    handles: list[RequestHandle]
     started: Started
     arrival: float
     reasoning: bool  # return the thinking block as reasoning_content
+    functions: set[str] | None = None  # when the answer may call tools: their names, for ToolCallReader
     first_token: bool = False
     answered: bool = False  # its outcome is in the metrics
+
+    @property
+    def generation(self) -> GenerationRequest:
+        return self.generations[0]
 
 
 class EngineClient(Protocol):
@@ -123,6 +170,8 @@ class ChatService:
             allowed_image_hosts=frozenset(h.lower() for h in self.server.allowed_image_hosts),
             fetch_timeout_s=self.server.image_fetch_timeout_s,
         )
+        self.grammars = GrammarCompiler(tokenizer, model["text"]["vocab_size"])
+        self.assistant_id = tokenizer.token_id("<|assistant|>")
         self.created = int(time.time())
         self.draining = False
         self.in_flight = 0
@@ -157,8 +206,8 @@ class ChatService:
         self.in_flight += 1
         try:
             request = await asyncio.to_thread(self.parse, body)  # a 30 MB body of base64 would stall every stream for a while
-            generation = await self.prepare(request)
-            run = await self.start(request, generation, disconnected, arrival)
+            generations, output = await self.prepare(request)
+            run = await self.start(request, generations, output, disconnected, arrival)
         except APIError as e:
             self.in_flight -= 1
             raise self.observe(e, arrival)
@@ -196,8 +245,9 @@ class ChatService:
             param, message = validation_error(e)
             raise APIError(400, f"{param}: {message}" if param else message, param=param or None) from None
 
-    async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
-        """Validate everything, decode the media; the result can only fail inside the engine."""
+    async def prepare(self, req: ChatCompletionRequest) -> tuple[list[GenerationRequest], Output]:
+        """Validate everything, decode the media, compile the grammar; the result can only fail inside
+        the engine. One generation request per choice (n)."""
         if req.model != self.server.model_id:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.server.model_id}`",
                            param="model", code="model_not_found")
@@ -206,8 +256,12 @@ class ChatService:
         thinking = bool(req.enable_thinking or (req.chat_template_kwargs or {}).get("enable_thinking"))
         if thinking and self.engine.think_end is None:
             raise APIError(400, "enable_thinking needs a tokenizer with </think>; this one has none", param="enable_thinking")
+        output = await asyncio.to_thread(self.output, req)
+        if thinking and (output.grammar is not None or output.calls):
+            raise APIError(400, "enable_thinking with tools or response_format is not supported: the answer's grammar or GLM-4's "
+                                "call format starts where the thinking block would", param="tools" if req.tools else "response_format")
         messages, images, audio = self.split_messages(req.messages)
-        prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
+        prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=thinking, tools=output.functions, call_tools=output.calls)
         context = self.engine.context_len
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, context - len(prompt))
         if len(prompt) + max_tokens > context:
@@ -236,26 +290,90 @@ class ChatService:
         if req.draft_exit is not None and req.draft_exit not in self.engine.exit_layers[:-1]:
             raise APIError(400, f"draft_exit must be an exit short of the last, one of {self.engine.exit_layers[:-1]}", param="draft_exit")
         top_k = req.top_k if req.top_k and req.top_k > 0 else 0
-        return GenerationRequest(
-            prompt_ids=prompt, max_tokens=max_tokens, modalities=modalities, pixel_values=pixel_values, mel=mel,
-            sampling=SamplingParams(0.0 if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW else temperature, top_p, top_k, req.seed),
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        sampling = SamplingParams(0.0 if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW else temperature, top_p, top_k, req.seed,
+                                  presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                                  repetition_penalty=req.repetition_penalty or 1.0, logit_bias=self.logit_bias(req),
+                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        base = GenerationRequest(
+            prompt_ids=prompt, max_tokens=max_tokens, modalities=modalities, pixel_values=pixel_values, mel=mel, sampling=sampling,
             stop=tuple(stop), ignore_eos=bool(req.ignore_eos), thinking=thinking, max_reasoning_steps=req.max_reasoning_steps if thinking else None,
             policy_text=next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""),
             exit_layer=req.exit_layer, speculative=req.speculative, draft_exit=req.draft_exit,
         )
+        # n choices: a sequence each (its own prefill), choice i seeded with seed + i so that they differ and reproduce
+        out = []
+        for i in range(req.n or 1):
+            seed = None if req.seed is None else (req.seed + i) % 2**64 if req.seed >= 0 else req.seed - i
+            out.append(replace(base, sampling=replace(sampling, seed=seed), grammar=None if output.grammar is None
+                               else self.grammars.matcher(output.grammar)))
+        return out, output
 
-    @staticmethod
-    def check_unsupported(req: ChatCompletionRequest) -> None:
+    def check_unsupported(self, req: ChatCompletionRequest) -> None:
         """Parameters that would change the answer and that the runtime does not implement: refused, not ignored."""
-        if (req.n or 1) != 1:
-            raise APIError(400, f"n={req.n}: only n=1 is supported", param="n")
-        if req.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not supported by this server (send 0 or leave it out)", param=name)
+        if (req.n or 1) > self.server.max_n:
+            raise APIError(400, f"n={req.n}: at most {self.server.max_n} choices per request (server.max_n)", param="n")
+        extra = req.model_extra or {}
+        for name, (why, harmless) in REFUSED.items():
+            value = extra.get(name)
+            if not any(value == h and type(value) is type(h) for h in HARMLESS) and value not in harmless:
+                raise APIError(400, f"{name}: {why} by this server", param=name)
+
+    def logit_bias(self, req: ChatCompletionRequest) -> tuple[tuple[int, float], ...]:
+        out = []
+        for key, bias in (req.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= self.tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model's tokenizer (0..{self.tokenizer.vocab_size - 1})",
+                               param="logit_bias")
+            if not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias: the bias of token {key} is {bias}, outside [-100, 100]", param="logit_bias")
+            out.append((int(key), float(bias)))
+        return tuple(out)
+
+    def output(self, req: ChatCompletionRequest) -> Output:
+        """tools, tool_choice, parallel_tool_calls and response_format as an Output; every schema is
+        compiled here, and one the grammar engine cannot compile is a 400 naming it (on a worker thread:
+        a large schema takes a while)."""
+        functions = [t.function.model_dump(exclude_none=True, by_alias=True) for t in req.tools or []]
+        names = [f["name"] for f in functions]
+        if len(set(names)) < len(names):
+            raise APIError(400, f"tools: two functions are named {next(n for n in names if names.count(n) > 1)!r}", param="tools")
+        choice = req.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not among the tools "
+                                    f"{names}", param="tool_choice")
+            choice = choice.function.name
+        elif choice is None:
+            choice = "auto" if functions else "none"
+        elif choice == "required" and not functions:
+            raise APIError(400, "tool_choice=required needs tools", param="tool_choice")
+        for i, f in enumerate(functions):
+            if "parameters" in f and (not isinstance(f["parameters"], dict) or f["parameters"].get("type", "object") != "object"):
+                raise APIError(400, f"tools.{i}.function.parameters must be a JSON schema of an object", param=f"tools.{i}.function.parameters")
+            self.compile(self.grammars.json_schema(parameters_of(f)), f"tools.{i}.function.parameters")
+        schema = None
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_object":
+            schema = {"type": "object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format.json_schema")
+            schema = fmt.json_schema.schema_
+            self.compile(self.grammars.json_schema(schema), "response_format.json_schema.schema")
+        text = grammar_for(functions, choice, req.parallel_tool_calls is not False, schema)
+        grammar = None
+        if text is not None:
+            grammar = self.grammars.lark(text)
+            self.compile(grammar, "tools" if functions and choice != "none" else "response_format")
+        return Output(functions or None, bool(functions) and choice != "none", grammar)
+
+    def compile(self, grammar: str, param: str) -> None:
+        try:
+            self.grammars.check(grammar)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: the grammar engine cannot compile it: {e}", param=param, code="invalid_schema") from None
 
     def check_limits(self, req: ChatCompletionRequest) -> None:
         """The server.max_* bounds on one request's work, before anything is tokenized or decoded."""
@@ -303,7 +421,10 @@ class ChatService:
                     images.append((url, f"{where}.image_url" + ("" if isinstance(part.image_url, str) else ".url")))
                 else:
                     audio.append((part.input_audio.data, part.input_audio.format, f"{where}.input_audio"))
-            out.append({"role": ROLES[m.role], "content": "\n".join(texts)})
+            message = {"role": ROLES[m.role], "content": "\n".join(texts)}
+            if m.role == "assistant" and m.tool_calls:
+                message["tool_calls"] = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
+            out.append(message)
         max_images = 1 if self.engine.mode == "static" else self.server.max_images
         if len(images) > max_images:
             why = "the static graph has room for one image" if self.engine.mode == "static" else "server.max_images"
@@ -330,23 +451,37 @@ class ChatService:
     def decode_wav(self, data: str, fmt: str, param: str) -> torch.Tensor:
         return decode_audio(decode_base64(data, f"{param}.data"), fmt, self.limits, self.audio, param)
 
-    async def start(self, request: ChatCompletionRequest, generation: GenerationRequest,
+    async def start(self, request: ChatCompletionRequest, generations: list[GenerationRequest], output: Output,
                     disconnected: Callable[[], Awaitable[bool]], arrival: float) -> Run:
-        """Queue the request and wait for its path decision (the response headers carry it)."""
+        """Queue the request's sequences (one per choice) and wait for their path decision (the
+        response headers carry it: the same prompt takes the same path)."""
         run_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generation.request_id = run_id
+        handles: list[RequestHandle] = []
         try:
-            handle = self.engine.submit(generation, asyncio.get_running_loop())
+            for i, generation in enumerate(generations):
+                generation.request_id = run_id if len(generations) == 1 else f"{run_id}-{i}"
+                handles.append(self.engine.submit(generation, asyncio.get_running_loop()))
         except QueueFull:
+            for h in handles:
+                self.engine.cancel(h)
             raise APIError(429, f"the server is at capacity ({self.engine.max_batch_size} generating, "
                                 f"{self.engine.queue_depth} queued); retry shortly", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(self.server.retry_after_s)}) from None
-        event = await self.next_event(handle, disconnected)
-        if isinstance(event, Failed):
-            raise APIError(event.status, event.message, "server_error", code="engine_unavailable" if event.status == 503 else None)
-        assert isinstance(event, Started), event
-        return Run(run_id, request, generation, handle, event, arrival,
-                   reasoning=bool(request.return_reasoning) and generation.thinking)
+        started = None
+        try:
+            for handle in handles:
+                event = await self.next_event(handle, disconnected)
+                if isinstance(event, Failed):
+                    raise APIError(event.status, event.message, "server_error", code="engine_unavailable" if event.status == 503 else None)
+                assert isinstance(event, Started), event
+                started = started or event
+        except BaseException:
+            for h in handles:
+                self.engine.cancel(h)
+            raise
+        functions = {f["name"] for f in output.functions} if output.calls else None
+        return Run(run_id, request, generations, handles, started, arrival,
+                   reasoning=bool(request.return_reasoning) and generations[0].thinking, functions=functions)
 
     async def next_event(self, handle: RequestHandle, disconnected: Callable[[], Awaitable[bool]]) -> Event:
         """The handle's next event, cancelling the request if the client has left: checked at least
@@ -364,53 +499,130 @@ class ChatService:
             if done:
                 return pending.result()
 
+    def reader(self, run: Run) -> ToolCallReader | None:
+        return None if run.functions is None else ToolCallReader(run.functions, self.assistant_id)
+
     async def collect(self, run: Run, disconnected: Callable[[], Awaitable[bool]]) -> dict:
-        content, reasoning = [], []
+        tasks = [asyncio.ensure_future(self.collect_choice(run, i, disconnected)) for i in range(len(run.handles))]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        finished = [f for _, f in results]
+        body = ChatCompletion(id=run.id, created=int(time.time()), model=self.server.model_id, usage=self.usage(finished),
+                              choices=[c for c, _ in results], dyngraph=self.info(run, finished))
+        self.done(run, finished)
+        return body.model_dump(exclude_none=True)
+
+    async def collect_choice(self, run: Run, index: int, disconnected: Callable[[], Awaitable[bool]]) -> tuple[Choice, Finished]:
+        content, reasoning, logprobs = [], [], []
+        reader = self.reader(run)
         while True:
-            event = await self.next_event(run.handle, disconnected)
+            event = await self.next_event(run.handles[index], disconnected)
             self.note_first_token(run)
             if isinstance(event, Delta):
-                content.append(event.content)
                 reasoning.append(event.reasoning)
+                if reader is None:
+                    content.append(event.content)
+                else:
+                    reader.feed(event.content, event.token)
+                if event.logprob is not None:
+                    logprobs.append(self.token_logprob(event))
             elif isinstance(event, Failed):
                 run.answered = True
                 raise self.observe(APIError(event.status, event.message, "server_error"), run.arrival)
             else:
                 break
-        message = ResponseMessage(content="".join(content), reasoning_content="".join(reasoning) if run.reasoning else None)
-        body = ChatCompletion(id=run.id, created=int(time.time()), model=self.server.model_id, usage=self.usage(event),
-                              choices=[Choice(message=message, finish_reason=event.reason)], dyngraph=self.info(run, event))
-        self.done(run, event)
-        return body.model_dump(exclude_none=True)
+        calls = None
+        if reader is not None:
+            reader.finish()
+            content = reader.content
+            calls = [ResponseToolCall(id=c["id"], function=ResponseFunctionCall(name=c["name"], arguments=c["arguments"]))
+                     for c in reader.calls] or None
+        text = "".join(content)
+        message = ResponseMessage(content=text if text or not calls else None, tool_calls=calls,
+                                  reasoning_content="".join(reasoning) if run.reasoning else None)
+        choice = Choice(index=index, message=message, finish_reason=self.finish_reason(event, calls),
+                        logprobs=ChoiceLogprobs(content=logprobs) if run.generation.sampling.logprobs is not None else None)
+        return choice, event
+
+    @staticmethod
+    def finish_reason(event: Finished, calls) -> str:
+        return "tool_calls" if calls and event.reason == "stop" else event.reason
+
+    def token_logprob(self, event: Delta) -> TokenLogprob:
+        """OpenAI's entry for one sampled token: its text and bytes, its logprob and the top ones (-9999 for -inf, as OpenAI)."""
+        logprob, top = event.logprob
+
+        def entry(token: int, value: float) -> dict:
+            data = self.grammars.tokenizer.decode_bytes([token])
+            return {"token": data.decode("utf-8", "replace"), "logprob": max(value, -9999.0), "bytes": list(data)}
+
+        return TokenLogprob(**entry(event.token, logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in top])
+
+    async def events(self, run: Run) -> AsyncIterator[tuple[int, Event]]:
+        """Every choice's events as they come, with the choice's index, until each has finished or one failed."""
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        async def pump(index: int, handle: RequestHandle) -> None:
+            while True:
+                event = await handle.next()
+                await queue.put((index, event))
+                if isinstance(event, (Finished, Failed)):
+                    return
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(run.handles)]
+        try:
+            left = len(tasks)
+            while left:
+                index, event = await queue.get()
+                yield index, event
+                if isinstance(event, Failed):
+                    return
+                left -= isinstance(event, Finished)
+        finally:
+            for t in tasks:
+                t.cancel()
 
     async def stream(self, run: Run) -> AsyncIterator[str]:
         """SSE data lines; the HTTP layer cancels the generation when the client goes away."""
         include_usage = bool(run.request.stream_options and run.request.stream_options.include_usage)
 
-        def chunk(delta: DeltaMessage | None = None, finish: str | None = None, usage: Usage | None = None, last: bool = False,
-                  finished: Finished | None = None) -> str:
-            choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish)]
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None, last: bool = False,
+                  finished: list[Finished] | None = None) -> str:
             c = ChatCompletionChunk(id=run.id, created=int(time.time()), model=self.server.model_id, choices=choices,
                                     usage=usage, dyngraph=self.info(run, finished) if last else None)
             data = c.model_dump()
             for choice in data["choices"]:
                 choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+                for call in choice["delta"].get("tool_calls", []):
+                    for k in [k for k, v in call.items() if v is None]:
+                        del call[k]
+                    call["function"] = {k: v for k, v in call["function"].items() if v is not None}
             if not last:
                 del data["dyngraph"]
             if not include_usage:
                 del data["usage"]
             return sse_json(data)
 
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        while True:
-            event = await run.handle.next()
+        n = len(run.handles)
+        readers = [self.reader(run) for _ in range(n)]
+        finished: list[Finished | None] = [None] * n
+        yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
+        async for index, event in self.events(run):
             self.note_first_token(run)
             if isinstance(event, Delta):
                 # a chunk per token, its text possibly empty (incomplete UTF-8, hidden reasoning)
+                logprobs = ChoiceLogprobs(content=[self.token_logprob(event)]) if event.logprob is not None else None
                 if event.reasoning and run.reasoning:
-                    yield chunk(DeltaMessage(reasoning_content=event.reasoning))
+                    delta = DeltaMessage(reasoning_content=event.reasoning)
+                elif readers[index] is None:
+                    delta = DeltaMessage(content=event.content)
                 else:
-                    yield chunk(DeltaMessage(content=event.content))
+                    delta = self.pieces_delta(readers[index].feed(event.content, event.token))
+                yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
             elif isinstance(event, Failed):
                 # the status line is long gone: report in the stream, as OpenAI does
                 yield json.dumps(APIError(event.status, event.message, "server_error").body())
@@ -418,17 +630,41 @@ class ChatService:
                 self.observe(APIError(event.status, event.message), run.arrival)
                 break
             else:
-                self.done(run, event)  # before the last sends: a client that leaves now still got a whole answer
-                yield chunk(DeltaMessage(), finish=event.reason, last=not include_usage, finished=event)
-                if include_usage:
-                    yield chunk(usage=self.usage(event), last=True, finished=event)
-                break
+                finished[index] = event
+                reader = readers[index]
+                if reader is not None and (tail := reader.finish()):
+                    yield chunk([ChunkChoice(index=index, delta=self.pieces_delta(tail))])
+                everything = all(f is not None for f in finished)
+                if everything:
+                    self.done(run, finished)  # before the last sends: a client that leaves now still got a whole answer
+                reason = self.finish_reason(event, reader.calls if reader is not None else None)
+                yield chunk([ChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason)],
+                            last=everything and not include_usage, finished=finished if everything else None)
+                if everything and include_usage:
+                    yield chunk([], usage=self.usage(finished), last=True, finished=finished)
         yield "[DONE]"
+
+    @staticmethod
+    def pieces_delta(pieces: list[Piece]) -> DeltaMessage:
+        """One token's pieces of a tool-format answer as a delta: its text, and per call its start and arguments."""
+        calls: dict[int, DeltaToolCall] = {}
+        text = "".join(p.content for p in pieces)
+        for p in pieces:
+            if p.call is None:
+                continue
+            call = calls.setdefault(p.call, DeltaToolCall(index=p.call, function=DeltaFunction()))
+            if p.id is not None:
+                call.id, call.type, call.function.name = p.id, "function", p.name
+                call.function.arguments = call.function.arguments or ""
+            if p.arguments:
+                call.function.arguments = (call.function.arguments or "") + p.arguments
+        return DeltaMessage(content=text if text or not calls else None, tool_calls=list(calls.values()) or None)
 
     def close(self, run: Run) -> None:
         """However the response ended: a generation nobody reads any more stops (a finished one is
         unaffected), and the request leaves the books."""
-        self.engine.cancel(run.handle)
+        for handle in run.handles:
+            self.engine.cancel(handle)
         self.in_flight -= 1
         if not run.answered:  # the client left first
             run.answered = True
@@ -441,10 +677,10 @@ class ChatService:
             run.first_token = True
             self.metrics.ttft.observe(time.perf_counter() - run.arrival)
 
-    def done(self, run: Run, event: Finished) -> None:
+    def done(self, run: Run, finished: list[Finished]) -> None:
         run.answered = True
-        self.metrics.tokens.labels("prompt").inc(event.prompt_tokens)
-        self.metrics.tokens.labels("completion").inc(event.completion_tokens)
+        self.metrics.tokens.labels("prompt").inc(finished[0].prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(sum(f.completion_tokens for f in finished))
         self.metrics.requests.labels("200").inc()
         self.metrics.latency.observe(time.perf_counter() - run.arrival)
 
@@ -454,16 +690,20 @@ class ChatService:
         return error
 
     @staticmethod
-    def usage(event: Finished) -> Usage:
-        return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                     total_tokens=event.prompt_tokens + event.completion_tokens,
-                     completion_tokens_details=CompletionTokensDetails(reasoning_tokens=event.reasoning_tokens))
+    def usage(finished: list[Finished]) -> Usage:
+        """The prompt once (its choices share it), the completions of every choice."""
+        prompt, completion = finished[0].prompt_tokens, sum(f.completion_tokens for f in finished)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     completion_tokens_details=CompletionTokensDetails(reasoning_tokens=sum(f.reasoning_tokens for f in finished)))
 
-    def info(self, run: Run, finished: Finished | None) -> DyngraphInfo:
+    def info(self, run: Run, finished: list[Finished] | None) -> DyngraphInfo:
         s = run.started
+        speculation = None
+        for f in finished or []:
+            if f.speculation is not None:
+                speculation = {k: (speculation or {}).get(k, 0) + v for k, v in f.speculation.items()}
         return DyngraphInfo(path=s.path.name, exit_layer=s.path.exit_layer, modalities=list(run.generation.modalities),
-                            engines=s.engines, devices=s.devices, mode=s.mode, replica=self.replica,
-                            speculation=finished.speculation if finished is not None else None)
+                            engines=s.engines, devices=s.devices, mode=s.mode, replica=self.replica, speculation=speculation)
 
 
 def sse_json(data: dict) -> str:

@@ -37,6 +37,7 @@ class ServerConfig:
     max_characters: int = 1_000_000  # text characters over all messages (the context bounds the tokens anyway)
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
     max_stop_chars: int = 256  # characters per stop string
+    max_n: int = 8  # choices per request (n); each is a sequence of its own, taking a slot
     max_image_pixels: int = 16_000_000  # width * height, read from the header before anything is decoded (Pillow refuses > 179 M itself)
     max_images: int = 1  # image parts per request
     allowed_image_hosts: list[str] = field(default_factory=list)  # remote image URLs are fetched only from these
@@ -56,7 +57,7 @@ class ServerConfig:
         nothing, are a configuration mistake (ValueError, one line)."""
         if not 1 <= self.port <= 65535:
             raise ValueError(f"server.port={self.port} must lie in 1..65535")
-        for name in ("max_body_bytes", "max_messages", "max_content_parts", "max_characters", "max_stop_chars", "max_image_pixels"):
+        for name in ("max_body_bytes", "max_messages", "max_content_parts", "max_characters", "max_stop_chars", "max_n", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"server.{name}={getattr(self, name)} must be at least 1")
         for name in ("max_stop", "max_images"):

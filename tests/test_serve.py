@@ -205,13 +205,14 @@ def test_concurrent_requests_share_decode_steps(server):
 BAD = {
     "temperature": ({"temperature": 5}, "temperature"),
     "top_p": ({"top_p": 0}, "top_p"),
-    "n": ({"n": 2}, "n"),
+    "n": ({"n": 99}, "n"),
     "max_tokens": ({"max_tokens": 0}, "max_tokens"),
     "empty messages": ({"messages": []}, "messages"),
     "role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     "part type": ({"messages": user({"type": "video", "video": {}})}, "messages.0.content.0"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    "logprobs": ({"logprobs": True}, "logprobs"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+              "tool_choice"),
+    "logprobs": ({"top_logprobs": 2}, "top_logprobs"),
     "empty stop": ({"stop": [""]}, "stop"),
     "exit layer": ({"exit_layer": 7}, "exit_layer"),
     "image in system": ({"messages": [{"role": "system", "content": [image_part(png_url())]}]}, "messages.0.content.0"),
@@ -281,7 +282,7 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
 
 def test_stats_and_metrics(server):
     stats = httpx.get(f"{server.url}/stats").json()
-    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "kv_cache", "on_demand", "engine_loads",
+    assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "speculation", "kv_cache", "on_demand", "engine_loads",
                           "resident_engine_bytes"}
     kv = stats["kv_cache"]
     assert kv["allocated_peak_bytes"]["cpu"] >= kv["in_use_peak_bytes"]["cpu"] > 0 and kv["in_use_bytes"]["cpu"] == 0
