@@ -468,7 +468,6 @@ class GenerationEngine:
         seq.generator = make_generator(seq.request.sampling, logits.device)
         if seq.request.sampling.penalized:
             seq.history = TokenHistory(seq.request.prompt_ids, self.sampler.decodable, logits.device)
-        seq.draft = self.draft_for(seq)
         token = self.sample(logits, [seq])[0]
         self.take(seq, token, self.logprob(seq, logits[0], token))
         if not seq.done:
@@ -509,7 +508,8 @@ class GenerationEngine:
         seq.path = self.manifest.static_path if static else self.manifest.path(exit_layer, req.modalities)
         seq.row = Row(seq.number, depth, -1, media)
         self.count_kv()
-        self.announce(seq, decision, self.draft_for(seq))
+        seq.draft = self.draft_for(seq)
+        self.announce(seq, decision)
         return logits
 
     def draft_for(self, seq: Sequence) -> Draft | None:
@@ -524,8 +524,8 @@ class GenerationEngine:
             return None
         return Draft(depth, cfg.draft_tokens, cfg.draft_tokens, cfg.adaptive)
 
-    def announce(self, seq: Sequence, decision: Decision, draft: Draft | None) -> None:
-        path = seq.path
+    def announce(self, seq: Sequence, decision: Decision) -> None:
+        path, draft = seq.path, seq.draft
         if path.exit_layer == self.exits.full:
             what = f"full inference path ({self.exits.full} layers)"
         else:
@@ -546,7 +546,7 @@ class GenerationEngine:
             if s.draft is not None and s.draft.tokens and not drafting:
                 self.verify(s)  # the batch grew past speculation's: finish the draft in progress first
         for s in self.running:
-            remaining = s.request.max_tokens - len(s.token_ids)  # a draft never feeds a position the plain run would not
+            remaining = s.request.max_tokens - len(s.token_ids)  # with one token left a draft buys nothing: decode it plainly
             s.row.draft = s.draft.depth if drafting and s.draft is not None and remaining > 1 else 0
         if not self.running:
             return
