@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 
 from runtime.engines import EngineSet
-from runtime.generation import GenerationEngine, GenerationRequest, RequestHandle
+from runtime.generation import GenerationEngine
+from runtime.requests import GenerationRequest, RequestHandle
 from runtime.metrics import device_memory, reset_peaks
 
 
@@ -61,7 +62,7 @@ class LocalEngine:
         return {"engines_loaded": self.engines.loaded(), "devices": self.memory(),
                 "requests_per_path": dict(e.path_counts), "mode": self.mode,
                 "speculation": {path: dict(c) for path, c in e.speculation_counts.items()},
-                "on_demand": e.on_demand, "engine_loads": self.engines.load_stats(),
+                "on_demand": e.on_demand is not None, "engine_loads": self.engines.load_stats(),
                 "resident_engine_bytes": {d: 0 for d in e.placement.devices} | self.engines.resident_by_device(),
                 "kv_cache": {"allocated_bytes": dict(e.kv_bytes), "allocated_peak_bytes": dict(e.kv_peak),
                              "in_use_bytes": dict(e.kv_in_use), "in_use_peak_bytes": dict(e.kv_in_use_peak),

@@ -24,10 +24,9 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
 
 import torch
 
@@ -37,15 +36,17 @@ from contract.exits import Exits
 from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
 from exporters import EngineIncompatible
-from runtime.engines import EngineMismatch, EngineSet, describe, mib
+from runtime.engines import EngineMismatch, EngineSet, describe
 from runtime.metrics import Metrics
+from runtime.ondemand import BudgetTooSmall, OnDemand
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
-from runtime.sampling import GREEDY, RowContext, Sampler, SamplingParams, TokenHistory, make_generator
+from runtime.requests import Failed, Finished, GenerationRequest, QueueFull, RequestHandle, Started
+from runtime.sampling import GREEDY, RowContext, Sampler, TokenHistory, make_generator
 from runtime.speculation import Draft, SpeculationConfigError, accept, draft_exit_depth
 from runtime.speculation import check as check_speculation
 from runtime.step import Row, Stepper
-from runtime.text import Delta, TextStream
+from runtime.text import TextStream
 
 log = logging.getLogger("dyngraph.runtime")
 
@@ -54,87 +55,6 @@ MODES = ("dynamic", "static")
 
 class EngineConfigError(ValueError):
     """The runtime config does not fit the export; the message says which setting and why."""
-
-
-class QueueFull(Exception):
-    pass
-
-
-# --- what goes in and what comes out ------------------------------------------------------------
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    modalities: tuple[str, ...] = ("text",)
-    pixel_values: torch.Tensor | None = None  # [n_images, 3, H, W], normalised
-    mel: torch.Tensor | None = None  # [1, n_mels, frames]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    thinking: bool = False  # the prompt ends inside an open thinking block
-    max_reasoning_steps: int | None = None  # thinking tokens before the engine closes the block itself
-    policy_text: str = ""  # what the heuristic reads for question form: the last user message
-    exit_layer: int | None = None  # chosen by the client (runtime.policy.request_override), else by the policy
-    speculative: bool | None = None  # self-speculation for this request; None: runtime.speculation.enabled
-    draft_exit: int | None = None  # its draft exit; None: runtime.speculation.draft_exit
-    # constrained decoding: this sequence's own matcher (runtime.constrained.Grammar: mask() before each
-    # token, accept(token) after); its tokens follow the grammar, at whatever exit the path takes
-    grammar: Any = None
-    request_id: str = ""
-
-    @property
-    def processed(self) -> bool:
-        """Whether its logits are processed per token (grammar, penalties, bias) or it wants logprobs:
-        such a request does not speculate (its drafts would be chosen from unprocessed logits)."""
-        return self.grammar is not None or self.sampling.penalized or self.sampling.logprobs is not None
-
-
-@dataclass(frozen=True)
-class Started:
-    path: PathRecord
-    engines: list[str]
-    devices: dict[str, str]
-    mode: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # stop | length
-    prompt_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
-    token_ids: tuple[int, ...]  # every sampled id, the one that stopped it included
-    speculation: dict[str, int] | None = None  # drafted, accepted, verifications, tokens: when it speculated
-
-
-@dataclass(frozen=True)
-class Failed:
-    message: str
-    status: int = 500
-
-
-Event = Started | Delta | Finished | Failed
-
-
-class RequestHandle:
-    """The HTTP side of one request: events arrive on its asyncio loop, in order."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = False
-        self.polled_at = time.monotonic()  # when its HTTP handler last asked whether the client is still there
-
-    def push(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            self.cancelled = True
-
-    async def next(self) -> Event:
-        return await self.events.get()
 
 
 # --- per-request state ---------------------------------------------------------------------------
@@ -222,12 +142,11 @@ class GenerationEngine:
         self.path_counts: Counter[str] = Counter()
         self.speculation_counts: dict[str, Counter[str]] = {}  # path -> drafted, accepted, verifications, tokens
         self.decode_steps = 0  # decode steps so far: a load must not stop them (the loads' log says how many ran meanwhile)
-        # modules on demand: what every request needs is resident from the start, the rest loads when a
-        # request needs it (on a background thread) and unloads when idle or under the budget
-        self.on_demand = cfg.offload.enabled and self.mode == "dynamic"
-        self.base = tuple(manifest.path(self.exits.first, ["text"]).step)
+        # modules on demand (runtime/ondemand.py): what every request needs is resident from the start, the
+        # rest loads when a request needs it (on a background thread) and unloads when idle or under the budget
+        self.on_demand = OnDemand(engines, manifest, self.exits, cfg.offload, self.wake) \
+            if cfg.offload.enabled and self.mode == "dynamic" else None
         self.loading: list[Sequence] = []  # admitted, waiting for their engines (engine thread only)
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="dyngraph-loader") if self.on_demand else None
         if not self.on_demand:  # every cache allocated once, at start: what a device holds for them
             for cache in self.stepper.caches:
                 cache.allocate()
@@ -250,32 +169,15 @@ class GenerationEngine:
     def mode_engines(self) -> list[str]:
         return list(dict.fromkeys(n for p in self.mode_paths() for n in p.encode + p.step))
 
-    def check_budget(self) -> None:
-        """A budget that cannot hold the largest engine some path needs is refused; one that cannot
-        hold a whole path's engines at once is allowed, its requests reloading engines every step."""
-        engines = self.manifest.engines
-        for device, budget in self.engines.budget_bytes.items():
-            here = [n for n in self.mode_engines() if str(self.engines.device(n)) == device]
-            if not here or not budget:
-                continue
-            largest = max(here, key=lambda n: engines[n].bytes)
-            if engines[largest].bytes > budget:
-                raise EngineConfigError(
-                    f"runtime.offload.gpu_memory_budget_gb={budget / 2**30:.4g} ({mib(budget)} on {device}) is smaller than "
-                    f"engine {largest} ({mib(engines[largest].bytes)}), which its paths need there: raise the budget or set it to 0")
-            biggest = max((p for p in self.manifest.paths if not p.static),
-                          key=lambda p: sum(engines[n].bytes for n in p.encode + p.step if n in here))
-            need = sum(engines[n].bytes for n in biggest.encode + biggest.step if n in here)
-            if need > budget:
-                log.warning("[DYNAMIC GRAPH] path %s needs %s of engines on %s, over the %s budget: "
-                            "its requests will reload engines at every step", biggest.name, mib(need), device, mib(budget))
-
     def warm_up(self) -> None:
         """Verify and load what the mode needs up front (with modules on demand, only what every text
         request needs); the engine thread captures their decode graphs when it starts."""
         if self.on_demand:
-            self.check_budget()
-            names = self.base
+            try:
+                self.on_demand.check_budget(self.mode_engines())
+            except BudgetTooSmall as e:
+                raise EngineConfigError(str(e)) from None
+            names = self.on_demand.base
         else:
             names = self.mode_engines()
         for name in names:
@@ -286,9 +188,7 @@ class GenerationEngine:
         if self.mode == "static":
             log.info("[DYNAMIC GRAPH] Static mode: every request runs the full graph (%d layers, every encoder)", self.exits.full)
         elif self.on_demand:
-            log.info("[DYNAMIC GRAPH] Modules on demand: %s resident; encoders, cross-attention and deeper segments load when "
-                     "a request needs them and unload after %s s idle%s", ", ".join(names), self.cfg.offload.idle_unload_s or "never",
-                     "".join(f", budget {mib(b)} on {d}" for d, b in self.engines.budget_bytes.items() if b))
+            self.on_demand.announce()
 
     def start(self) -> None:
         """Start the engine thread; returns once it has captured the decode graphs of every batch size."""
@@ -302,8 +202,8 @@ class GenerationEngine:
             self.stopping = True
             self.cond.notify()
         self.thread.join(timeout=30)
-        if self.loader is not None:
-            self.loader.shutdown(wait=False, cancel_futures=True)
+        if self.on_demand:
+            self.on_demand.shutdown()
 
     # --- the HTTP side --------------------------------------------------------------------------------
 
@@ -353,7 +253,7 @@ class GenerationEngine:
                 with self.cond:
                     while not self.stopping and not self.running and not self.loaded_ready() \
                             and not (self.waiting and self.active < self.cfg.max_batch_size):
-                        if not self.cond.wait(self.idle_wait()):
+                        if not self.cond.wait(self.on_demand.idle_wait() if self.on_demand else None):
                             break  # time to look for idle engines
                     if self.stopping:
                         break
@@ -386,24 +286,12 @@ class GenerationEngine:
     def loaded_ready(self) -> bool:
         return any(s.loading.done() for s in self.loading)
 
-    def idle_wait(self) -> float | None:
-        """How long the idle engine thread may sleep before an on-demand engine's idle time runs out."""
-        idle_s = self.cfg.offload.idle_unload_s
-        if not self.on_demand or not idle_s:
-            return None
-        with self.engines.lock:
-            used = [t for k, t in self.engines.last_used.items() if k.partition("@")[0] not in self.base]
-        return None if not used else max(0.05, min(used) + idle_s - time.monotonic() + 0.01)
-
     def protect(self) -> None:
-        """Tell the engine set which engines the requests in flight use: budget eviction spares them while others can go."""
-        self.engines.protected = set(self.base).union(*(s.needs for s in self.running + self.loading),
-                                                       *((s.path.encode + s.path.step) for s in self.running if s.path))
+        self.on_demand.protect(set().union(*(s.needs for s in self.running + self.loading),
+                                           *((s.path.encode + s.path.step) for s in self.running if s.path)))
 
     def unload_idle(self) -> None:
-        idle_s = self.cfg.offload.idle_unload_s
-        if idle_s:
-            self.engines.unload_idle(idle_s, keep=self.base)
+        self.on_demand.unload_idle()
         if self.stepper.free_unloaded():
             self.count_kv()
 
@@ -432,21 +320,15 @@ class GenerationEngine:
             exit_layer = self.exits.first if seq.decision.left_to_prefill else seq.decision.exit_layer
             path = self.manifest.path(exit_layer, list(req.modalities))
             seq.needs = tuple(path.encode + path.step)
-            missing = [n for n in seq.needs if not self.engines.resident(n)]
+            missing = self.on_demand.missing(seq.needs)
             if missing:
                 log.info("[DYNAMIC GRAPH] %s waits for %s to load; %d request(s) keep decoding", req.request_id,
                          ", ".join(missing), len(self.running))
                 seq.waited_from = (time.monotonic(), self.decode_steps)
-                seq.loading = self.loader.submit(self.load_engines, missing)
-                seq.loading.add_done_callback(lambda _: self.wake())
+                seq.loading = self.on_demand.load(missing)
                 self.loading.append(seq)
                 return
         self.admit(seq)
-
-    def load_engines(self, names: list[str]) -> None:
-        """On the loader thread: make these engines resident (the engine set serialises loads)."""
-        for name in names:
-            self.engines.session(name)
 
     def wake(self) -> None:
         with self.cond:

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
 from serving.config import ServerConfig
-from runtime.generation import (Delta, Event, Failed, Finished, GenerationRequest, QueueFull,
-                                RequestHandle, Started)
+from runtime.requests import Event, Failed, Finished, GenerationRequest, QueueFull, RequestHandle, Started
+from runtime.text import Delta
 from runtime.constrained import GrammarCompiler, GrammarError
 from serving.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
 from runtime.metrics import Metrics

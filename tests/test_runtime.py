@@ -21,7 +21,8 @@ from contract.manifest import Manifest
 from bench.workload import encode_wav, synth_sound
 from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, RuntimeConfig
 from runtime.engines import EngineMismatch, EngineSet
-from runtime.generation import Failed, Finished, GenerationEngine, GenerationRequest, Started
+from runtime.generation import GenerationEngine
+from runtime.requests import Failed, Finished, GenerationRequest, Started
 from serving.media import MediaLimits, decode_audio, decode_image
 from runtime.metrics import Metrics
 from runtime.placement import Placement, PlacementError
@@ -400,9 +401,9 @@ def test_media_engines_load_on_a_background_thread_while_others_decode(tiny_engi
         assert long_tokens == eager_greedy(tiny_model, tok, long.prompt_ids, 6, 24)
         assert image_tokens == eager_greedy(tiny_model, tok, image.prompt_ids, 6, 4, pixels)
         deadline = time.monotonic() + 3  # idle for 0.3 s: the engine thread unloads them by itself
-        while set(engines.loaded()) != set(engine.base) and time.monotonic() < deadline:
+        while set(engines.loaded()) != set(engine.on_demand.base) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert set(engines.loaded()) == set(engine.base)
+        assert set(engines.loaded()) == set(engine.on_demand.base)
         assert engines.unloads["vision", "idle"] >= 1 and engines.unloads["cross_attn.0", "idle"] >= 1
     finally:
         r.close()

@@ -14,7 +14,8 @@ from rich.console import Console
 from model.checkpoint import save_glm_checkpoint
 from runtime.config import PolicyConfig, SpeculationConfig
 from runtime.engines import EngineSet
-from runtime.generation import EngineConfigError, Finished
+from runtime.generation import EngineConfigError
+from runtime.requests import Finished
 from runtime.sampling import Sampler, SamplingParams
 from runtime.speculation import Draft, accept
 from runtime.step import Row, Stepper
