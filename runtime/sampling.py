@@ -28,6 +28,11 @@ from dataclasses import dataclass
 import torch
 
 
+# a temperature or top_p this small is greedy (as in vLLM): logits / 1e-300 are inf, and a top_p of 1e-300 is 0 in
+# float32, which would drop every token; either way the probabilities become NaN
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0: greedy
@@ -42,7 +47,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """The one rule of what is greedy: a temperature or top_p under GREEDY_BELOW, or top_k of 1."""
+        return self.temperature < GREEDY_BELOW or self.top_p < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:

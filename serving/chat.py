@@ -40,9 +40,6 @@ log = logging.getLogger("dyngraph.serving")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 DISCONNECT_POLL_S = 0.25
 UNION_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
-# a temperature or top_p this small is greedy (as in vLLM): logits / 1e-300 are inf, and a top_p of 1e-300 is 0 in
-# float32, which would drop every token; either way the probabilities become NaN
-GREEDY_BELOW = 1e-5
 SURROGATES = re.compile("[\ud800-\udfff]")
 # parameters of OpenAI's chat API (and vLLM's extensions) that would change the answer and that this
 # server does not implement: refused with a 400 naming them unless absent or at a value that changes nothing
@@ -280,7 +277,7 @@ class ChatService:
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
         temperature = 1.0 if req.temperature is None else req.temperature
-        top_p = 1.0 if req.top_p is None else req.top_p  # a top_p this small keeps the likeliest token only: greedy
+        top_p = 1.0 if req.top_p is None else req.top_p
         if req.exit_layer is not None:
             if not self.engine.request_override:
                 raise APIError(400, "exit_layer is honoured only when the server runs with runtime.policy.request_override=true",
@@ -292,7 +289,7 @@ class ChatService:
         top_k = req.top_k if req.top_k and req.top_k > 0 else 0
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        sampling = SamplingParams(0.0 if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW else temperature, top_p, top_k, req.seed,
+        sampling = SamplingParams(temperature, top_p, top_k, req.seed,
                                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                                   repetition_penalty=req.repetition_penalty or 1.0, logit_bias=self.logit_bias(req),
                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None)
