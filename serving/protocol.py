@@ -117,7 +117,8 @@ class ChatCompletionRequest(Lenient):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)  # vLLM's extension; 1: off
+    # vLLM's extension; 1: off. Bounded: a penalty near 0 divides logits past float32's range (inf, then NaN probabilities)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -226,6 +226,7 @@ BAD = {
     "logit_bias id": ({"logit_bias": {"100000": 1}}, "logit_bias"),
     "logit_bias value": ({"logit_bias": {"65": 101}}, "logit_bias"),
     "presence_penalty": ({"presence_penalty": 3}, "presence_penalty"),
+    "repetition_penalty": ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # found by the fuzzer: a 500 before it was bounded
     "functions": ({"functions": [{"name": "f"}]}, "functions"),
     "min_p": ({"min_p": 0.1}, "min_p"),
     "audio": ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
