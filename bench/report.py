@@ -13,11 +13,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-# KIND_SCOPES, machine_class, stats, decode_title and plot_decode: imported from here by compare and the tests
-from bench.metrics import (KIND_SCOPES, RATIOS, build_metrics, curve_block, decode_batch1, fmt, fmt_bytes, fmt_change,  # noqa: F401
-                           fmt_fraction, fmt_j, fmt_ms, fmt_range, fmt_rate, fmt_ratio, fmt_s, fmt_share, get, headline, machine_class,
-                           mode_block, path_table, ratio, roofline, stats, transformers_block)
-from bench.plots import decode_title, plot_decode, write_plots  # noqa: F401
+from bench.metrics import (RATIOS, build_metrics, curve_block, decode_batch1, fmt, fmt_bytes, fmt_change, fmt_fraction, fmt_j,
+                           fmt_ms, fmt_range, fmt_rate, fmt_ratio, fmt_s, fmt_share, get, headline, mode_block, path_table, ratio,
+                           roofline, transformers_block)
+from bench.plots import write_plots
 from bench.quality import quality_block
 from bench.workload import active_groups
 from contract.config import BenchApp
@@ -383,8 +382,8 @@ def print_headline(report: dict, console: Console) -> None:
     rows = [("mean latency", "mean_latency_s", fmt_s, "mean_latency"), ("mean TTFT", "mean_ttft_s", fmt_s, "mean_ttft"),
             ("mean TPOT", "mean_tpot_s", fmt_s, "mean_tpot"), (memory_label(report).lower(), "peak_memory_bytes", fmt_bytes, "peak_memory"),
             ("energy per request", "energy_per_request_j", fmt_j, "energy_per_request"), ("early exit", "early_exit_share", fmt_share, None)]
-    for title, key, fmt, r in rows:
-        t.add_row(title, *(fmt(h[key]) for h in heads.values()), *([fmt_ratio(ratios.get(r)) if r else ""] if ratios else []))
+    for title, key, show, r in rows:
+        t.add_row(title, *(show(h[key]) for h in heads.values()), *([fmt_ratio(ratios.get(r)) if r else ""] if ratios else []))
     console.print(t)
     curve = report.get("threshold_curve") or {}
     if "points" in curve:

@@ -11,7 +11,6 @@ back into OpenAI's `tool_calls` a token at a time, the same way streamed or not.
 """
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any

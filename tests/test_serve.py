@@ -9,7 +9,6 @@ import json
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
