@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -53,6 +54,16 @@ def unique_dir(path: Path, keep_name: bool) -> Path:
     except OSError as e:
         raise BenchError(f"cannot create the report folder {candidate}: {e.strerror}") from None
     return candidate
+
+
+def report_folder(app, name: str, logs: Path) -> Path:
+    """The run's report folder under output_dir (`run_name`, else `name` made unique), with the server
+    logs the run kept in `logs` moved into it."""
+    folder = unique_dir(Path(app.output_dir).expanduser() / (app.run_name or name), keep_name=bool(app.run_name))
+    for f in logs.iterdir():
+        shutil.move(f, folder / f.name)
+    logs.rmdir()
+    return folder
 
 
 def git_state() -> dict:

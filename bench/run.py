@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from bench.compare import load_report
 from bench.curve import check_curve, run_curve
 from bench.server import BenchError, Server, check_launch
 from bench.workload import BenchRequest, WorkloadError, active_groups, build_workload, fingerprint
-from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.host import cpu_model, git_state, open_nvml, report_folder, slug, unique_dir
 from pipeline.console import make_console
 
 log = logging.getLogger(__name__)
@@ -229,11 +228,8 @@ def run_bench(app: BenchApp, server_overrides: list[str], console: Console | Non
         if nvml is not None:
             nvml.close()
     yardsticks = measure_yardsticks(app, manifest, requests, modes, log_dir, console)
-    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{environment['device']['slug']}-{app.model.name}-{engines.name}"
-    report_dir = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
-    for f in log_dir.iterdir():
-        shutil.move(f, report_dir / f.name)
-    log_dir.rmdir()
+    report_dir = report_folder(app, f"{datetime.now(timezone.utc):%Y-%m-%d}-{environment['device']['slug']}-{app.model.name}-{engines.name}",
+                               log_dir)
     report = reporting.build_report(app, manifest, requests, fingerprint(requests), modes, environment, yardsticks, report_dir.name, curve)
     reporting.write_report(report, report_dir)
     reporting.print_headline(report, console)

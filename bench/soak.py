@@ -24,7 +24,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import struct
 import tempfile
 import time
@@ -40,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contract.manifest import engines_path
-from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.host import cpu_model, git_state, open_nvml, report_folder, slug
 from bench.server import BenchError, Server
 from contract.config import BenchApp, SoakConfig
 from bench.gpu_monitor import Nvml, Sampler, rss_bytes
@@ -306,11 +305,9 @@ def run_soak(app: BenchApp, server_overrides: list[str], console: Console | None
         if nvml is not None:
             nvml.close()
     report = build_report(app, cfg, outcomes, samples, peaks, soak_s, health.status_code, health.json(), counted, exit_code, nvml, labels)
-    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{report['environment']['device_slug']}-{app.model.name}-{engines_path(app.engines_dir, app.model.name, app.export.backend, app.export.quantize).name}-soak"
-    report_dir = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
-    for f in log_dir.iterdir():
-        shutil.move(f, report_dir / f.name)
-    log_dir.rmdir()
+    engines = engines_path(app.engines_dir, app.model.name, app.export.backend, app.export.quantize)
+    report_dir = report_folder(app, f"{datetime.now(timezone.utc):%Y-%m-%d}-{report['environment']['device_slug']}-{app.model.name}-{engines.name}-soak",
+                               log_dir)
     (report_dir / "soak.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (report_dir / "soak.md").write_text(render_markdown(report))
     print_summary(report, console)

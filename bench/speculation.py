@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -35,7 +34,7 @@ from rich.table import Table
 from bench.baseline import BaselineSkipped, same_weights
 from bench.client import RequestResult, drive
 from bench.quality import agreement
-from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.host import cpu_model, git_state, open_nvml, report_folder, slug
 from bench.run import check_request
 from bench.server import BenchError, Server
 from bench.workload import BenchRequest
@@ -107,11 +106,7 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
     report = build_report(app, manifest, engines.name, device, requests, runs)
     if app.bench.speculation.transformers:
         report["transformers"] = transformers_early_exit(app, manifest, requests[:min(4, len(requests))], exits, console)
-    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{slug(device)}-{app.model.name}-{engines.name}-speculation"
-    report_dir = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
-    for f in log_dir.iterdir():
-        shutil.move(f, report_dir / f.name)
-    log_dir.rmdir()
+    report_dir = report_folder(app, f"{datetime.now(timezone.utc):%Y-%m-%d}-{slug(device)}-{app.model.name}-{engines.name}-speculation", log_dir)
     (report_dir / "speculation.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (report_dir / "speculation.md").write_text(render_markdown(report))
     plot(report, report_dir / "speculation.png")
