@@ -82,3 +82,41 @@ def test_an_engine_larger_than_the_whole_budget_names_the_setting(tiny_engines_d
     engines = EngineSet(tiny_engines_dir, budget_bytes={"cpu": 4096})
     with pytest.raises(BudgetExceeded, match=r"engine segment\.0 needs 3\.5 MiB, more than the whole runtime\.offload\.gpu_memory_budget_gb="):
         engines.session("segment.0")
+
+
+# --- the bench's budget sweep ---------------------------------------------------------------------
+
+
+def test_bench_budget_sweep_reports_each_budget_and_refuses_one_below_the_largest_engine(engines_root, tiny_export, tmp_path):
+    """Budgets of the tiny export (27 MB of engines, segments of 3.5 MiB): 0.03 GiB holds every engine, 0.008
+    GiB the resident ones and one segment more (deep paths reload), 0.003 GiB not even one segment (refused)."""
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={engines_root}", f"output_dir={tmp_path}", "run_name=budgets",
+                     "bench.memory_budgets_gb=[0.03,0.008,0.003]", "bench.concurrency=[2]", "progress=false", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "budgets"
+    report = json.loads((folder / "budgets.json").read_text())
+    assert report["budgets_gb"] == [0.0, 0.03, 0.008, 0.003] and report["quantizations"] == ["unquantized"]
+    rows = {r["budget_gb"]: r for r in report["rows"]}
+    assert set(rows) == {0.0, 0.03, 0.008, 0.003}
+    refused = rows[0.003]
+    assert refused["refused"] and "runtime.offload.gpu_memory_budget_gb=0.003 (3.1 MiB on cpu) is smaller than engine segment." in refused["refused"]
+    assert "(3.5 MiB)" in refused["refused"]
+    for budget in (0.0, 0.03, 0.008):
+        row = rows[budget]
+        assert row["refused"] is None and row["failed"] == 0 and row["requests"] == 6
+        assert row["tokens_equal"] == 1.0 and row["tokens_compared"] > 0  # greedy: a budget changes when engines load, not what they compute
+        assert row["peak_memory_bytes"] > 0 and row["latency_mean_s"] > 0 and row["latency_p99_s"] >= row["latency_mean_s"]
+    # warmed up, nothing reloads without a limit or under one that holds every engine; a tight one reloads and evicts
+    assert rows[0.0]["engine_loads_per_request"] == rows[0.03]["engine_loads_per_request"] == 0
+    assert rows[0.008]["engine_loads_per_request"] > 0.5 and rows[0.008]["budget_evictions_per_request"] > 0.5
+    assert rows[0.008]["peak_memory_bytes"] < rows[0.0]["peak_memory_bytes"] * 1.5
+    md = (folder / "budgets.md").read_text()
+    assert "| unquantized | 0.003 GB | – | refused: " in md and "| unquantized | no limit | 2 |" in md
+    for name in ("budget_latency.png", "server-unquantized-unlimited.log", "server-unquantized-0.008gb.log", "server-unquantized-0.003gb.log"):
+        assert (folder / name).stat().st_size > 0
+
+
+def test_bench_budget_sweep_refuses_a_negative_budget(engines_root, tiny_export, tmp_path):
+    result = run_cli("pipeline", "bench", "bench=ci", f"engines_dir={engines_root}", f"output_dir={tmp_path}",
+                     "bench.memory_budgets_gb=[-1]")
+    assert result.returncode == 2 and "budgets are GiB per device, 0 or more" in result.stderr and "Traceback" not in result.stderr
