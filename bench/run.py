@@ -19,7 +19,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from importlib.util import find_spec
@@ -62,6 +62,7 @@ class RunResult:
     memory: MemoryPeaks
     energy: EnergyReading
     stats: dict  # GET /stats after the run
+    stats_before: dict = field(default_factory=dict)  # and before it (after the peaks' reset): cumulative counters' start
 
 
 @dataclass
@@ -115,7 +116,7 @@ def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_over
         runs = []
         for concurrency in levels or cfg.concurrency:
             task = progress.add_task(f"{label} c={concurrency}", total=len(requests))
-            server.reset_stats()
+            before = server.reset_stats()
             sampler = Sampler(server.pid, cfg.sample_interval_s, meter, gpu_labels).start()
             e0 = meter.energy_mj(gpu_labels) if meter else {}
             t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_over
             for r in results:
                 if r.ok and r.path not in paths:
                     paths[r.path] = {"exit_layer": r.exit_layer, "engines": r.engines, "devices": r.devices}
-            runs.append(RunResult(concurrency, cfg.request_rate, duration, results, peaks, energy, server.stats()))
+            runs.append(RunResult(concurrency, cfg.request_rate, duration, results, peaks, energy, server.stats(), before))
             progress.update(task, description=f"{label} c={concurrency} ({duration:.1f} s)")
     console.print(f"{label}: server ready in {server.startup_s:.1f} s; {sum(len(r.requests) for r in runs)} requests measured")
     return ModeResult(mode, server.command, server.startup_s, gpu_labels, baseline_used, paths, runs, log_path.name)

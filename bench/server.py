@@ -22,6 +22,14 @@ class BenchError(Exception):
     """A problem with the request, the environment or the server, reported as one line."""
 
 
+class ServerExited(BenchError):
+    """The server exited before it was ready: its exit status and the last line of its log (a refusal's one line)."""
+
+    def __init__(self, message: str, code: int, line: str):
+        super().__init__(message)
+        self.code, self.line = code, line
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,8 +79,10 @@ class Server:
         with httpx.Client(timeout=5.0) as client:
             while True:
                 if self.process.poll() is not None:
-                    raise BenchError(f"the server exited with code {self.process.returncode} before it was ready: "
-                                     f"{last_line(self.log_path)} (log: {self.log_path})")
+                    self.log_file.flush()
+                    line = last_line(self.log_path)
+                    raise ServerExited(f"the server exited with code {self.process.returncode} before it was ready: "
+                                       f"{line} (log: {self.log_path})", self.process.returncode, line)
                 try:
                     health = client.get(self.url + "/health")
                     replicas.add(health.headers.get("x-dyngraph-replica"))
@@ -108,8 +118,9 @@ class Server:
     def stats(self) -> dict:
         return self.call("GET", "/stats")
 
-    def reset_stats(self) -> None:
-        self.call("POST", "/stats/reset")
+    def reset_stats(self) -> dict:
+        """Reset the peaks; the server's stats just after (its cumulative counters as they stand)."""
+        return self.call("POST", "/stats/reset")
 
     def call(self, method: str, route: str) -> dict:
         try:

@@ -61,7 +61,7 @@ def server_overrides(app: BenchApp) -> list[str]:
 BENCH = Command(
     "python -m pipeline bench", "bench",
     "The same workload through the real server in static and dynamic mode, on the engines the export wrote.",
-    {"bench": "the workload: request groups, concurrency, request rate, baselines; soak; quantizations",
+    {"bench": "the workload: request groups, concurrency, request rate, baselines; soak; quantizations; memory_budgets_gb (a budget sweep)",
      **shared("model", "export", "paths", "+preset", "engines_dir"),
      "output_dir": "reports go to <output_dir>/<date>-<device>-<model>-<backend>/",
      "run_name": "the report folder's name instead of that",
@@ -74,6 +74,7 @@ BENCH = Command(
 
 @hydra_command(BENCH)
 def bench(app: BenchApp) -> None:
+    from bench.budget import run_budgets
     from bench.run import BenchError, run_bench
     from bench.server import check_launch
     from bench.soak import run_soak
@@ -84,7 +85,9 @@ def bench(app: BenchApp) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         check_launch(app)
-        if app.bench.soak is not None:  # bench=soak: one server under load for a fixed time
+        if app.bench.memory_budgets_gb:  # the dynamic mode under each GPU memory budget, per quantization
+            run_budgets(app, server_overrides(app))
+        elif app.bench.soak is not None:  # bench=soak: one server under load for a fixed time
             if app.bench.quantizations:
                 raise BenchError("bench=soak soaks one server: set export.quantize to soak a quantized export, not bench.quantizations")
             run_soak(app, server_overrides(app))

@@ -203,6 +203,10 @@ class BenchConfig:
     # weight quantizations to compare (e.g. [null, int8, int4], each its own export): the whole
     # static/dynamic comparison once per entry, then one table of them side by side; empty: export.quantize only
     quantizations: list[str | None] = field(default_factory=list)
+    # GPU memory budgets to sweep (runtime.offload.gpu_memory_budget_gb, GiB per device; 0, no limit, is always run
+    # as the reference): the dynamic mode with modules on demand at each, per quantization, into one report
+    # (bench/budget.py) instead of the static/dynamic comparison; empty: off
+    memory_budgets_gb: list[float] = field(default_factory=list)
     # a scripts/build_corpus.py --code folder (heldout/, corpus.json) for a model trained on it, whose checkpoint has the
     # corpus's tokenizer: its held-out part feeds the groups of source code and docstrings; null: those groups send nothing
     corpus: str | None = None

@@ -32,6 +32,17 @@ from runtime.files import EngineFiles, EngineMismatch, mib
 log = logging.getLogger(__name__)
 
 UNLOAD_REASONS = ("idle", "budget")
+# what an allocation failure says, by library: torch's OutOfMemoryError, ONNX Runtime's BFCArena and CUDA's own
+OUT_OF_MEMORY = ("out of memory", "failed to allocate", "cudaerrormemoryallocation")
+
+
+class BudgetExceeded(MemoryError):
+    """An engine that cannot be made resident under runtime.offload.gpu_memory_budget_gb: the request
+    that needs it is answered 503 (the server cannot serve it now), never an out-of-memory crash."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or any(s in str(error).lower() for s in OUT_OF_MEMORY)
 
 
 def describe(record: EngineRecord) -> str:
@@ -42,6 +53,10 @@ def describe(record: EngineRecord) -> str:
     return {"vision": "ViT encoder for image processing", "audio": "audio encoder for audio processing",
             "cross_kv": f"cross-attention keys/values ({before}) for media", "cross_attn": f"cross-attention block ({before}) for media",
             "segment": f"decoder segment ({layers})", "embed": "token embedding", "lm_head": "LM head"}.get(kind, record.name)
+
+
+def budget_setting(budget: int, device: str) -> str:
+    return f"runtime.offload.gpu_memory_budget_gb={budget / 2**30:.4g} ({mib(budget)} on {device})"
 
 
 class EngineSet:
@@ -127,7 +142,18 @@ class EngineSet:
         start = time.perf_counter()
         host = self.files.read(record, device)
         self.make_room(device, record.bytes, key)
-        session = self.load(record, device, host)
+        try:
+            session = self.load(record, device, host)
+        except Exception as e:
+            budget = self.budget_bytes.get(device)
+            if not budget or not out_of_memory(e) or isinstance(e, BudgetExceeded):
+                raise
+            # what is resident stays within the budget, yet the device had no room left (a run in progress
+            # holding an evicted engine, the KV caches, another process): this request cannot be served now
+            raise BudgetExceeded(f"engine {key} ({mib(record.bytes)}) could not be made resident on {device} under "
+                                 f"{budget_setting(budget, device)}, {mib(self.resident_bytes(device))} of engines resident: "
+                                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+                                 "retry later, or lower the budget to leave the device room for the rest") from e
         seconds = time.perf_counter() - start
         with self.lock:
             self.sessions[key] = session
@@ -158,7 +184,8 @@ class EngineSet:
         if not budget:
             return
         if needed > budget:
-            raise MemoryError(f"engine {key} needs {mib(needed)}, more than the whole budget of {mib(budget)} on {device}")
+            raise BudgetExceeded(f"engine {key} needs {mib(needed)}, more than the whole {budget_setting(budget, device)}: "
+                                 "raise the budget or set it to 0")
         while self.resident_bytes(device) + needed > budget:
             with self.lock:
                 mine = [k for k in self.sessions if self.key_device(k) == device]

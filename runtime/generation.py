@@ -36,7 +36,7 @@ from contract.exits import Exits
 from contract.manifest import PathRecord
 from runtime.config import RuntimeConfig
 from exporters import EngineIncompatible
-from runtime.engines import EngineMismatch, EngineSet, describe
+from runtime.engines import BudgetExceeded, EngineMismatch, EngineSet, describe
 from runtime.metrics import Metrics
 from runtime.ondemand import BudgetTooSmall, OnDemand
 from runtime.placement import Placement
@@ -302,8 +302,11 @@ class GenerationEngine:
         except Exception as e:  # noqa: BLE001 - reported to each client and logged with its traceback
             log.exception("generation failed for %s", ", ".join(s.request.request_id for s in seqs))
             for s in seqs:
-                if not s.done:  # an engine file that changed on disk since start-up: this path is unavailable, not broken
-                    s.handle.push(Failed(f"generation failed: {type(e).__name__}: {e}", 503 if isinstance(e, EngineMismatch) else 500))
+                # an engine file that changed on disk since start-up, or an engine the memory budget cannot
+                # make resident now: this path is unavailable, not broken
+                if not s.done:
+                    s.handle.push(Failed(f"generation failed: {type(e).__name__}: {e}",
+                                         503 if isinstance(e, (EngineMismatch, BudgetExceeded)) else 500))
                     self.release(s)
 
     def enter(self, seq: Sequence) -> None:
