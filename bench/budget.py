@@ -18,7 +18,6 @@ servers' logs.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import tempfile
 from dataclasses import replace
@@ -29,7 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.host import cpu_model, git_state, open_nvml, slug, unique_dir
+from bench.host import cpu_model, git_state, open_nvml, report_folder, slug
 from bench.metrics import fmt_bytes, fmt_s, fmt_share, run_memory
 from bench.quality import agreement
 from bench.run import ModeResult, RunResult, check_request, quantization_label, run_mode
@@ -103,11 +102,7 @@ def run_budgets(app: BenchApp, server_overrides: list[str], console: Console | N
               "quantizations": list(variants), "engines": {label: str(checked[label][0]) for label in variants},
               "git": git_state(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
     device_slug = slug(device) if gpu_labels else "cpu-" + slug(device)
-    name = app.run_name or f"{datetime.now(timezone.utc):%Y-%m-%d}-{device_slug}-{app.model.name}-{app.export.backend}-budgets"
-    report_dir = unique_dir(Path(app.output_dir).expanduser() / name, keep_name=bool(app.run_name))
-    for f in log_dir.iterdir():
-        shutil.move(f, report_dir / f.name)
-    log_dir.rmdir()
+    report_dir = report_folder(app, f"{datetime.now(timezone.utc):%Y-%m-%d}-{device_slug}-{app.model.name}-{app.export.backend}-budgets", log_dir)
     (report_dir / "budgets.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (report_dir / "budgets.md").write_text(render_markdown(report))
     plot(report, report_dir / "budget_latency.png")
