@@ -50,7 +50,10 @@ class GrammarCompiler:
 
     @staticmethod
     def lark(text: str) -> str:
-        return llguidance.LLMatcher.grammar_from_lark(text)
+        try:
+            return llguidance.LLMatcher.grammar_from_lark(text)
+        except (ValueError, TypeError) as e:
+            raise GrammarError(str(e)) from None
 
     @staticmethod
     def lark_json(schema: dict[str, Any]) -> str:

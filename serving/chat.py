@@ -349,7 +349,7 @@ class ChatService:
         for i, f in enumerate(functions):
             if "parameters" in f and (not isinstance(f["parameters"], dict) or f["parameters"].get("type", "object") != "object"):
                 raise APIError(400, f"tools.{i}.function.parameters must be a JSON schema of an object", param=f"tools.{i}.function.parameters")
-            self.compile(self.grammars.json_schema(parameters_of(f)), f"tools.{i}.function.parameters")
+            self.compile(lambda: self.grammars.json_schema(parameters_of(f)), f"tools.{i}.function.parameters")
         schema = None
         fmt = req.response_format
         if fmt is not None and fmt.type == "json_object":
@@ -358,19 +358,22 @@ class ChatService:
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format.json_schema")
             schema = fmt.json_schema.schema_
-            self.compile(self.grammars.json_schema(schema), "response_format.json_schema.schema")
+            self.compile(lambda: self.grammars.json_schema(schema), "response_format.json_schema.schema")
         text = grammar_for(functions, choice, req.parallel_tool_calls is not False, schema)
         grammar = None
         if text is not None:
-            grammar = self.grammars.lark(text)
-            self.compile(grammar, "tools" if functions and choice != "none" else "response_format")
+            grammar = self.compile(lambda: self.grammars.lark(text), "tools" if functions and choice != "none" else "response_format")
         return Output(functions or None, bool(functions) and choice != "none", grammar)
 
-    def compile(self, grammar: str, param: str) -> None:
+    def compile(self, make: Callable[[], str], param: str) -> str:
+        """The grammar `make` builds, checked: whatever the grammar engine cannot build or compile from
+        the request (a schema, a tool's parameters) is a 400 naming `param`."""
         try:
+            grammar = make()
             self.grammars.check(grammar)
         except GrammarError as e:
             raise APIError(400, f"{param}: the grammar engine cannot compile it: {e}", param=param, code="invalid_schema") from None
+        return grammar
 
     def check_limits(self, req: ChatCompletionRequest) -> None:
         """The server.max_* bounds on one request's work, before anything is tokenized or decoded."""

@@ -218,6 +218,9 @@ BAD = {
              "response_format.json_schema.schema"),
     "tool parameters": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "a": {"type": "string", "pattern": "(?<=a)b"}}}}}]}, "tools.0.function.parameters"),
+    # found by the fuzzer (a 500 before): a number the grammar engine cannot serialise, in a tool's parameters
+    "tool parameters out of range": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "maxLength": 103329786841365011759104}}}}}]}, "tools.0.function.parameters"),
     "unknown tool": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "order_pizza"}}}, "tool_choice"),
     "required without tools": ({"tool_choice": "required"}, "tool_choice"),
     "n": ({"n": 9}, "n"),
