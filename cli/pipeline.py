@@ -60,7 +60,9 @@ def server_overrides(app: BenchApp) -> list[str]:
 
 BENCH = Command(
     "python -m pipeline bench", "bench",
-    "The same workload through the real server in static and dynamic mode, on the engines the export wrote.",
+    "The same workload through the real server in static and dynamic mode, on the engines the export wrote "
+    "(bench=soak: one server under load; bench=speculation: full depth with and without self-speculation; "
+    "bench.memory_budgets_gb: a memory-budget sweep).",
     {"bench": "the workload: request groups, concurrency, request rate, baselines; soak; quantizations; memory_budgets_gb (a budget sweep)",
      **shared("model", "export", "paths", "+preset", "engines_dir"),
      "output_dir": "reports go to <output_dir>/<date>-<device>-<model>-<backend>/",
