@@ -160,7 +160,8 @@ class Stepper:
         self.step_plan: StepPlan | None = None
         self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
-        self.drafted: dict[Hashable, list[torch.Tensor]] = {}  # drafting sequence -> its hidden state [1, 1, D] per drafted position
+        # drafting sequence -> its draft-exit hidden state [1, 1, D] per drafted position (none with a quantized draft)
+        self.drafted: dict[Hashable, list[torch.Tensor]] = {}
 
     # --- encode: once per request ---------------------------------------------------------------
 
@@ -240,12 +241,10 @@ class Stepper:
         through the segments past its draft exit (their kept draft-exit hidden states), or with a
         quantized draft through every segment, as one chunk after the `past` entries they hold:
         logits [m, V] at its own exit, one row per position."""
-        kept = self.drafted.pop(row.key)
-        first = 0 if self.draft_engines is not None else row.draft
-        if first:
-            hidden = torch.cat(kept, dim=1)  # [1, m, D]
+        if self.draft_engines is None:
+            first, hidden = row.draft, torch.cat(self.drafted.pop(row.key), dim=1)  # [1, m, D]
         else:
-            hidden = self.engines.run("embed", {"input_ids": torch.tensor([fed], device=self.engines.device("embed"))})["hidden"]
+            first, hidden = 0, self.engines.run("embed", {"input_ids": torch.tensor([fed], device=self.engines.device("embed"))})["hidden"]
         for k in range(first, row.depth):
             out = self.extend(k, self.caches[k].row(row.key), hidden, past, row.media)
             hidden = out["hidden_out"]
@@ -299,7 +298,7 @@ class Stepper:
             self.caches[k].lengths[:at.count] += 1 if at.advance is None else at.advance
             if at.exits is not None:
                 bufs.exit_hidden.index_copy_(0, at.head_rows, seg.exit_hidden[:, 0].index_select(0, at.exits).to(self.head_device))
-            if at.drafts is not None:
+            if at.drafts is not None and self.draft_engines is None:  # a quantized draft's verification starts from the embedding
                 kept = seg.hidden_out.index_select(0, at.drafts)  # [m, 1, D], out of the buffer the next step overwrites
                 for i, key in enumerate(at.draft_keys):
                     self.drafted.setdefault(key, []).append(kept[i:i + 1])

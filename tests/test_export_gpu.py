@@ -142,31 +142,29 @@ def test_speculation_over_captured_steps_gives_the_plain_tokens(cuda_export, dra
 
     prompts = {"a": [9, 8, 7, 6, 5], "b": [3, 4, 5]}
     n = 20
-    want = {key: [] for key in prompts}
-    stepper = stepper_on_cuda(cuda_export.directory, graphs=True)
-    with torch.inference_mode():
+
+    def started() -> tuple:
+        """A captured stepper with each prompt prefilled to full depth: (stepper, rows, each sequence's tokens so far)."""
+        stepper = stepper_on_cuda(cuda_export.directory, graphs=True)
         stepper.capture()
-        rows = {}
+        rows, tokens = {}, {}
         for key, prompt in prompts.items():
             logits, _ = stepper.prefill(key, prompt, 4, None)
             rows[key] = Row(key, 4, int(logits.argmax()))
-            want[key].append(rows[key].token)
+            tokens[key] = [rows[key].token]
+        return stepper, rows, tokens
+
+    with torch.inference_mode():
+        stepper, rows, want = started()
         for _ in range(n):
             keys, logits = stepper.decode(list(rows.values()))
             for key, token in zip(keys, logits.argmax(-1).tolist()):
                 rows[key].token = token
                 want[key].append(token)
 
-    got = {key: [] for key in prompts}
-    stepper = stepper_on_cuda(cuda_export.directory, graphs=True)
     sampler = Sampler(512)
     with torch.inference_mode():
-        stepper.capture()
-        rows = {}
-        for key, prompt in prompts.items():
-            logits, _ = stepper.prefill(key, prompt, 4, None)
-            rows[key] = Row(key, 4, int(logits.argmax()))
-            got[key].append(rows[key].token)
+        stepper, rows, got = started()
         draft = Draft(draft_depth, k, k, False)
         while len(got["a"]) <= n:
             rows["a"].draft = draft_depth
