@@ -86,6 +86,7 @@ def build_service(cfg: ServeApp, export_command: str) -> ChatService:
     offload = cfg.runtime.offload
     on_demand = offload.enabled and cfg.runtime.mode == "dynamic"  # static mode keeps everything resident: the baseline
     offload.check()
+    cfg.runtime.prefix_cache.check()
     budget = {d: int(offload.gpu_memory_budget_gb * 2**30) for d in placement.devices} if on_demand and offload.gpu_memory_budget_gb > 0 else None
     backend = serving_backend(cfg, manifest)
     if cfg.runtime.cuda_graphs and not get_runtime(backend).cuda_graphs:

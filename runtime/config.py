@@ -82,6 +82,21 @@ class SpeculationConfig:
 
 
 @dataclass
+class PrefixCacheConfig:
+    # Prompts' keys/values kept by content (runtime/prefix.py): a later request whose prompt starts with the same
+    # blocks of tokens (a system prompt, earlier turns, after the same media) copies them into its cache rows and
+    # prefills only the rest. Exact: the rest is prefilled in the same chunks as without the cache.
+    enabled: bool = True
+    block_tokens: int = 16  # tokens per cached block: a prompt's prefix is reused in whole blocks
+    memory_gb: float = 1.0  # per device, the blocks of every segment together; least recently used blocks go first
+
+    def check(self) -> None:
+        if self.block_tokens < 1 or self.memory_gb < 0:
+            raise ValueError(f"runtime.prefix_cache.block_tokens={self.block_tokens} must be at least 1 and "
+                             f"memory_gb={self.memory_gb} must not be negative")
+
+
+@dataclass
 class RuntimeConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     mode: str = "dynamic"  # dynamic | static (also forced by ENABLE_DYNAMIC_GRAPH=False)
@@ -93,4 +108,5 @@ class RuntimeConfig:
     cuda_graphs: bool = False  # decode steps replay CUDA graphs their sessions captured, one per batch size (the GPU placements turn it on)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
     verify: bool = True  # sha256 of every engine file against the manifest before it is loaded
