@@ -55,7 +55,11 @@ class LocalEngine:
     # --- state ---------------------------------------------------------------------------------
 
     def memory(self) -> dict:
-        return device_memory(self.engine.placement.devices, self.engine.kv_bytes, self.engine.kv_peak)
+        out = device_memory(self.engine.placement.devices, self.engine.kv_bytes, self.engine.kv_peak)
+        prefix = self.engine.stepper.prefix
+        for device, used in (prefix.bytes_used() if prefix else {}).items():
+            out[device]["prefix_cache_bytes"] = used
+        return out
 
     def stats(self) -> dict:
         e = self.engine
@@ -66,7 +70,8 @@ class LocalEngine:
                 "resident_engine_bytes": {d: 0 for d in e.placement.devices} | self.engines.resident_by_device(),
                 "kv_cache": {"allocated_bytes": dict(e.kv_bytes), "allocated_peak_bytes": dict(e.kv_peak),
                              "in_use_bytes": dict(e.kv_in_use), "in_use_peak_bytes": dict(e.kv_in_use_peak),
-                             "per_request_bytes": e.kv_per_request()}}
+                             "per_request_bytes": e.kv_per_request()},
+                "prefix_cache": e.prefix_stats()}
 
     def reset_peaks(self) -> None:
         reset_peaks(self.engine.placement.devices)

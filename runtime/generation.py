@@ -41,6 +41,7 @@ from runtime.metrics import Metrics
 from runtime.ondemand import BudgetTooSmall, OnDemand
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
+from runtime.prefix import media_root
 from runtime.requests import Failed, Finished, GenerationRequest, QueueFull, RequestHandle, Started
 from runtime.sampling import GREEDY, RowContext, Sampler, TokenHistory, make_generator
 from runtime.speculation import Draft, SpeculationConfigError, accept, draft_exit_depth
@@ -131,7 +132,7 @@ class GenerationEngine:
         if draft_engines is not None and draft_engines.manifest.model != manifest.model:
             raise EngineConfigError(f"the draft engines in {draft_engines.directory} are another model's export (or other weights) "
                                     f"than {engines.directory}: export both from the same model")
-        self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs, draft_engines)
+        self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs, draft_engines, cfg.prefix_cache)
 
         self.cond = threading.Condition()
         self.waiting: deque[Sequence] = deque()
@@ -311,6 +312,7 @@ class GenerationEngine:
 
     def enter(self, seq: Sequence) -> None:
         """A request leaves the queue: decide its path; prefill it now, or once its engines are loaded."""
+        seq.request.timeline.mark("queue")
         if seq.handle.cancelled:
             self.release(seq)
             return
@@ -339,6 +341,7 @@ class GenerationEngine:
 
     def loaded(self, seq: Sequence) -> None:
         seq.loading.result()  # a load that failed (a file that no longer verifies) fails its request here
+        seq.request.timeline.mark("load")
         since, steps = seq.waited_from
         log.info("[DYNAMIC GRAPH] %s waited %.2f s for its engines; %d decode step(s) ran meanwhile (%d engine runs uncaptured "
                  "so far, for want of a capture during a load)", seq.request.request_id, time.monotonic() - since,
@@ -354,6 +357,7 @@ class GenerationEngine:
         if seq.request.sampling.penalized:
             seq.history = TokenHistory(seq.request.prompt_ids, self.sampler.decodable, logits.device)
         token = self.sample(logits, [seq])[0]
+        seq.request.timeline.mark("sample")
         self.take(seq, token, self.logprob(seq, logits[0], token))
         if not seq.done:
             self.running.append(seq)
@@ -375,6 +379,7 @@ class GenerationEngine:
                     if static or modality in req.modalities:
                         log.info("[DYNAMIC GRAPH] Loading %s (%s)", describe(self.manifest.engines[encoder]), req.request_id)
             media = self.stepper.encode(req.pixel_values, req.mel, static)
+            req.timeline.mark("encode")
         # a depth left to prefill starts towards full depth and stops at the first exit sure enough of the next token
         depth = self.exits.depth(self.exits.full if decision.left_to_prefill else decision.exit_layer)
         reasons = []
@@ -385,7 +390,11 @@ class GenerationEngine:
             return self.policy.confident(top1, self.exits.layer(depth))
 
         stop = confident if decision.left_to_prefill else None
-        logits, depth = self.stepper.prefill(seq.number, req.prompt_ids, depth, media, stop)
+        root = media_root(static, req.pixel_values, req.mel) if self.stepper.prefix else None
+        logits, depth = self.stepper.prefill(seq.number, req.prompt_ids, depth, media, stop, root, req.timeline)
+        cached = req.timeline.cached_tokens
+        self.metrics.prefix_tokens.labels("cached").inc(cached)
+        self.metrics.prefix_tokens.labels("prefilled").inc(len(req.prompt_ids) - cached)
         exit_layer = self.exits.layer(depth)
         if decision.left_to_prefill:
             why = reasons[-1] if depth < self.exits.segments else "no earlier exit reached it"
@@ -521,7 +530,7 @@ class GenerationEngine:
             seq.handle.push(tail)
         self.release(seq)  # first: whoever hears of the end finds the rows free
         seq.handle.push(Finished(reason, len(seq.request.prompt_ids), len(seq.token_ids), seq.reasoning_tokens, tuple(seq.token_ids),
-                                 None if seq.draft is None else dict(seq.draft.counts)))
+                                 None if seq.draft is None else dict(seq.draft.counts), seq.request.timeline.cached_tokens))
         if seq.draft is not None and seq.draft.counts:
             c = seq.draft.counts
             log.info("[DYNAMIC GRAPH] %s speculated: %d of %d drafted tokens accepted (%.0f %%), %.2f tokens per verification",
@@ -563,6 +572,15 @@ class GenerationEngine:
         paths = {p.name: p for p in self.manifest.paths}
         return {name: self.stepper.kv_bytes_per_request(self.exits.depth(paths[name].exit_layer))
                 for name in self.path_counts if name in paths}
+
+    def prefix_stats(self) -> dict | None:
+        """The prefix cache's blocks, bytes and evictions (None when it is off)."""
+        prefix = self.stepper.prefix
+        if prefix is None:
+            return None
+        return {"block_tokens": prefix.block_tokens, "blocks": sum(len(r) for r in prefix.recent),
+                "capacity_blocks": sum(p.blocks for p in prefix.pools), "used_bytes": prefix.bytes_used(),
+                "allocated_bytes": prefix.bytes_allocated(), "evicted_blocks": prefix.evicted}
 
     def reset_peaks(self) -> None:
         self.kv_in_use_peak = Counter(self.kv_in_use)

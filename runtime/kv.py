@@ -85,3 +85,39 @@ class SegmentCache:
             self.members[row] = self.members[last]
         self.members.pop()
         self.lengths[last] = 0
+
+
+class BlockPool:
+    """One segment's cached prompt blocks (runtime/prefix.py decides which): keys and values
+    [L * 2, kv_heads, blocks, block_tokens, head_dim] on the segment's device, the planes of
+    SegmentCache's buffer cut into blocks of positions. Allocated at the first block kept."""
+
+    def __init__(self, cache: SegmentCache, block_tokens: int, memory_bytes: float):
+        planes, _, kv_heads, _, head_dim = cache.shape
+        self.cache, self.block_tokens = cache, block_tokens
+        self.bytes_per_block = planes * kv_heads * block_tokens * head_dim * cache.dtype.itemsize
+        self.blocks = int(memory_bytes // self.bytes_per_block)  # as many as the memory holds
+        self.shape = (planes, kv_heads, self.blocks, block_tokens, head_dim)
+        self.buffer: torch.Tensor | None = None
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 0 if self.buffer is None else self.blocks * self.bytes_per_block
+
+    def positions(self, row: int, first: int, count: int) -> torch.Tensor:
+        """Blocks first..first+count of a cache row, as a view [L * 2, kv_heads, count, block_tokens, head_dim]."""
+        b = self.block_tokens
+        view = self.cache.buffer[:, row, :, first * b:(first + count) * b]
+        return view.unflatten(2, (count, b))
+
+    def save(self, row: int, first: int, slots: list[int]) -> None:
+        """Keep the row's blocks first, first + 1, ... in these slots."""
+        if self.buffer is None:
+            self.buffer = torch.empty(self.shape, dtype=self.cache.dtype, device=self.cache.device)
+        index = torch.tensor(slots, device=self.cache.device)
+        self.buffer.index_copy_(2, index, self.positions(row, first, len(slots)))
+
+    def load(self, row: int, slots: list[int]) -> None:
+        """The row's first len(slots) blocks from these slots (the row's length is the caller's to set)."""
+        index = torch.tensor(slots, device=self.cache.device)
+        self.positions(row, 0, len(slots)).copy_(self.buffer.index_select(2, index))

@@ -43,6 +43,11 @@ class Metrics:
                                     "by how the client was told apart", ["client"], registry=r)  # key | address
         self.speculation = Counter("dyngraph_speculation", "Self-speculation per path: tokens drafted, drafts accepted, "
                                    "verifications, tokens they yielded", ["path", "kind"], registry=r)  # drafted | accepted | verifications | tokens
+        self.prefix_tokens = Counter("dyngraph_prefix_cache_tokens", "Prompt tokens by where their keys/values came from: "
+                                     "the prefix cache or a prefill", ["kind"], registry=r)  # cached | prefilled
+        self.ttft_parts = Histogram("dyngraph_time_to_first_token_part_seconds", "Where the time to first token went, by part "
+                                    "(the request timeline's: parse, grammar, tokenize, media, queue, load, encode, embed, "
+                                    "segment.K, head, sample, deliver, write)", ["part"], buckets=LOAD_BUCKETS, registry=r)
         self.client_timeouts = Counter("dyngraph_client_timeouts", "Connections cut off for sending their request too slowly (408)",
                                        ["phase"], registry=r)  # headers | body
 

@@ -25,6 +25,33 @@ class QueueFull(Exception):
 
 
 @dataclass
+class Timeline:
+    """Where a request's time to its first token went: marks on one clock (time.perf_counter), each
+    naming the part that ends there, so the parts add up to the time from `start` to the last mark.
+    The chat service marks its parts (parse, grammar, tokenize, media; deliver and, streaming, write),
+    the engine thread its own (queue, load, encode, embed, each segment, head, sample)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    marks: list[tuple[str, float]] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+
+    def mark(self, part: str) -> None:
+        self.marks.append((part, time.perf_counter()))
+
+    def parts(self) -> dict[str, float]:
+        """Seconds per part, in order (a part marked twice counts both times)."""
+        out: dict[str, float] = {}
+        before = self.start
+        for part, at in self.marks:
+            out[part] = out.get(part, 0.0) + at - before
+            before = at
+        return out
+
+    def copy(self) -> Timeline:
+        return Timeline(self.start, list(self.marks), self.cached_tokens)
+
+
+@dataclass
 class GenerationRequest:
     prompt_ids: list[int]
     max_tokens: int
@@ -44,6 +71,7 @@ class GenerationRequest:
     # token, accept(token) after); its tokens follow the grammar, at whatever exit the path takes
     grammar: Any = None
     request_id: str = ""
+    timeline: Timeline = field(default_factory=Timeline)  # its own, one per choice: the engine marks it
 
     @property
     def processed(self) -> bool:
@@ -68,6 +96,7 @@ class Finished:
     reasoning_tokens: int
     token_ids: tuple[int, ...]  # every sampled id, the one that stopped it included
     speculation: dict[str, int] | None = None  # drafted, accepted, verifications, tokens: when it speculated
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 @dataclass(frozen=True)

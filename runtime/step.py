@@ -42,7 +42,10 @@ from contract.engines import EXPORT_DTYPES, cross_attn_engine, cross_kv_engine, 
 from contract.exits import Exits
 from contract.manifest import Manifest
 from runtime.engines import EngineSet
-from runtime.kv import SegmentCache
+from runtime.config import PrefixCacheConfig
+from runtime.kv import BlockPool, SegmentCache
+from runtime.prefix import PrefixCache
+from runtime.requests import Timeline
 
 SILENCE_LOG_MEL = -1.5  # log-mel of silence after Whisper's scaling: the static graph's audio placeholder
 
@@ -135,7 +138,8 @@ class DecodeBuffers:
 
 
 class Stepper:
-    def __init__(self, engines: EngineSet, max_batch: int, capacity: int, cuda_graphs: bool, draft_engines: EngineSet | None = None):
+    def __init__(self, engines: EngineSet, max_batch: int, capacity: int, cuda_graphs: bool, draft_engines: EngineSet | None = None,
+                 prefix_cache: PrefixCacheConfig | None = None):
         self.engines = engines
         self.draft_engines = draft_engines  # a quantized export of the same model, for steps in which every sequence drafts
         manifest: Manifest = engines.manifest
@@ -154,6 +158,7 @@ class Stepper:
             first, end = manifest.engines[segment_engine(k)].layers
             self.caches.append(SegmentCache(end - first, max_batch, kv_heads, capacity, head_dim, self.dtype,
                                             engines.device(segment_engine(k))))
+        self.prefix = make_prefix_cache(self.caches, prefix_cache) if prefix_cache is not None and prefix_cache.enabled else None
         self.buckets = batch_buckets(max_batch) if cuda_graphs else None
         self.buffers: dict[int, DecodeBuffers] = {}  # batch size -> its buffers
         self.decode_total = torch.tensor(capacity, dtype=torch.int32)  # a CPU input of the engine, one address for every replay
@@ -196,32 +201,59 @@ class Stepper:
     # --- prefill: one sequence, segment by segment ----------------------------------------------------
 
     def prefill(self, key: Hashable, prompt_ids: list[int], depth: int, media: Media | None,
-                stop: Callable[[torch.Tensor, int], bool] | None = None) -> tuple[torch.Tensor, int]:
+                stop: Callable[[torch.Tensor, int], bool] | None = None, root: Hashable | None = None,
+                timeline: Timeline | None = None) -> tuple[torch.Tensor, int]:
         """Fill the sequence's rows with its prompt; logits [1, V] of the last position at the exit, and
-        the depth reached: `depth` segments, or fewer where `stop(logits, segments run)` says so."""
+        the depth reached: `depth` segments, or fewer where `stop(logits, segments run)` says so.
+
+        With the prefix cache and a `root` (runtime.prefix.media_root), each segment's row first takes
+        the prompt's cached blocks and prefills the positions after them; the prompt's whole blocks are
+        kept for later prompts. Positions are prefilled in chunks that end where an uncached prefill's
+        end (multiples of the export's seq), so past the first chunk the engines run the same shapes.
+        The request's `timeline` is marked after the embedding, each segment and the head, and told the
+        prompt tokens taken from the cache."""
+        n = len(prompt_ids)
+        timeline = timeline or Timeline()
+        prefix = self.prefix if root is not None else None
+        chain, blocks = prefix.match(root, prompt_ids, depth) if prefix else ([], [0] * depth)
+        cached = [c * prefix.block_tokens for c in blocks] if prefix else blocks  # positions, per segment
+        start = timeline.cached_tokens = cached[0] if depth else 0
         device = self.engines.device("embed")
         prompt = torch.tensor([prompt_ids], device=device)
-        spans = [(a, min(a + self.chunk, len(prompt_ids))) for a in range(0, len(prompt_ids), self.chunk)]
-        hidden = [self.engines.run("embed", {"input_ids": prompt[:, a:b]})["hidden"] for a, b in spans]
+        hidden = join([self.engines.run("embed", {"input_ids": prompt[:, a:b]})["hidden"] for a, b in self.spans(start, n)])
+        timeline.mark("embed")
         for k in range(depth):
             cache = self.caches[k]
             row = cache.add(key)
+            first = cached[k]
+            if first:
+                prefix.load(k, row, chain, blocks[k])
+            hidden = hidden[:, first - start:]  # [1, n - first, D]: segment k's new positions
+            start = first
             if media is not None:
                 media.cross_kv[k] = self.engines.run(cross_kv_engine(k), {"media": media.tokens})["cross_kv"]
-            for c, (a, b) in enumerate(spans):
-                out = self.extend(k, row, hidden[c], a, media)
-                hidden[c] = out["hidden_out"]
-            cache.lengths[row] = len(prompt_ids)
+            outs = [self.extend(k, row, hidden[:, a - first:b - first], a, media) for a, b in self.spans(first, n)]
+            hidden = join([out["hidden_out"] for out in outs])
+            cache.lengths[row] = n
+            if prefix:
+                prefix.save(root, prompt_ids, k, row)
+            timeline.mark(f"segment.{k}")
             if stop is not None and k + 1 < depth:
-                logits = self.head(out["exit_hidden"][:, -1])
+                logits = self.head(outs[-1]["exit_hidden"][:, -1])
                 if stop(logits, k + 1):
                     depth = k + 1
                     break
         else:
-            logits = self.head(out["exit_hidden"][:, -1])
+            logits = self.head(outs[-1]["exit_hidden"][:, -1])
+        timeline.mark("head")
         if media is not None:
             media.tokens = None  # decode steps need only the keys/values
         return logits, depth
+
+    def spans(self, first: int, end: int) -> list[tuple[int, int]]:
+        """Positions first..end in chunks of at most the export's seq, cut at its multiples."""
+        edges = [first, *range((first // self.chunk + 1) * self.chunk, end, self.chunk), end]
+        return list(zip(edges[:-1], edges[1:]))
 
     def extend(self, k: int, row: int, hidden: torch.Tensor, past: int, media: Media | None) -> dict[str, torch.Tensor]:
         """Segment k over one sequence's chunk of new positions [1, s, D] after the `past` entries its
@@ -425,6 +457,23 @@ class Stepper:
     def kv_bytes_per_request(self, depth: int) -> int:
         """The KV bytes a sequence of this depth holds: a row in each segment it reaches."""
         return sum(c.bytes_per_row for c in self.caches[:depth])
+
+
+def make_prefix_cache(caches: list[SegmentCache], cfg: PrefixCacheConfig) -> PrefixCache | None:
+    """The prefix cache over these segments: each device's `memory_gb` shared among its segments by
+    their layers (a segment's blocks are its layers' entries); None when no segment has room for a block."""
+    layers: Counter[str] = Counter()
+    for cache in caches:
+        layers[str(cache.device)] += cache.layers
+    pools = []
+    for cache in caches:
+        pools.append(BlockPool(cache, cfg.block_tokens, cfg.memory_gb * 2**30 * cache.layers / layers[str(cache.device)]))
+    return PrefixCache(pools, cfg.block_tokens) if any(p.blocks for p in pools) else None
+
+
+def join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Chunks of positions [1, s_i, D] as one [1, sum s_i, D]."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def pad_to(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:

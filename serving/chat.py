@@ -23,14 +23,14 @@ from pydantic import ValidationError
 from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
 from serving.config import ServerConfig
-from runtime.requests import Event, Failed, Finished, GenerationRequest, QueueFull, RequestHandle, Started
+from runtime.requests import Event, Failed, Finished, GenerationRequest, QueueFull, RequestHandle, Started, Timeline
 from runtime.text import Delta
 from runtime.constrained import GrammarCompiler, GrammarError
 from serving.media import MediaError, MediaLimits, decode_audio, decode_base64, decode_image, image_bytes
 from runtime.metrics import Metrics
 from serving.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChoiceLogprobs,
                               ChunkChoice, CompletionTokensDetails, DeltaFunction, DeltaMessage, DeltaToolCall, DyngraphInfo,
-                              ErrorBody, ErrorResponse, ModelCard, ModelList, NamedToolChoice, ResponseFunctionCall,
+                              ErrorBody, ErrorResponse, ModelCard, ModelList, NamedToolChoice, PromptTokensDetails, ResponseFunctionCall,
                               ResponseMessage, ResponseToolCall, TokenLogprob, TopLogprob, Usage)
 from runtime.sampling import SamplingParams
 from serving.tools import Piece, ToolCallReader, grammar_for, parameters_of
@@ -202,8 +202,10 @@ class ChatService:
                                         code="shutting_down", headers={"Retry-After": str(self.server.retry_after_s)}), arrival)
         self.in_flight += 1
         try:
+            timeline = Timeline(arrival)
             request = await asyncio.to_thread(self.parse, body)  # a 30 MB body of base64 would stall every stream for a while
-            generations, output = await self.prepare(request)
+            timeline.mark("parse")
+            generations, output = await self.prepare(request, timeline)
             run = await self.start(request, generations, output, disconnected, arrival)
         except APIError as e:
             self.in_flight -= 1
@@ -242,9 +244,9 @@ class ChatService:
             param, message = validation_error(e)
             raise APIError(400, f"{param}: {message}" if param else message, param=param or None) from None
 
-    async def prepare(self, req: ChatCompletionRequest) -> tuple[list[GenerationRequest], Output]:
+    async def prepare(self, req: ChatCompletionRequest, timeline: Timeline) -> tuple[list[GenerationRequest], Output]:
         """Validate everything, decode the media, compile the grammar; the result can only fail inside
-        the engine. One generation request per choice (n)."""
+        the engine. One generation request per choice (n), each with its copy of the timeline so far."""
         if req.model != self.server.model_id:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.server.model_id}`",
                            param="model", code="model_not_found")
@@ -254,11 +256,13 @@ class ChatService:
         if thinking and self.engine.think_end is None:
             raise APIError(400, "enable_thinking needs a tokenizer with </think>; this one has none", param="enable_thinking")
         output = await asyncio.to_thread(self.output, req)
+        timeline.mark("grammar")
         if thinking and (output.grammar is not None or output.calls):
             raise APIError(400, "enable_thinking with tools or response_format is not supported: the answer's grammar or GLM-4's "
                                 "call format starts where the thinking block would", param="tools" if req.tools else "response_format")
         messages, images, audio = self.split_messages(req.messages)
         prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=thinking, tools=output.functions, call_tools=output.calls)
+        timeline.mark("tokenize")
         context = self.engine.context_len
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, context - len(prompt))
         if len(prompt) + max_tokens > context:
@@ -267,6 +271,7 @@ class ChatService:
                                 "Please reduce the length of the messages or completion.",
                            param="max_tokens" if len(prompt) < context else "messages", code="context_length_exceeded")
         pixel_values, mel = await self.decode_media(images, audio)
+        timeline.mark("media")
         modalities = ("text",) + (("image",) if images else ()) + (("audio",) if audio else ())
         if self.engine.mode == "dynamic":
             media_tokens = len(images) * self.image_tokens + (mel.shape[-1] // self.audio.frame_multiple if mel is not None else 0)
@@ -304,7 +309,7 @@ class ChatService:
         for i in range(req.n or 1):
             seed = None if req.seed is None else (req.seed + i) % 2**64 if req.seed >= 0 else req.seed - i
             out.append(replace(base, sampling=replace(sampling, seed=seed), grammar=None if output.grammar is None
-                               else self.grammars.matcher(output.grammar)))
+                               else self.grammars.matcher(output.grammar), timeline=timeline.copy()))
         return out, output
 
     def check_unsupported(self, req: ChatCompletionRequest) -> None:
@@ -611,6 +616,7 @@ class ChatService:
         readers = [self.reader(run) for _ in range(n)]
         finished: list[Finished | None] = [None] * n
         yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
+        written = False  # the first token's chunk: the timeline's last part ends once it is sent
         async for index, event in self.events(run):
             self.note_first_token(run)
             if isinstance(event, Delta):
@@ -623,6 +629,9 @@ class ChatService:
                 else:
                     delta = self.pieces_delta(readers[index].feed(event.content, event.token))
                 yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+                if not written:  # resumed: the server sent the chunk
+                    written = True
+                    run.generation.timeline.mark("write")
             elif isinstance(event, Failed):
                 # the status line is long gone: report in the stream, as OpenAI does
                 yield json.dumps(APIError(event.status, event.message, "server_error").body())
@@ -673,8 +682,10 @@ class ChatService:
     # --- bookkeeping ---------------------------------------------------------------------------------------
 
     def note_first_token(self, run: Run) -> None:
+        """The first event after the path decision has reached this loop (its token, or the end)."""
         if not run.first_token:
             run.first_token = True
+            run.generation.timeline.mark("deliver")
             self.metrics.ttft.observe(time.perf_counter() - run.arrival)
 
     def done(self, run: Run, finished: list[Finished]) -> None:
@@ -683,6 +694,8 @@ class ChatService:
         self.metrics.tokens.labels("completion").inc(sum(f.completion_tokens for f in finished))
         self.metrics.requests.labels("200").inc()
         self.metrics.latency.observe(time.perf_counter() - run.arrival)
+        for part, seconds in run.generation.timeline.parts().items():
+            self.metrics.ttft_parts.labels(part).observe(seconds)
 
     def observe(self, error: APIError, arrival: float) -> APIError:
         self.metrics.requests.labels(str(error.status)).inc()
@@ -694,6 +707,7 @@ class ChatService:
         """The prompt once (its choices share it), the completions of every choice."""
         prompt, completion = finished[0].prompt_tokens, sum(f.completion_tokens for f in finished)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=finished[0].cached_tokens),
                      completion_tokens_details=CompletionTokensDetails(reasoning_tokens=sum(f.reasoning_tokens for f in finished)))
 
     def info(self, run: Run, finished: list[Finished] | None) -> DyngraphInfo:
@@ -703,7 +717,8 @@ class ChatService:
             if f.speculation is not None:
                 speculation = {k: (speculation or {}).get(k, 0) + v for k, v in f.speculation.items()}
         return DyngraphInfo(path=s.path.name, exit_layer=s.path.exit_layer, modalities=list(run.generation.modalities),
-                            engines=s.engines, devices=s.devices, mode=s.mode, replica=self.replica, speculation=speculation)
+                            engines=s.engines, devices=s.devices, mode=s.mode, replica=self.replica, speculation=speculation,
+                            timeline={part: round(seconds * 1e3, 3) for part, seconds in run.generation.timeline.parts().items()})
 
 
 def sse_json(data: dict) -> str:

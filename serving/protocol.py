@@ -173,10 +173,15 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose keys/values came from the prefix cache (runtime.prefix_cache)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
     completion_tokens_details: CompletionTokensDetails
 
 
@@ -192,6 +197,8 @@ class DyngraphInfo(BaseModel):
     replica: str | None = Field(default=None, exclude_if=lambda v: v is None)  # behind Ray Serve: which replica answered
     # when it speculated: tokens drafted, drafts accepted, verifications and the tokens they yielded
     speculation: dict[str, int] | None = Field(default=None, exclude_if=lambda v: v is None)
+    # where the time to first token went, ms per part in order (runtime.requests.Timeline); they add up to it
+    timeline: dict[str, float] = Field(default_factory=dict)
 
 
 class ResponseFunctionCall(BaseModel):

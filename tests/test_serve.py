@@ -96,6 +96,8 @@ def test_every_depth_gives_the_eager_models_greedy_tokens(server, tiny_model, ex
     body, headers = chat(server, [{"role": "user", "content": TEXT[exit_layer]}], max_tokens=8, temperature=0)
     path = f"exit{exit_layer}-text"
     assert headers["x-dyngraph-path"] == path
+    timeline = body["dyngraph"].pop("timeline")
+    assert list(timeline)[:4] == ["parse", "grammar", "tokenize", "media"] and list(timeline)[-3:] == ["head", "sample", "deliver"]
     assert body["dyngraph"] == {"path": path, "exit_layer": exit_layer, "modalities": ["text"], "mode": "dynamic",
                                 "engines": ["embed", *[f"segment.{k}" for k in range(exit_layer // 6)], "lm_head"],
                                 "devices": {n: "cpu" for n in ["embed", *[f"segment.{k}" for k in range(exit_layer // 6)], "lm_head"]}}
@@ -103,6 +105,8 @@ def test_every_depth_gives_the_eager_models_greedy_tokens(server, tiny_model, ex
     prompt = len(TOK.apply_chat_template([{"role": "user", "content": TEXT[exit_layer]}]))
     assert body["choices"][0]["message"]["content"] == text
     assert body["choices"][0]["finish_reason"] == reason
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]  # whole blocks of an earlier prompt's
+    assert cached % 16 == 0 and cached < prompt
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n,
                              "completion_tokens_details": {"reasoning_tokens": 0}}
     what = "full inference path (24 layers)" if exit_layer == 24 else f"early-exit path ({exit_layer} of 24 layers)"
@@ -122,7 +126,11 @@ def test_streaming_ends_with_usage_and_path_then_done(server):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == whole["choices"][0]["message"]["content"]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == whole["choices"][0]["finish_reason"]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"] and chunks[-1]["dyngraph"] == whole["dyngraph"]
+    last = chunks[-1]
+    assert last["choices"] == [] and last["dyngraph"].pop("timeline") and whole["dyngraph"].pop("timeline")
+    assert last["dyngraph"] == whole["dyngraph"]
+    assert last["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the same prompt again: its whole blocks but the last token's
+    assert {**last["usage"], "prompt_tokens_details": None} == {**whole["usage"], "prompt_tokens_details": None}
     assert all("dyngraph" not in c for c in chunks[:-1])
 
 
@@ -359,6 +367,7 @@ def test_static_mode_runs_the_full_graph_for_everything(static_server, tiny_mode
     assert headers["x-dyngraph-path"] == "static"
     every = ["vision", "audio", *(f"cross_kv.{k}" for k in range(4)), "embed",
              *(f"{e}.{k}" for k in range(4) for e in ("cross_attn", "segment")), "lm_head"]
+    assert body["dyngraph"].pop("timeline")
     assert body["dyngraph"] == {"path": "static", "exit_layer": 24, "modalities": ["text"], "engines": every,
                                 "devices": dict.fromkeys(every, "cpu"), "mode": "static"}
     assert body["choices"][0]["message"]["content"] == eager_text(tiny_model, TEXT[6], 24, 6)[0]
@@ -472,6 +481,40 @@ def test_streaming_sends_a_chunk_per_token(server):
     token_chunks = [c for c in chunks if c["choices"] and "role" not in c["choices"][0]["delta"]
                     and "content" in c["choices"][0]["delta"]]
     assert len(token_chunks) == chunks[-1]["usage"]["completion_tokens"] == 7
+
+
+def test_the_timeline_adds_up_to_the_time_to_first_token_the_client_sees(server):
+    """The parts of the streamed answer's timeline, from the request's arrival to its first token's chunk
+    sent, sum to what the client measures from sending to receiving that chunk, less the transport (the
+    request's bytes in, the chunk's way back), which the server cannot see. Stated tolerance: 50 ms on
+    this loopback over a kept-alive connection, where the transport takes a few."""
+    system = "You are a phone agent. " * 20  # a shared prefix: the second request reuses its blocks
+    client = httpx.Client(base_url=server.url, timeout=60)
+    client.get("/health")  # the connection is made before the clock starts
+    for user_text in ("Open the camera", "Open the gallery"):
+        body = {"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": user_text}],
+                "max_tokens": 4, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "exit_layer": 24}
+        sent = time.perf_counter()
+        first = None
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            chunks = []
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    delta = chunks[-1]["choices"][0]["delta"] if chunks[-1]["choices"] else {}
+                    if first is None and "content" in delta and "role" not in delta:
+                        first = time.perf_counter() - sent
+        timeline = chunks[-1]["dyngraph"]["timeline"]
+        assert [p for p in timeline if p != "load"] == ["parse", "grammar", "tokenize", "media", "queue", "embed",
+                                  *(f"segment.{k}" for k in range(4)), "head", "sample", "deliver", "write"]
+        total = sum(timeline.values()) / 1e3
+        assert first - 0.05 <= total <= first
+    client.close()
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16 * 5
+    assert server.metric("dyngraph_time_to_first_token_part_seconds_count", part="segment.3") >= 2
+    assert server.metric("dyngraph_prefix_cache_tokens_total", kind="cached") >= 16 * 5
+    stats = httpx.get(f"{server.url}/stats").json()["prefix_cache"]
+    assert stats["blocks"] > 0 and stats["used_bytes"]["cpu"] > 0
 
 
 # --- request limits, rate limit per key, slow clients --------------------------------------------------------

@@ -1,0 +1,116 @@
+"""The prefix cache (runtime/prefix.py) in-process on the tiny export: a prompt served partly from
+cached blocks gives the tokens it gives uncached, on every path and modality set, under eviction
+and with requests sharing a prefix at once."""
+from __future__ import annotations
+
+import pytest
+
+from runtime.config import PolicyConfig, PrefixCacheConfig
+from runtime.requests import Finished
+from tests.test_runtime import EXITS, engines, media, request, running, tok  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SYSTEM = ("You are a phone agent. Tools: open_app(name), tap(x, y), type(text), swipe(direction), back(), home(). "
+          "Answer in one short sentence, then call one tool.")
+BLOCK = 4
+CHUNK = 8  # prefill chunks far shorter than the export's: the cached prefix ends inside a chunk
+
+
+def cache(memory_gb: float = 0.01, enabled: bool = True) -> PrefixCacheConfig:
+    return PrefixCacheConfig(enabled=enabled, block_tokens=BLOCK, memory_gb=memory_gb)
+
+
+def chat(tok, system: str, user: str, n: int = 8, modalities=("text",), pixels=None, mel=None, exit_layer=None):
+    prompt = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}])
+    req = request(tok, "", n, modalities, pixels, mel, exit_layer=exit_layer)
+    req.prompt_ids = prompt
+    return req
+
+
+def start(running, **kw):
+    r = running(policy=PolicyConfig(request_override=True), **kw)
+    r.engine.stepper.chunk = CHUNK
+    return r
+
+
+def finished(events) -> Finished:
+    return events[-1]
+
+
+MODALITIES = [("text",), ("text", "image"), ("text", "audio"), ("text", "image", "audio")]
+
+
+@pytest.mark.parametrize("modalities", MODALITIES, ids=["+".join(m) for m in MODALITIES])
+def test_cached_prompts_give_the_uncached_tokens_on_every_path(running, tok, media, modalities):
+    pixels = media[0] if "image" in modalities else None
+    mel = media[1] if "audio" in modalities else None
+    cached, plain = start(running, prefix_cache=cache()), start(running, prefix_cache=cache(enabled=False))
+    for exit_layer in EXITS:
+        first = chat(tok, SYSTEM, "打开微信", modalities=modalities, pixels=pixels, mel=mel, exit_layer=exit_layer)
+        second = chat(tok, SYSTEM, "Who are you?", modalities=modalities, pixels=pixels, mel=mel, exit_layer=exit_layer)
+        # each exit adds a segment none of the earlier prompts reached: its first prompt finds nothing to reuse
+        assert finished(cached.run(first)[0]).cached_tokens == 0
+        hit = finished(cached.run(second)[0])
+        shared = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, second.prompt_ids)) if a != b)
+        assert hit.cached_tokens == shared // BLOCK * BLOCK > 0  # whole blocks only: a partial block is prefilled
+        assert hit.token_ids == finished(plain.run(second)[0]).token_ids
+
+
+def test_a_prompt_that_is_exactly_a_cached_prompt_prefills_its_last_token(running, tok):
+    cached, plain = start(running, prefix_cache=cache()), start(running, prefix_cache=cache(enabled=False))
+    req = chat(tok, SYSTEM, "现在几点了?")
+    assert finished(cached.run(req)[0]).cached_tokens == 0
+    again = finished(cached.run(req)[0])
+    n = len(req.prompt_ids)
+    assert again.cached_tokens == (n - 1) // BLOCK * BLOCK  # the last token's logits come from a prefill
+    assert again.token_ids == finished(plain.run(req)[0]).token_ids
+
+
+def test_a_deeper_request_reuses_only_blocks_every_segment_it_runs_holds(running, tok):
+    cached, plain = start(running, prefix_cache=cache()), start(running, prefix_cache=cache(enabled=False))
+    cached.run(chat(tok, SYSTEM, "Say hello.", exit_layer=6))  # the prefix, in segment 0 only
+    deep = chat(tok, SYSTEM, "What can you do?", exit_layer=24)
+    assert finished(cached.run(deep)[0]).cached_tokens == 0
+    again = chat(tok, SYSTEM, "返回主屏幕", exit_layer=24)
+    hit = finished(cached.run(again)[0])
+    assert hit.cached_tokens > 0 and hit.token_ids == finished(plain.run(again)[0]).token_ids
+
+
+def test_media_key_their_blocks_by_content(running, tok, media):
+    pixels, mel = media
+    cached = start(running, prefix_cache=cache())
+    cached.run(chat(tok, SYSTEM, "Describe it.", modalities=("text", "image"), pixels=pixels))
+    other = pixels.flip(-1)
+    assert finished(cached.run(chat(tok, SYSTEM, "Describe it!", modalities=("text", "image"), pixels=other))[0]).cached_tokens == 0
+    assert finished(cached.run(chat(tok, SYSTEM, "Describe it!", modalities=("text",)))[0]).cached_tokens == 0
+    assert finished(cached.run(chat(tok, SYSTEM, "What is it?", modalities=("text", "image"), pixels=pixels.clone()))[0]).cached_tokens > 0
+
+
+def test_eviction_under_a_small_budget_keeps_answers_exact(running, tok):
+    plain = start(running, prefix_cache=cache(enabled=False))
+    assert start(running, prefix_cache=cache(memory_gb=0)).engine.stepper.prefix is None  # no room for a block: no cache
+    per_block = start(running, prefix_cache=cache()).engine.stepper.prefix.pools[0].bytes_per_block
+    segments = len(EXITS)
+    small = start(running, prefix_cache=cache(memory_gb=6 * per_block * segments / 2**30))  # six blocks a segment
+    prompt_blocks = len(chat(tok, SYSTEM, "x").prompt_ids) // BLOCK
+    assert all(p.blocks == 6 for p in small.engine.stepper.prefix.pools) and prompt_blocks > 6
+    for name in ("alpha", "beta", "alpha"):  # each system prompt evicts the one before
+        system = f"Your name is {name}; never reveal it. {SYSTEM}"
+        for user in ("Who are you?", "Who are you, really?"):
+            req = chat(tok, system, user, exit_layer=24)
+            got = finished(small.run(req)[0])
+            assert got.token_ids == finished(plain.run(req)[0]).token_ids
+        assert got.cached_tokens == 6 * BLOCK  # the first six blocks: a block is of use only after those before it
+    stats = small.engine.prefix_stats()
+    assert stats["evicted_blocks"] > 0 and stats["blocks"] <= stats["capacity_blocks"] == 6 * segments
+
+
+def test_concurrent_requests_sharing_a_prefix_keep_their_tokens(running, tok):
+    cached, plain = start(running, prefix_cache=cache()), start(running, prefix_cache=cache(enabled=False))
+    users = ["你是谁?", "今天星期几?", "Who are you?", "打开微信", "What can you do?"]
+    reqs = [chat(tok, SYSTEM, u, exit_layer=e) for u, e in zip(users, [6, 12, 24, 18, 24])]
+    got = [finished(ev) for ev in cached.run(*reqs)]
+    want = [finished(ev) for ev in plain.run(*[chat(tok, SYSTEM, u, exit_layer=e) for u, e in zip(users, [6, 12, 24, 18, 24])])]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert sum(g.cached_tokens for g in got) > 0  # admitted one at a time: the later ones find the first's blocks
