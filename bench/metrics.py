@@ -101,7 +101,23 @@ def summarize(records: list[dict], paths: dict[str, dict], exit_layers: list[int
         "early_exit_share": sum(v for k, v in histogram.items() if int(k) < full) / len(ok) if ok else None,
         "weight_bytes_per_token": weight_bytes / known_tokens if known_tokens else None,
         "encode_weight_bytes_per_request": sum(paths[r["path"]]["encode_weight_bytes"] for r in known) / len(known) if known else None,
+        "ttft_parts_ms": timeline_means(ok),
     }
+
+
+def timeline_means(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per group, the server's mean ms per part of the time to first token (the responses' timelines;
+    a part some requests lack, such as a load, counts 0 for them), `total` their sum."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("timeline"):
+            groups.setdefault(r["group"], []).append(r["timeline"])
+    out = {}
+    for group, timelines in sorted(groups.items()):
+        parts = list(dict.fromkeys(p for t in timelines for p in t))
+        means = {p: sum(t.get(p, 0.0) for t in timelines) / len(timelines) for p in parts}
+        out[group] = means | {"total": sum(means.values())}
+    return out
 
 
 def request_record(r) -> dict:

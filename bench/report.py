@@ -223,6 +223,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     out += [table(["mode", "conc.", "ok", "latency mean", "p50", "p90", "p99", "TTFT mean", "TTFT p90", "TPOT mean", "req/s", "tok/s",
                    "J/request", "peak memory"], rows, "ll" + "r" * 12), ""]
 
+    out += timeline_markdown(modes)
     out += ["## Exit depth", ""]
     layers = [str(x) for x in man["exit_layers"]]
     rows = []
@@ -335,6 +336,23 @@ def curve_markdown(curve: dict) -> list[str]:
              f"{fmt_share(best['early_exit_share'])} of requests exit early, {fmt_share(best['token_agreement'])} of tokens equal."
              if best else f"No dynamic point of the curve keeps ≥ {floor} of tokens equal to full-depth greedy."), "",
             "Plot: `quality_latency.png`.", ""]
+    return out
+
+
+def timeline_markdown(modes: dict) -> list[str]:
+    """Where each group's time to first token went on the server, at the lowest concurrency (no queue)."""
+    out = []
+    for mode, block in modes.items():
+        parts = block["runs"][0]["summary"].get("ttft_parts_ms") if block["runs"] else None
+        if not parts:
+            continue
+        names = list(dict.fromkeys(p for means in parts.values() for p in means))
+        if not out:
+            out += ["## Where the time to first token went", "",
+                    f"The server's timeline (`dyngraph.timeline`), mean ms per part at concurrency {block['runs'][0]['concurrency']}; "
+                    "`total` is the server's share of the TTFT the client measured (the rest: the request's and the first chunk's way).", ""]
+        rows = [[f"{mode} {group}", *(f"{means.get(p, 0.0):.2f}" for p in names)] for group, means in parts.items()]
+        out += [table(["mode / group", *names], rows, "l" + "r" * len(names)), ""]
     return out
 
 
