@@ -105,6 +105,10 @@ class RuntimeConfig:
     max_batch_size: int = 8  # requests generating at once (a cache row each in the segments they reach); one decode step runs them all
     max_queue: int = 64  # requests waiting for a slot; one more is refused with 429
     max_context: int | None = None  # prompt + completion tokens; default and upper bound: the export's context
+    # prompt chunks run at a few fixed lengths (powers of two from 16, and the export's seq), each warmed at start:
+    # a GPU session's first run at a new length is slow, and nearly every prompt has a new one (runtime/step.py);
+    # the GPU placements turn it on. Off, a chunk runs at its own length: no padding to compute on a CPU
+    prefill_padding: bool = False
     cuda_graphs: bool = False  # decode steps replay CUDA graphs their sessions captured, one per batch size (the GPU placements turn it on)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)

@@ -132,7 +132,8 @@ class GenerationEngine:
         if draft_engines is not None and draft_engines.manifest.model != manifest.model:
             raise EngineConfigError(f"the draft engines in {draft_engines.directory} are another model's export (or other weights) "
                                     f"than {engines.directory}: export both from the same model")
-        self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs, draft_engines, cfg.prefix_cache)
+        self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs, draft_engines, cfg.prefix_cache,
+                               cfg.prefill_padding)
 
         self.cond = threading.Condition()
         self.waiting: deque[Sequence] = deque()
@@ -244,6 +245,7 @@ class GenerationEngine:
             # here, not in warm_up: a session may keep its CUDA graphs per thread, so graphs
             # captured on another thread would be captured again in this thread's first steps
             try:
+                self.stepper.warm_prefill(1 if self.on_demand else None)
                 self.stepper.capture(1 if self.on_demand else None)
             except BaseException as e:  # start() raises it in the caller
                 self.capture_error = e

@@ -139,7 +139,7 @@ class DecodeBuffers:
 
 class Stepper:
     def __init__(self, engines: EngineSet, max_batch: int, capacity: int, cuda_graphs: bool, draft_engines: EngineSet | None = None,
-                 prefix_cache: PrefixCacheConfig | None = None):
+                 prefix_cache: PrefixCacheConfig | None = None, prefill_padding: bool = False):
         self.engines = engines
         self.draft_engines = draft_engines  # a quantized export of the same model, for steps in which every sequence drafts
         manifest: Manifest = engines.manifest
@@ -150,6 +150,7 @@ class Stepper:
         self.dim, self.vocab = text["dim"], text["vocab_size"]
         self.capacity = capacity
         self.chunk = manifest.dims["seq"]["max"]
+        self.prefill_lengths = prefill_lengths(self.chunk, prefill_padding)
         self.head_device = engines.device("lm_head")
         self.caches = []
         for k in range(self.n_segments):
@@ -220,7 +221,7 @@ class Stepper:
         start = timeline.cached_tokens = cached[0] if depth else 0
         device = self.engines.device("embed")
         prompt = torch.tensor([prompt_ids], device=device)
-        hidden = join([self.engines.run("embed", {"input_ids": prompt[:, a:b]})["hidden"] for a, b in self.spans(start, n)])
+        hidden = join([self.embed(prompt[:, a:b]) for a, b in self.spans(start, n)])
         timeline.mark("embed")
         for k in range(depth):
             cache = self.caches[k]
@@ -258,13 +259,37 @@ class Stepper:
     def extend(self, k: int, row: int, hidden: torch.Tensor, past: int, media: Media | None) -> dict[str, torch.Tensor]:
         """Segment k over one sequence's chunk of new positions [1, s, D] after the `past` entries its
         cache row holds (its cross-attention block first, with media): the segment's outputs."""
+        s = hidden.shape[1]
+        n = self.padded(s, past)
+        hidden = pad_to(hidden, 1, n)
         if media is not None:
             hidden = self.cross_attention(k, hidden, media.cross_kv[k], media.mask)
-        s = hidden.shape[1]
-        seqlens = torch.tensor([past + s - 1], dtype=torch.int32)  # on the host: the total below needs no device sync
-        total = torch.tensor(total_sequence_length(s, self.capacity, seqlens), dtype=torch.int32)
-        return self.engines.run(segment_engine(k), {"hidden": hidden, "seqlens_k": seqlens.to(self.caches[k].device),
-                                                    "total_sequence_length": total, **self.caches[k].feeds(slice(row, row + 1))})
+        seqlens = torch.tensor([past + n - 1], dtype=torch.int32)  # on the host: the total below needs no device sync
+        total = torch.tensor(total_sequence_length(n, self.capacity, seqlens), dtype=torch.int32)
+        out = self.engines.run(segment_engine(k), {"hidden": hidden, "seqlens_k": seqlens.to(self.caches[k].device),
+                                                   "total_sequence_length": total, **self.caches[k].feeds(slice(row, row + 1))})
+        return {"hidden_out": out["hidden_out"][:, :s], "exit_hidden": out["exit_hidden"][:, :s]}
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding of one sequence's ids [1, s]: [1, s, D], run at a prefill length."""
+        s = ids.shape[1]
+        return self.engines.run("embed", {"input_ids": pad_to(ids, 1, self.padded(s, 0))})["hidden"][:, :s]
+
+    def padded(self, s: int, past: int) -> int:
+        """The length a chunk of s new positions after `past` cached ones runs at: the first prefill
+        length that holds it and fits the row, else s. A session's first run at a new length is slow on
+        a GPU (ONNX Runtime plans its memory and picks kernels per shape) and a server sees a new prompt
+        length with nearly every request, so chunks run at a few lengths, warmed at start
+        (`warm_prefill`). The padding is causal: it follows the chunk's positions, which never attend to
+        it, and its cache entries lie past the row's length, where nothing reads them."""
+        return next((n for n in self.prefill_lengths if n >= s and past + n <= self.capacity), s)
+
+    def warm_prefill(self, depth: int | None = None) -> None:
+        """One prefill at each prefill length through the first `depth` segments (default: all) on a
+        spare row, so that no request pays a session's first run at that length."""
+        for n in self.prefill_lengths:
+            self.prefill(("warm-up", n), [0] * n, self.n_segments if depth is None else depth, None)
+            self.release(("warm-up", n))
 
     # --- self-speculation: verify a sequence's drafted positions, keep what was accepted ------------------
 
@@ -276,7 +301,7 @@ class Stepper:
         if self.draft_engines is None:
             first, hidden = row.draft, torch.cat(self.drafted.pop(row.key), dim=1)  # [1, m, D]
         else:
-            first, hidden = 0, self.engines.run("embed", {"input_ids": torch.tensor([fed], device=self.engines.device("embed"))})["hidden"]
+            first, hidden = 0, self.embed(torch.tensor([fed], device=self.engines.device("embed")))
         for k in range(first, row.depth):
             out = self.extend(k, self.caches[k].row(row.key), hidden, past, row.media)
             hidden = out["hidden_out"]
@@ -457,6 +482,12 @@ class Stepper:
     def kv_bytes_per_request(self, depth: int) -> int:
         """The KV bytes a sequence of this depth holds: a row in each segment it reaches."""
         return sum(c.bytes_per_row for c in self.caches[:depth])
+
+
+def prefill_lengths(chunk: int, padding: bool) -> list[int]:
+    """The lengths prompt chunks run at: powers of two from 16 below the export's seq, then the seq
+    itself; none (every chunk at its own length) without padding."""
+    return [n for n in (1 << i for i in range(4, chunk.bit_length())) if n < chunk] + [chunk] if padding else []
 
 
 def make_prefix_cache(caches: list[SegmentCache], cfg: PrefixCacheConfig) -> PrefixCache | None:

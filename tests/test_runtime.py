@@ -165,10 +165,25 @@ def test_static_mode_equals_the_full_depth_model(running, tok, tiny_model, media
 
 def test_chunked_prefill_equals_one_forward(running, tok, tiny_model):
     r = running(**forced(12))
-    r.engine.chunk = 5  # a 40-token prompt in 8 chunks, each attending to the cache of the ones before
+    r.engine.stepper.chunk = 5  # a 40-token prompt in 8 chunks, each attending to the cache of the ones before
     req = request(tok, "a prompt long enough for several chunks", 5)
     (_, tokens), = r.tokens(req)
     assert tokens == eager_greedy(tiny_model, tok, req.prompt_ids, 12, 5)
+
+
+@pytest.mark.parametrize("exit_layer", [6, 24])
+def test_padded_prefill_gives_the_eager_models_tokens(running, tok, tiny_model, media, exit_layer):
+    """Prompt chunks padded to the next prefill length (runtime.prefill_padding): the padding follows
+    the chunk, so no real position attends to it, and its cache entries lie past the row's length."""
+    r = running(prefill_padding=True, **forced(exit_layer))
+    assert r.engine.stepper.prefill_lengths == [16, 32, 64, 128, 256, 512]
+    assert all(not c.members for c in r.engine.stepper.caches)  # the start-up warm-up gave its rows back
+    pixels, mel = media
+    for modalities in (("text",), ("text", "image", "audio")):
+        media_args = (pixels, mel) if len(modalities) > 1 else (None, None)
+        req = request(tok, "a prompt of a few dozen tokens, padded to the next prefill length", 5, modalities, *media_args)
+        (_, tokens), = r.tokens(req)
+        assert tokens == eager_greedy(tiny_model, tok, req.prompt_ids, exit_layer, 5, *media_args)
 
 
 def test_the_eager_reference_backend_gives_the_same_tokens(tiny_engines_dir, tok, media, running):

@@ -290,7 +290,7 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
 def test_stats_and_metrics(server):
     stats = httpx.get(f"{server.url}/stats").json()
     assert set(stats) == {"engines_loaded", "devices", "requests_per_path", "mode", "speculation", "kv_cache", "on_demand", "engine_loads",
-                          "resident_engine_bytes"}
+                          "resident_engine_bytes", "prefix_cache"}
     kv = stats["kv_cache"]
     assert kv["allocated_peak_bytes"]["cpu"] >= kv["in_use_peak_bytes"]["cpu"] > 0 and kv["in_use_bytes"]["cpu"] == 0
     assert stats["mode"] == "dynamic" and stats["on_demand"] and {"embed", "segment.0", "lm_head"} <= set(stats["engines_loaded"])
