@@ -343,13 +343,17 @@ def decode_batch1(modes: dict, paths: dict[str, dict], roof: dict, hf: dict, pee
         timed = [r for r in depth["runs"] if "skipped" not in r]
         head = timed[0]  # the headline: CUDA graphs where on CUDA, unless they failed
         failed = "; ".join(f"{'CUDA graphs' if r['cuda_graph'] else 'no CUDA graphs'}: {r['skipped']}" for r in depth["runs"] if "skipped" in r)
-        at = {p["prompt_tokens"]: p["ttft_s"] for p in head["prefill"]}
-        ttft = {g: float(np.mean([at[n] for n in lengths[g]])) if lengths.get(g) and all(n in at for n in lengths[g]) else None
-                for g in text_groups}
+        def per_group(key: str) -> dict[str, float | None]:
+            at = {p["prompt_tokens"]: p[key] for p in head["prefill"] if key in p}
+            return {g: float(np.mean([at[n] for n in lengths[g]])) if lengths.get(g) and all(n in at for n in lengths[g]) else None
+                    for g in text_groups}
+
+        ttft = per_group("ttft_s")
         without = next((r["decode_step_s"]["median"] for r in timed[1:] if not r["cuda_graph"]), None)
         rows.append(row("peer", label, depth["layers"], peer["device"], head["decode_step_s"]["median"],
                         roofline_s(depth["step_weight_bytes"], peer["device"]), ttft, failed or None, cuda_graph=head["cuda_graph"],
-                        tpot_without_graph_s=without, weight_bytes=depth["step_weight_bytes"], prefill=head["prefill"]))
+                        tpot_without_graph_s=without, weight_bytes=depth["step_weight_bytes"], prefill=head["prefill"],
+                        first_call_ttft_s=per_group("first_call_ttft_s")))
     if "skipped" not in hf:
         full_bytes = get(paths, f"exit{full}-text", "step_weight_bytes")
         ttft = {g: get(stats([r["ttft_s"] for r in hf["requests"] if r["group"] == g]), "mean") for g in text_groups}

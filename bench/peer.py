@@ -363,11 +363,17 @@ def percentile(values: list[float], q: float) -> float:
 def time_model(spec: TimingSpec) -> dict:
     """Batch-1 prefill and decode of one ORT GenAI build.
 
-    Per workload prompt length: a fresh generator; time to first token = append_tokens (the prompt's
-    forward) + generate_next_token + get_next_tokens (the first id on the host); then
-    `decode_tokens` steps, each generate_next_token + get_next_tokens: one forward, the greedy pick
-    and the id's copy to the host, as a server needs it. One max_length for every generator, so
-    that the KV buffers (shared past/present) and a captured graph keep their shapes.
+    Per workload prompt length, two fresh generators one after the other. ONNX Runtime's first run
+    at a sequence length it has not seen costs many times the prefill itself on CUDA, and a server
+    that has run a while has seen most lengths: so the first generator is that length's warm-up,
+    its time to first token kept apart as `first_call_ttft_s`, and the second gives the figures:
+    `prefill_s`, append_tokens alone (the prompt's forward, which returns once the device is done:
+    the session's run synchronises the provider's stream at its end), and `ttft_s`, append_tokens +
+    generate_next_token + get_next_tokens (the greedy pick over the prompt's last logits, no
+    second forward, and the id on the host). Then `decode_tokens` steps, each generate_next_token + get_next_tokens: one
+    forward, the greedy pick and the id's copy to the host, as a server needs it (the median: a
+    new generator captures its own CUDA graph at its first steps). One max_length for every
+    generator, so that the KV buffers (shared past/present) keep their shapes.
     """
     import numpy as np
     import onnxruntime_genai as og
@@ -387,13 +393,15 @@ def time_model(spec: TimingSpec) -> dict:
     max_length = max(spec.prompt_lengths) + spec.decode_tokens + 1
     rng = np.random.default_rng(spec.seed)
 
-    def generate(prompt: int, steps: int) -> tuple[float, list[float]]:
+    def generate(prompt: int, steps: int) -> tuple[float, float, list[float]]:
+        """(append_tokens alone, time to the first id on the host, each decode step) of a fresh generator."""
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=max_length, min_length=max_length, do_sample=False, batch_size=1)
         generator = og.Generator(model, params)
         ids = rng.integers(0, spec.vocab_size, size=(1, prompt), dtype=np.int32)  # [1, S]
         t0 = time.perf_counter()
         generator.append_tokens(ids)
+        prefill = time.perf_counter() - t0
         generator.generate_next_token()
         generator.get_next_tokens()
         ttft = time.perf_counter() - t0
@@ -406,13 +414,15 @@ def time_model(spec: TimingSpec) -> dict:
         if generator.token_count() != prompt + 1 + steps:
             raise RuntimeError(f"the generator holds {generator.token_count()} tokens, {prompt + 1 + steps} were generated")
         del generator  # frees its KV buffers (and a captured graph) before the next one
-        return ttft, times
+        return prefill, ttft, times
 
     generate(spec.prompt_lengths[0], min(8, spec.decode_tokens))  # warm-up: kernels, allocator, graph capture
     prefill, steps = [], []
     for prompt in spec.prompt_lengths:
-        ttft, times = generate(prompt, spec.decode_tokens)
-        prefill.append({"prompt_tokens": prompt, "ttft_s": ttft, "decode_step_s": statistics.median(times)})
+        _, first_call, _ = generate(prompt, 0)  # this length's warm-up: ONNX Runtime's first run at it
+        prefill_s, ttft, times = generate(prompt, spec.decode_tokens)
+        prefill.append({"prompt_tokens": prompt, "prefill_s": prefill_s, "ttft_s": ttft, "first_call_ttft_s": first_call,
+                        "decode_step_s": statistics.median(times)})
         steps += times
     return {"package_version": og.__version__, "provider": spec.provider, "cuda_graph": spec.cuda_graph, "load_s": load_s,
             "max_length": max_length, "prefill": prefill,
@@ -420,15 +430,48 @@ def time_model(spec: TimingSpec) -> dict:
                               "p90": percentile(steps, 0.9), "n": len(steps)}}
 
 
+def build_beside(engines_dir: Path, layers: int, out: Path, device: str) -> Path:
+    """The peer of an export's decoder dims at `layers` layers, in its dtype, built into `out`/model
+    and kept (what scripts/peer_profile.py reads); the checkpoint is deleted."""
+    from contract.manifest import Manifest
+    from model.glm import ModelArgs
+
+    manifest = Manifest.load(engines_dir)
+    text = ModelArgs(**manifest.model["config"]["text"])
+    if not 1 <= layers <= text.n_layers:
+        raise PeerSkipped(f"layers={layers} must be in 1..{text.n_layers}")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(tempfile.mkdtemp(prefix=f"dyngraph-peer-{layers}-ckpt-", dir=out))
+    try:
+        write_checkpoint(text, layers, 0, manifest.dtype, device, manifest.dims["capacity"]["max"], checkpoint)  # random weights: a profile reads no values
+        build(checkpoint, out / "model", manifest.dtype, device, out / "build.log", timeout_s=3600)
+    finally:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return out / "model"
+
+
+USAGE = """usage: python -m bench.peer time SPEC.json           (the bench runs this; see bench.peer)
+       python -m bench.peer build ENGINES_DIR LAYERS OUT [DEVICE]   (the peer of an export's dims, kept in OUT/model)"""
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) in (4, 5) and argv[0] == "build":
+        try:
+            model = build_beside(Path(argv[1]), int(argv[2]), Path(argv[3]), argv[4] if len(argv) == 5 else "cuda:0")
+        except (PeerSkipped, ValueError, FileNotFoundError) as e:
+            print(f"the peer was not built: {e}", file=sys.stderr)
+            return 2
+        print(f"built {model}")
+        return 0
     if len(argv) != 2 or argv[0] != "time":
-        print("usage: python -m bench.peer time SPEC.json (the bench runs this; see bench.peer)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     spec = TimingSpec(**json.loads(Path(argv[1]).read_text()))
     result = time_model(spec)
     Path(spec.result).write_text(json.dumps(result))
-    prefill = ", ".join(f"{p['prompt_tokens']}: {p['ttft_s'] * 1e3:.2f} ms" for p in result["prefill"])
-    print(f"decode {result['decode_step_s']['median'] * 1e3:.3f} ms/token (median of {result['decode_step_s']['n']}), prefill {prefill}")
+    prefill = ", ".join(f"{p['prompt_tokens']}: {p['ttft_s'] * 1e3:.2f} ms (first call {p['first_call_ttft_s'] * 1e3:.2f})"
+                        for p in result["prefill"])
+    print(f"decode {result['decode_step_s']['median'] * 1e3:.3f} ms/token (median of {result['decode_step_s']['n']}), TTFT {prefill}")
     return 0
 
 

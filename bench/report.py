@@ -367,8 +367,10 @@ def decode_markdown(report: dict) -> list[str]:
         tpot = fmt_ms(r["tpot_s"])
         if r.get("tpot_without_graph_s") is not None:
             tpot += f" ({fmt_ms(r['tpot_without_graph_s'])} without CUDA graphs)"
+        first = r.get("first_call_ttft_s") or {}
         rows.append([r["label"], str(r["layers"]), tpot, fmt_ms(r["roofline_s"]), fmt_fraction(r["fraction"]),
-                     *(fmt_ms(r["ttft_s"].get(g)) for g in groups), r["note"] or ""])
+                     *(fmt_ms(r["ttft_s"].get(g)) + (f" (first call {fmt_ms(first[g])})" if first.get(g) is not None else "") for g in groups),
+                     r["note"] or ""])
     out += [table(header, rows, "lrrrr" + "r" * len(groups) + "l"), ""]
     notes = [f"dyngraph: each path's mean time per output token at concurrency {batch1['concurrency']} through the real server "
              "(client side of the HTTP stream), and the same requests' time to first token."]
@@ -381,7 +383,8 @@ def decode_markdown(report: dict) -> list[str]:
         notes.append(f"ORT GenAI: {peer['implementation']} on {peer['device']} ({peer['dtype']}, {peer['provider']} provider), "
                      f"{peer['architecture']}, random weights from the model seed. Decode: the median step (generate_next_token and "
                      f"the new id's copy to the host) over {peer['decode_tokens']} greedy tokens after each prompt length; TTFT: "
-                     f"append_tokens of the prompt and the first token. {sizes}.")
+                     f"append_tokens of the prompt and the first id on the host, on a fresh generator after one at the same prompt "
+                     f"length; in brackets that first generator's, ONNX Runtime's first run at the length. {sizes}.")
     notes.append("transformers: its mean time per output token and time to first token (eager generate) on the full-depth decoder.")
     notes.append(f"Roofline: not measured: {roof['skipped']}." if "skipped" in roof else
                  "Roofline: the weights a decode step reads (one embedding row, not the table) over the copy bandwidth of its device, measured in this run.")

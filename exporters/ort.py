@@ -30,6 +30,10 @@ ort.set_default_logger_severity(3)
 # Module level so that a measurement can put ONNX Runtime's defaults back (scripts/decode_profile.py --ort-defaults).
 CUDA_SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1", "ep.cuda.fpa_intb_gemm": "1"}
 CUDA_PROVIDER_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
+# Where ONNX Runtime's profiler writes the trace of every session made from now on (DIR/<engine file>_<time>.json,
+# once end_profiling() is called on its InferenceSession), or None: no profiling. A measurement's switch
+# (scripts/decode_profile.py --ort-profile), module level like the settings above.
+PROFILE_DIR: str | None = None
 # the runs of one graph id on one thread within which the CUDA provider captures it: two regular runs (its arena
 # grows to what the graph needs), the capture on the third. Its graph state is per thread, so the count is too.
 CAPTURE_RUNS = 3
@@ -103,6 +107,9 @@ class OrtSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if PROFILE_DIR is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(PROFILE_DIR) / path.stem)
         self.stream = None
         self.capture_lock = capture_lock
         self.cuda_graphs = capture_lock is not None and self.device.type == "cuda"  # graphs the provider really captures

@@ -35,6 +35,13 @@
 #   scripts/gpu_host.sh matmulnbits         MatMulNBits int8/int4 against fp16 MatMul per decoder matrix (scripts/matmulnbits_bench.py)
 #   scripts/gpu_host.sh referencetrain      the code corpus, then the reference model trained with exit losses (its report
 #                                           into $OUT/reference.tgz; the checkpoint stays in /data/engines/reference)
+#   scripts/gpu_host.sh ortprofile [LAYERS ...]  ONNX Runtime's profiler (decode_profile.py --ort-profile) on phone-9b's
+#                                           engines, and on ORT GenAI's graph of the same dims at each depth given (built with
+#                                           `python -m bench.peer build`, profiled by peer_profile.py, deleted): once as is
+#                                           (node times are launches), once with CUDA_LAUNCH_BLOCKING=1 (kernel times), side by
+#                                           side per decoder layer; into $OUT/ort-profile.tgz. PEER=DIR[:DIR] profiles builds
+#                                           made before instead (dirs holding genai_config.json); needs onnxruntime-genai-cuda
+#                                           only to build
 #   scripts/gpu_host.sh speculation NAME [OVERRIDES]  bench=speculation in the foreground on the bench's composed model
 #                                           (e.g. +preset=reference-gpu-bench), its report into $OUT/speculation-NAME.tgz
 set -euo pipefail
@@ -177,6 +184,34 @@ speculation)
     > "$OUT/speculation-$name.log" 2>&1 || echo "bench failed: exit $?"
   tail -n 30 "$OUT/speculation-$name.log"
   [ -d /tmp/speculation_results ] && tar czf "$OUT/speculation-$name.tgz" -C /tmp/speculation_results . ;;
+ortprofile)
+  shift
+  rm -rf /tmp/ort-profile && mkdir -p /tmp/ort-profile
+  for blocking in 0 1; do  # ours first: each peer's profile is then written beside it
+    CUDA_LAUNCH_BLOCKING=$blocking timeout 300 python3 scripts/decode_profile.py "$ENGINES/phone-9b/onnx" \
+      --ort-profile "/tmp/ort-profile/blocking-$blocking" > "$OUT/ort-profile-ours-$blocking.log" 2>&1 \
+      || echo "ours (CUDA_LAUNCH_BLOCKING=$blocking): exit $?"
+  done
+  profile_peer() {  # model dir, what to call it
+    for blocking in 0 1; do
+      CUDA_LAUNCH_BLOCKING=$blocking timeout 300 python3 scripts/peer_profile.py "$1" --out "/tmp/ort-profile/blocking-$blocking" \
+        --beside "/tmp/ort-profile/blocking-$blocking/ours.json" >> "$OUT/ort-profile-peer-$blocking.log" 2>&1 \
+        || echo "peer $2 (CUDA_LAUNCH_BLOCKING=$blocking): exit $?"
+    done
+  }
+  peers=(); [ -n "${PEER:-}" ] && IFS=: read -r -a peers <<< "$PEER"
+  for dir in "${peers[@]}"; do profile_peer "$dir" "$dir"; done
+  for layers in "$@"; do  # one build at a time: phone-9b's 24 layers take ~16 GB of disk
+    dir=/tmp/ort-profile-peer-$layers
+    if python3 -m bench.peer build "$ENGINES/phone-9b/onnx" "$layers" "$dir" > "$OUT/ort-profile-build-$layers.log" 2>&1; then
+      profile_peer "$dir/model" "$layers layers"
+    else
+      echo "peer build at $layers layers: exit $?"; tail -n 3 "$OUT/ort-profile-build-$layers.log"
+    fi
+    rm -rf "$dir"
+  done
+  cat /tmp/ort-profile/blocking-1/beside-*.md 2> /dev/null | head -n 80
+  tar czf "$OUT/ort-profile.tgz" -C /tmp/ort-profile . ;;
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 pack)  # everything under $OUT into one $OUT/NAME.tgz (what comes back is at most 8 files)
