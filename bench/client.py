@@ -27,6 +27,7 @@ class RequestResult:
     devices: dict[str, str] = field(default_factory=dict)  # engine -> device it ran on
     engines: list[str] = field(default_factory=list)
     prompt_tokens: int | None = None
+    cached_tokens: int = 0  # of the prompt's, served from the server's prefix cache (usage.prompt_tokens_details; 0 without)
     completion_tokens: int | None = None
     finish_reason: str | None = None
     start_s: float = 0.0  # when it was sent, from the start of the run
@@ -89,6 +90,7 @@ async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body:
     result.timeline = dict(info.get("timeline") or {})
     result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     result.prompt_tokens, result.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     if not usage:
         result.error = "the stream carried no usage (stream_options.include_usage)"
     elif not result.path:

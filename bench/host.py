@@ -2,11 +2,14 @@
 placement, the CPU's model, the checkout's commit, a device name as a folder-name slug."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.gpu_monitor import Nvml, NvmlUnavailable
@@ -63,6 +66,16 @@ def report_folder(app, name: str, logs: Path) -> Path:
     for f in logs.iterdir():
         shutil.move(f, folder / f.name)
     logs.rmdir()
+    return folder
+
+
+def write_reports(app, kind: str, device: str, engines: str, log_dir: Path, report: dict, markdown: str, plot: Callable[[Path], None]) -> Path:
+    """A comparison's report folder, `<date>-<device>-<model>-<engines>-<kind>` (report_folder, with the
+    logs of `log_dir`), holding <kind>.json, <kind>.md and <kind>.png (drawn by `plot`); its path."""
+    folder = report_folder(app, f"{datetime.now(timezone.utc):%Y-%m-%d}-{slug(device)}-{app.model.name}-{engines}-{kind}", log_dir)
+    (folder / f"{kind}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (folder / f"{kind}.md").write_text(markdown)
+    plot(folder / f"{kind}.png")
     return folder
 
 

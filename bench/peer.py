@@ -269,15 +269,14 @@ def time_build(spec: TimingSpec, device: str, log_path: Path, timeout_s: float) 
 # --- the whole peer, one depth at a time ---------------------------------------------------
 
 
-def run_peer(app: BenchApp, manifest: Manifest, requests: list[BenchRequest], device: str, tokenizer: ChatTokenizer, log_dir: Path,
-             console: Console) -> dict:
+def run_peer(app: BenchApp, manifest: Manifest, groups: dict[str, list[int]], device: str, log_dir: Path, console: Console) -> dict:
     """Build, time and delete the peer at each depth of bench.peer.layers, in the engines' dtype on
-    `device`; a depth that fails is recorded, not raised."""
+    `device`, at the prompt lengths of `groups` (prompt tokens per workload group, prompt_lengths'
+    form); a depth that fails is recorded, not raised."""
     cfg, text, dtype = app.bench.peer, app.model.text, manifest.dtype
     if manifest.model["config"]["text"] != asdict(text):
         raise PeerSkipped("the bench's model.text config differs from the exported one: pass the export's model overrides to the bench")
     dist, version = installed_package(device)
-    groups = prompt_lengths(requests, tokenizer)
     if not groups:
         raise PeerSkipped("the workload has no text-only requests")
     lengths = sorted({n for g in groups.values() for n in g})

@@ -35,7 +35,7 @@ from bench.gpu_monitor import EnergyReading, MemoryPeaks, Nvml, Sampler, energy_
 from bench import report as reporting
 from bench.metrics import machine_class
 from contract.manifest import Manifest, ManifestError, engines_path
-from bench.peer import PeerSkipped, check_settings, run_peer
+from bench.peer import PeerSkipped, check_settings, prompt_lengths, run_peer
 from bench.client import RequestResult, arrival_times, drive
 from bench.compare import load_report
 from bench.curve import check_curve, run_curve
@@ -144,10 +144,28 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise BenchError(f"bench.modes={list(cfg.modes)} must list some of {MODES}")
-    if not cfg.concurrency or min(cfg.concurrency) < 1:
-        raise BenchError(f"bench.concurrency={list(cfg.concurrency)} must list positive numbers of requests in flight")
     if cfg.request_rate is not None and cfg.request_rate <= 0:
         raise BenchError(f"bench.request_rate={cfg.request_rate} must be positive, or null for a closed loop")
+    engines, manifest = check_engines(app)
+    if "static" in cfg.modes and manifest.static_path is None:
+        raise BenchError(f"the engines in {engines} have no static path (an export older than the static path): "
+                         "export them again, or bench.modes=[dynamic]")
+    check_curve(app)
+    try:
+        requests = build_workload(cfg, corpus_tokenizer(app), manifest.dims["capacity"]["max"])
+    except WorkloadError as e:
+        raise BenchError(str(e)) from None
+    if not requests:
+        raise BenchError(f"bench={cfg.name} has no requests (every group has count 0)")
+    return engines, manifest, requests
+
+
+def check_engines(app: BenchApp) -> tuple[Path, Manifest]:
+    """What every bench that sends requests checks before anything runs: the concurrency levels, the
+    peer's settings and the export's engines (their folder and manifest)."""
+    cfg = app.bench
+    if not cfg.concurrency or min(cfg.concurrency) < 1:
+        raise BenchError(f"bench.concurrency={list(cfg.concurrency)} must list positive numbers of requests in flight")
     if cfg.peer.enabled:
         try:
             check_settings(app.model.text, cfg.peer)
@@ -163,19 +181,9 @@ def check_request(app: BenchApp) -> tuple[Path, Manifest, list[BenchRequest]]:
                            if getattr(app.export, k) != getattr(default, k))
         raise BenchError(f"{e}; export first: python -m pipeline export model={app.model.name} export={app.export.backend}{settings} "
                          f"engines_dir={app.engines_dir}") from None
-    if "static" in cfg.modes and manifest.static_path is None:
-        raise BenchError(f"the engines in {engines} have no static path (an export older than the static path): "
-                         "export them again, or bench.modes=[dynamic]")
-    check_curve(app)
     if find_spec("runtime.serve") is None:
         raise BenchError("python -m runtime.serve is not available in this checkout")
-    try:
-        requests = build_workload(cfg, corpus_tokenizer(app), manifest.dims["capacity"]["max"])
-    except WorkloadError as e:
-        raise BenchError(str(e)) from None
-    if not requests:
-        raise BenchError(f"bench={cfg.name} has no requests (every group has count 0)")
-    return engines, manifest, requests
+    return engines, manifest
 
 
 def served_tokenizer(app: BenchApp) -> ChatTokenizer:
@@ -335,7 +343,7 @@ def measure_yardsticks(app: BenchApp, manifest: Manifest, requests: list[BenchRe
     if cfg.peer.enabled:
         console.print(f"building and timing the peer (ORT GenAI) on {device}")
         out["peer"] = yardstick("peer", PeerSkipped, lambda: run_peer(
-            app, manifest, requests, device, served_tokenizer(app), log_dir, console))
+            app, manifest, prompt_lengths(requests, served_tokenizer(app)), device, log_dir, console))
     return out
 
 

@@ -20,7 +20,6 @@ speculation.json, speculation.md, speculation.png and the servers' logs.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from rich.table import Table
 from bench.baseline import BaselineSkipped, same_weights
 from bench.client import RequestResult, drive
 from bench.quality import agreement
-from bench.host import cpu_model, git_state, open_nvml, report_folder, slug
+from bench.host import cpu_model, git_state, open_nvml, write_reports
 from bench.run import check_request
 from bench.server import BenchError, Server
 from bench.workload import BenchRequest
@@ -106,10 +105,7 @@ def run_speculation(app: BenchApp, server_overrides: list[str], console: Console
     report = build_report(app, manifest, engines.name, device, requests, runs)
     if app.bench.speculation.transformers:
         report["transformers"] = transformers_early_exit(app, manifest, requests[:min(4, len(requests))], exits, console)
-    report_dir = report_folder(app, f"{datetime.now(timezone.utc):%Y-%m-%d}-{slug(device)}-{app.model.name}-{engines.name}-speculation", log_dir)
-    (report_dir / "speculation.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (report_dir / "speculation.md").write_text(render_markdown(report))
-    plot(report, report_dir / "speculation.png")
+    report_dir = write_reports(app, "speculation", device, engines.name, log_dir, report, render_markdown(report), lambda path: plot(report, path))
     print_table(report, console)
     console.print(f"report: {report_dir / 'speculation.md'}")
     return report_dir

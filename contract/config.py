@@ -185,6 +185,21 @@ class SpeculationBench:
 
 
 @dataclass
+class PrefixBench:
+    """`pipeline bench bench=prefix` (bench/prefix.py): multi-turn chats that share one long system
+    prompt, through a server with runtime.prefix_cache off and one with it on, at each concurrency level."""
+
+    system_tokens: int = 1000  # the system prompt's tokens by the served tokenizer: `intro`, then `tools` in a seeded order, cut there
+    intro: str = ""  # the system prompt's first paragraph
+    tools: list[str] = field(default_factory=list)  # tool documentation, one entry each
+    user_turns: list[str] = field(default_factory=list)  # a chat's turns say consecutive entries from a seeded start of its own
+    chats: int = 8  # users, each holding one chat
+    turns: int = 3  # user turns per chat; each request carries the earlier turns and the server's answers to them
+    max_tokens: int = 32  # greedy tokens per answer at most
+    exit_layer: int | None = None  # every request runs at this depth (runtime.policy.force_exit); null: the full depth
+
+
+@dataclass
 class BenchConfig:
     name: str = "default"
     seed: int = 0  # the synthetic media and the arrival times derive from it
@@ -200,6 +215,7 @@ class BenchConfig:
     peer: PeerSettings = field(default_factory=PeerSettings)
     soak: SoakConfig | None = None  # set (bench=soak): a soak of one server instead of the static/dynamic comparison
     speculation: SpeculationBench | None = None  # set (bench=speculation): speculative against plain full depth instead
+    prefix: PrefixBench | None = None  # set (bench=prefix): the prefix cache off against on, on multi-turn chats, instead
     # weight quantizations to compare (e.g. [null, int8, int4], each its own export): the whole
     # static/dynamic comparison once per entry, then one table of them side by side; empty: export.quantize only
     quantizations: list[str | None] = field(default_factory=list)

@@ -155,7 +155,8 @@ def test_peer_on_tiny_llama(tiny_manifest, tmp_path):
     work.mkdir(), logs.mkdir()
     app = compose_bench(["bench=ci", "bench.peer.enabled=true", "bench.peer.decode_tokens=8", f"bench.peer.workdir={work}", "progress=false"])
     requests = build_workload(app.bench)
-    peer = run_peer(app, tiny_manifest, requests, "cpu", ChatTokenizer.builtin(), logs, Console(stderr=True, quiet=True))
+    peer = run_peer(app, tiny_manifest, peer_module.prompt_lengths(requests, ChatTokenizer.builtin()), "cpu", logs,
+                    Console(stderr=True, quiet=True))
     lengths = sorted({n for g in peer["prompt_lengths"].values() for n in g})
     assert set(peer["prompt_lengths"]) == {"short", "long"} and peer["provider"] == "cpu" and peer["dtype"] == "fp32"
     assert [d["layers"] for d in peer["depths"]] == [6, 24] and not any("skipped" in d for d in peer["depths"])
@@ -199,7 +200,8 @@ def test_peer_on_cuda_with_and_without_graphs(tiny_manifest, tmp_path):
     work.mkdir(), logs.mkdir()
     app = compose_bench(["bench=ci", "bench.peer.enabled=true", "bench.peer.layers=[6]", "bench.peer.decode_tokens=16",
                          f"bench.peer.workdir={work}", "progress=false"])
-    peer = run_peer(app, tiny_manifest, build_workload(app.bench), "cuda:0", ChatTokenizer.builtin(), logs, Console(stderr=True, quiet=True))
+    peer = run_peer(app, tiny_manifest, peer_module.prompt_lengths(build_workload(app.bench), ChatTokenizer.builtin()), "cuda:0", logs,
+                    Console(stderr=True, quiet=True))
     (depth,) = peer["depths"]
     assert "skipped" not in depth, depth.get("skipped")
     assert [(r["provider"], r["cuda_graph"]) for r in depth["runs"]] == [("cuda", True), ("cuda", False)]
