@@ -37,7 +37,6 @@ class RequestResult:
     tpot_s: float | None = None  # (latency - ttft) / (completion tokens - 1)
     tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (bench/quality.py)
     speculation: dict[str, int] | None = None  # drafted, accepted, verifications, tokens: when the server speculated
-    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
     timeline: dict[str, float] = field(default_factory=dict)  # the server's parts of the time to first token, ms (runtime.requests.Timeline)
 
 
@@ -88,7 +87,6 @@ async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body:
     result.engines = list(info.get("engines") or [])
     result.speculation = info.get("speculation")
     result.timeline = dict(info.get("timeline") or {})
-    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     result.prompt_tokens, result.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
     result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     if not usage:
