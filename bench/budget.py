@@ -100,10 +100,13 @@ def check_sweep(app: BenchApp, labels: list[str]) -> dict[str, tuple[list[str], 
     if cfg.soak is not None or cfg.speculation is not None:
         raise BenchError(f"bench.memory_budgets_gb={list(cfg.memory_budgets_gb)} sweeps the dynamic mode's budget: "
                          "it runs instead of a soak or bench=speculation, not with them")
-    unknown = [k for k in cfg.memory_budget_servers if k not in labels]
-    if unknown:
-        raise BenchError(f"bench.memory_budget_servers names {', '.join(unknown)}, which this sweep does not run "
-                         f"(its quantizations: {', '.join(labels)})")
+    if cfg.memory_budget_servers:
+        from exporters.quantize import BITS  # the exporter's torch.onnx imports, only for a sweep that names quantizations
+
+        known = [quantization_label(q) for q in (None, *BITS)]  # one this sweep does not run is left alone: a preset's, narrowed
+        unknown = [k for k in cfg.memory_budget_servers if k not in known]
+        if unknown:
+            raise BenchError(f"bench.memory_budget_servers names {', '.join(unknown)}, not a quantization ({', '.join(known)})")
     servers = {}
     for label in labels:
         own = cfg.memory_budget_servers.get(label)

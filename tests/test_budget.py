@@ -167,8 +167,8 @@ def test_the_gpu_budget_preset_sweeps_the_budgets_that_bite_each_export():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["bench.memory_budgets_gb=[1]", "++bench.memory_budget_servers={int4:{budgets_gb:[1]}}"],
-     "bench.memory_budget_servers names int4, which this sweep does not run (its quantizations: unquantized)"),
+    (["bench.memory_budgets_gb=[1]", "++bench.memory_budget_servers={fp16:{budgets_gb:[1]}}"],
+     "bench.memory_budget_servers names fp16, not a quantization (unquantized, int8, int4)"),
     (["bench.memory_budgets_gb=[1]", "bench.memory_budget_references=[static,offloaded]"], "offloaded is not one of static, resident"),
     (["bench.memory_budgets_gb=[1]", "++bench.memory_budget_phases={first:[short,vision]}"],
      "bench.memory_budget_phases.first=['short', 'vision'] must name groups of bench=ci that send requests (short, long, image, audio): not vision"),
