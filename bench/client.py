@@ -37,7 +37,11 @@ class RequestResult:
     tpot_s: float | None = None  # (latency - ttft) / (completion tokens - 1)
     tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (bench/quality.py)
     speculation: dict[str, int] | None = None  # drafted, accepted, verifications, tokens: when the server speculated
+<<<<<<< HEAD
     timeline: dict[str, float] = field(default_factory=dict)  # the server's parts of the time to first token, ms (runtime.requests.Timeline)
+=======
+    cut: bool = False  # not sent, or cut off mid-stream, when the run's time limit ran out (drive's limit_s)
+>>>>>>> budget-gpu
 
 
 async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body: dict, mode: str, t_run: float,
@@ -120,18 +124,32 @@ def arrival_times(n: int, rate: float | None, seed: int, concurrency: int) -> li
 
 
 async def drive(url: str, requests: list[BenchRequest], bodies: list[dict], mode: str, concurrency: int, arrivals: list[float],
-                timeout_s: float, on_done) -> list[RequestResult]:
-    """Send every request, at most `concurrency` at a time, each no earlier than its arrival time."""
+                timeout_s: float, on_done, limit_s: float | None = None) -> list[RequestResult]:
+    """Send every request, at most `concurrency` at a time, each no earlier than its arrival time.
+    `limit_s`: the run stops that long after its start; a request not sent by then is not sent, one
+    in flight is cut off (closing its stream cancels it in the server), both marked `cut`.
+    (`timeout_s` bounds the wait for each chunk, not a request's whole time.)"""
     slots = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits) as client:
         t_run = time.perf_counter()
+        end = t_run + limit_s if limit_s else None
 
         async def one(request: BenchRequest, body: dict, arrival: float) -> RequestResult:
             await asyncio.sleep(max(0.0, t_run + arrival - time.perf_counter()))
             waited = time.perf_counter()
             async with slots:
-                result = await send(client, url, request, body, mode, t_run, time.perf_counter() - waited)
+                queued = time.perf_counter() - waited
+                if end is None:
+                    result = await send(client, url, request, body, mode, t_run, queued)
+                else:
+                    result = RequestResult(request.index, request.group, list(request.modalities), ok=False, queued_s=queued,
+                                           cut=True, error=f"cut: the run's time limit of {limit_s:g} s ran out")
+                    if time.perf_counter() < end:
+                        try:
+                            result = await asyncio.wait_for(send(client, url, request, body, mode, t_run, queued), end - time.perf_counter())
+                        except asyncio.TimeoutError:
+                            pass
             on_done(result)
             return result
 

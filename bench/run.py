@@ -26,7 +26,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from model.tokenizer import ChatTokenizer
 from bench.baseline import BaselineSkipped, copy_bandwidth, transformers_baseline
@@ -63,6 +63,7 @@ class RunResult:
     energy: EnergyReading
     stats: dict  # GET /stats after the run
     stats_before: dict = field(default_factory=dict)  # and before it (after the peaks' reset): cumulative counters' start
+    phase: str = ""  # the workload part it sent (run_mode's phases); "": the whole workload
 
 
 @dataclass
@@ -82,58 +83,70 @@ class ModeResult:
 
 def run_mode(app: BenchApp, mode: str, requests: list[BenchRequest], server_overrides: list[str], nvml: Nvml | None,
              log_dir: Path, progress: Progress, console: Console, levels: list[int] | None = None, extra: tuple[str, ...] = (),
-             label: str | None = None) -> ModeResult:
+             label: str | None = None, phases: dict[str, list[BenchRequest]] | None = None, limit_s: float | None = None) -> ModeResult:
     """One server in `mode` through the workload at each concurrency level (`levels`, default
-    bench.concurrency); `extra` and `label`: a threshold curve's point (its settings, its name)."""
+    bench.concurrency); `extra` and `label`: a threshold curve's point (its settings, its name).
+    `phases` (the budget sweep's): parts of the workload sent one after the other to the same server,
+    each warmed up and then run at each level, so that the first sees a server that has loaded only
+    what its own requests need; default: `requests` as one. `limit_s`: each run's time limit (drive)."""
     cfg = app.bench
     label = label or mode
     baseline_used = nvml.memory_used([g.label for g in nvml.gpus]) if nvml else {}
     log_path = log_dir / f"server-{label}.log"
     server = Server(app, mode, server_overrides, log_path, extra)
-    task = progress.add_task(f"{label}: starting server", total=None)
+    task: TaskID | None = progress.add_task(f"{label}: starting server", total=None)
+    paths: dict[str, dict] = {}
+    runs = []
+    gpu_labels: list[str] | None = None  # known after the first warm-up
+    meter = None
     with server:
-        bodies = [r.body(server.model_id, cfg.temperature, cfg.seed) for r in requests]
-        progress.update(task, description=f"{label}: warm-up", total=len(cfg.groups), completed=0)
-        warm = {r.group: r for r in requests}  # one request per group (the last of each)
-        for r in warm.values():
-            result = asyncio.run(drive(server.url, [r], [r.body(server.model_id, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
-                                       cfg.request_timeout_s, lambda _, t=task: progress.advance(t)))[0]
-            if not result.ok:
-                raise BenchError(f"{label} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")
-        progress.remove_task(task)
-        stats = server.stats()
-        if stats.get("mode") not in (None, mode):
-            raise BenchError(f"the server reports mode {stats.get('mode')!r} but was started with runtime.mode={mode}")
-        gpu_labels = sorted(d for d in (stats.get("devices") or {}) if d.startswith("cuda"))
-        if gpu_labels and nvml is None:
-            log.warning("the server runs on %s but NVML is unavailable: no GPU memory samples or energy", ", ".join(gpu_labels))
-        unknown = [d for d in gpu_labels if nvml and d not in nvml.handles]
-        if unknown:
-            raise BenchError(f"the server uses {', '.join(unknown)} which NVML does not see with this CUDA_VISIBLE_DEVICES")
-        meter = nvml if gpu_labels else None
+        for phase, chosen in (phases or {"": requests}).items():
+            name = f"{label} {phase}".strip()
+            bodies = [r.body(server.model_id, cfg.temperature, cfg.seed) for r in chosen]
+            warm = {r.group: r for r in chosen}  # one request per group (the last of each)
+            if task is None:
+                task = progress.add_task("", total=None)
+            progress.update(task, description=f"{name}: warm-up", total=len(warm), completed=0)
+            for r in warm.values():
+                result = asyncio.run(drive(server.url, [r], [r.body(server.model_id, cfg.temperature, cfg.seed, max_tokens=2)], mode, 1, [0.0],
+                                           cfg.request_timeout_s, lambda _, t=task: progress.advance(t)))[0]
+                if not result.ok:
+                    raise BenchError(f"{name} warm-up request ({r.group}) failed: {result.error} (log: {log_path})")
+            progress.remove_task(task)
+            task = None
+            if gpu_labels is None:
+                stats = server.stats()
+                if stats.get("mode") not in (None, mode):
+                    raise BenchError(f"the server reports mode {stats.get('mode')!r} but was started with runtime.mode={mode}")
+                gpu_labels = sorted(d for d in (stats.get("devices") or {}) if d.startswith("cuda"))
+                if gpu_labels and nvml is None:
+                    log.warning("the server runs on %s but NVML is unavailable: no GPU memory samples or energy", ", ".join(gpu_labels))
+                unknown = [d for d in gpu_labels if nvml and d not in nvml.handles]
+                if unknown:
+                    raise BenchError(f"the server uses {', '.join(unknown)} which NVML does not see with this CUDA_VISIBLE_DEVICES")
+                meter = nvml if gpu_labels else None
 
-        paths: dict[str, dict] = {}
-        runs = []
-        for concurrency in levels or cfg.concurrency:
-            task = progress.add_task(f"{label} c={concurrency}", total=len(requests))
-            before = server.reset_stats()
-            sampler = Sampler(server.pid, cfg.sample_interval_s, meter, gpu_labels).start()
-            e0 = meter.energy_mj(gpu_labels) if meter else {}
-            t0 = time.perf_counter()
-            results = asyncio.run(drive(server.url, requests, bodies, mode, concurrency,
-                                        arrival_times(len(requests), cfg.request_rate, cfg.seed, concurrency),
-                                        cfg.request_timeout_s, lambda _, t=task: progress.advance(t)))
-            duration = time.perf_counter() - t0
-            e1 = meter.energy_mj(gpu_labels) if meter else {}
-            peaks = sampler.stop()
-            energy = energy_between(e0, e1) if meter else EnergyReading({}, None, "the server runs on the CPU: no GPU energy counter")
-            for r in results:
-                if r.ok and r.path not in paths:
-                    paths[r.path] = {"exit_layer": r.exit_layer, "engines": r.engines, "devices": r.devices}
-            runs.append(RunResult(concurrency, cfg.request_rate, duration, results, peaks, energy, server.stats(), before))
-            progress.update(task, description=f"{label} c={concurrency} ({duration:.1f} s)")
+            for concurrency in levels or cfg.concurrency:
+                task = progress.add_task(f"{name} c={concurrency}", total=len(chosen))
+                before = server.reset_stats()
+                sampler = Sampler(server.pid, cfg.sample_interval_s, meter, gpu_labels).start()
+                e0 = meter.energy_mj(gpu_labels) if meter else {}
+                t0 = time.perf_counter()
+                results = asyncio.run(drive(server.url, chosen, bodies, mode, concurrency,
+                                            arrival_times(len(chosen), cfg.request_rate, cfg.seed, concurrency),
+                                            cfg.request_timeout_s, lambda _, t=task: progress.advance(t), limit_s))
+                duration = time.perf_counter() - t0
+                e1 = meter.energy_mj(gpu_labels) if meter else {}
+                peaks = sampler.stop()
+                energy = energy_between(e0, e1) if meter else EnergyReading({}, None, "the server runs on the CPU: no GPU energy counter")
+                for r in results:
+                    if r.ok and r.path not in paths:
+                        paths[r.path] = {"exit_layer": r.exit_layer, "engines": r.engines, "devices": r.devices}
+                runs.append(RunResult(concurrency, cfg.request_rate, duration, results, peaks, energy, server.stats(), before, phase))
+                progress.update(task, description=f"{name} c={concurrency} ({duration:.1f} s)")
+            task = None
     console.print(f"{label}: server ready in {server.startup_s:.1f} s; {sum(len(r.requests) for r in runs)} requests measured")
-    return ModeResult(mode, server.command, server.startup_s, gpu_labels, baseline_used, paths, runs, log_path.name)
+    return ModeResult(mode, server.command, server.startup_s, gpu_labels or [], baseline_used, paths, runs, log_path.name)
 
 
 # --- the whole bench ------------------------------------------------------------------------

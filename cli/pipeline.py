@@ -62,9 +62,14 @@ BENCH = Command(
     "python -m pipeline bench", "bench",
     "The same workload through the real server in static and dynamic mode, on the engines the export wrote "
     "(bench=soak: one server under load; bench=speculation: full depth with and without self-speculation; "
+<<<<<<< HEAD
     "bench=prefix: multi-turn chats sharing a system prompt, prefix cache off and on; bench.memory_budgets_gb: a memory-budget sweep).",
     {"bench": "the workload: request groups, concurrency, request rate, baselines; soak; speculation; prefix; quantizations; "
               "memory_budgets_gb (a budget sweep)",
+=======
+    "bench.memory_budgets_gb: a memory-budget sweep).",
+    {"bench": "the workload: request groups, concurrency, request rate, baselines; soak; quantizations; memory_budget* (a budget sweep)",
+>>>>>>> budget-gpu
      **shared("model", "export", "paths", "+preset", "engines_dir"),
      "output_dir": "reports go to <output_dir>/<date>-<device>-<model>-<backend>/",
      "run_name": "the report folder's name instead of that",
@@ -72,13 +77,17 @@ BENCH = Command(
      "server.port": "0: any free port",
      "server.*": "cluster, replicas, args (more runtime.serve overrides), startup_timeout_s",
      "progress": "false: no progress bars"},
-    presets=("phone-9b-gpu-bench", "phone-9b-gpu-soak", "reference-gpu-bench", "reference-cpu-bench"))
+    presets=("phone-9b-gpu-bench", "phone-9b-gpu-soak", "phone-9b-gpu-budget", "reference-gpu-bench", "reference-cpu-bench"))
 
 
 @hydra_command(BENCH)
 def bench(app: BenchApp) -> None:
+<<<<<<< HEAD
     from bench.budget import run_budgets
     from bench.prefix import run_prefix
+=======
+    from bench.budget import is_sweep, run_budgets
+>>>>>>> budget-gpu
     from bench.run import BenchError, run_bench
     from bench.server import check_launch
     from bench.soak import run_soak
@@ -89,7 +98,7 @@ def bench(app: BenchApp) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         check_launch(app)
-        if app.bench.memory_budgets_gb:  # the dynamic mode under each GPU memory budget, per quantization
+        if is_sweep(app):  # modules on demand under each GPU memory budget, per quantization, beside static and resident
             run_budgets(app, server_overrides(app))
         elif app.bench.soak is not None:  # bench=soak: one server under load for a fixed time
             if app.bench.quantizations:

@@ -185,6 +185,7 @@ class SpeculationBench:
 
 
 @dataclass
+<<<<<<< HEAD
 class PrefixBench:
     """`pipeline bench bench=prefix` (bench/prefix.py): multi-turn chats that share one long system
     prompt, through a server with runtime.prefix_cache off and one with it on, at each concurrency level."""
@@ -197,6 +198,13 @@ class PrefixBench:
     turns: int = 3  # user turns per chat; each request carries the earlier turns and the server's answers to them
     max_tokens: int = 32  # greedy tokens per answer at most
     exit_layer: int | None = None  # every request runs at this depth (runtime.policy.force_exit); null: the full depth
+=======
+class BudgetServers:
+    """One quantization's servers in the budget sweep (bench.memory_budget_servers); null: the sweep's own setting."""
+
+    references: list[str] | None = None  # null: bench.memory_budget_references
+    budgets_gb: list[float] | None = None  # null: bench.memory_budgets_gb
+>>>>>>> budget-gpu
 
 
 @dataclass
@@ -223,6 +231,18 @@ class BenchConfig:
     # as the reference): the dynamic mode with modules on demand at each, per quantization, into one report
     # (bench/budget.py) instead of the static/dynamic comparison; empty: off
     memory_budgets_gb: list[float] = field(default_factory=list)
+    # the sweep's reference servers per quantization: static (the static mode) and resident (the dynamic mode with
+    # every engine loaded at start, runtime.offload.enabled=false), for the ratios to them
+    memory_budget_references: list[str] = field(default_factory=lambda: ["static"])
+    # one quantization's servers in place of those two (keys: unquantized, int8, int4): a budget that bites one export
+    # holds every engine of a smaller one, or makes a larger one reload engines at every step
+    memory_budget_servers: dict[str, BudgetServers] = field(default_factory=dict)
+    # the sweep's workload in parts sent one after the other to each server (name -> groups), each warmed up and then
+    # run at each level: the first sees a fresh server, so that e.g. a text-only part's peak is its own; empty: one part
+    memory_budget_phases: dict[str, list[str]] = field(default_factory=dict)
+    # each run of the sweep stops after this many seconds, the requests it did not finish marked cut (a budget that
+    # makes every decode step reload engines takes seconds per token); 0: no limit
+    memory_budget_run_limit_s: float = 0.0
     # a scripts/build_corpus.py --code folder (heldout/, corpus.json) for a model trained on it, whose checkpoint has the
     # corpus's tokenizer: its held-out part feeds the groups of source code and docstrings; null: those groups send nothing
     corpus: str | None = None

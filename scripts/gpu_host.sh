@@ -44,6 +44,10 @@
 #                                           only to build
 #   scripts/gpu_host.sh speculation NAME [OVERRIDES]  bench=speculation in the foreground on the bench's composed model
 #                                           (e.g. +preset=reference-gpu-bench), its report into $OUT/speculation-NAME.tgz
+#   scripts/gpu_host.sh budget NAME [SECONDS [OVERRIDES]]  issue 27: the memory-budget sweep (+preset=phone-9b-gpu-budget:
+#                                           fp16, int8, int4 exported first; text-shallow then the default mix; static, resident,
+#                                           on demand, budgets) in the foreground, stopped after SECONDS (540) if still running
+#                                           (its report is rewritten after every server), into $OUT/budget-NAME.tgz
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 ENGINES=${ENGINES:-/tmp/engines}
@@ -212,6 +216,18 @@ ortprofile)
   done
   cat /tmp/ort-profile/blocking-1/beside-*.md 2> /dev/null | head -n 80
   tar czf "$OUT/ort-profile.tgz" -C /tmp/ort-profile . ;;
+budget)
+  name=$2 limit=${3:-540}; shift $(( $# < 3 ? $# : 3 ))
+  rm -rf /tmp/budget_results
+  start=$(date +%s)
+  # SIGINT to the bench and its server (timeout signals its process group): the bench stops the server and
+  # writes what finished; SIGKILL 20 s later if it has not
+  timeout -s INT -k 20 "$limit" python3 -m pipeline bench +preset=phone-9b-gpu-budget "engines_dir=$ENGINES" \
+    output_dir=/tmp/budget_results run_name="$name" progress=false "$@" > "$OUT/budget-$name.log" 2>&1 \
+    || echo "bench exit $? (124: stopped after $limit s)" >> "$OUT/budget-$name.log"
+  echo "budget sweep wall time: $(( $(date +%s) - start )) s" >> "$OUT/budget-$name.log"
+  tail -n 50 "$OUT/budget-$name.log"
+  [ -d /tmp/budget_results ] && tar czf "$OUT/budget-$name.tgz" -C /tmp/budget_results . ;;
 matmulnbits)
   python3 scripts/matmulnbits_bench.py --out "$OUT/matmulnbits.json" 2>&1 | tee "$OUT/matmulnbits.log" ;;
 pack)  # everything under $OUT into one $OUT/NAME.tgz (what comes back is at most 8 files)
