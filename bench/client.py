@@ -37,11 +37,8 @@ class RequestResult:
     tpot_s: float | None = None  # (latency - ttft) / (completion tokens - 1)
     tokens: list[str] = field(default_factory=list)  # each generated token's chunk text, in order (bench/quality.py)
     speculation: dict[str, int] | None = None  # drafted, accepted, verifications, tokens: when the server speculated
-<<<<<<< HEAD
     timeline: dict[str, float] = field(default_factory=dict)  # the server's parts of the time to first token, ms (runtime.requests.Timeline)
-=======
     cut: bool = False  # not sent, or cut off mid-stream, when the run's time limit ran out (drive's limit_s)
->>>>>>> budget-gpu
 
 
 async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, body: dict, mode: str, t_run: float,

@@ -62,14 +62,9 @@ BENCH = Command(
     "python -m pipeline bench", "bench",
     "The same workload through the real server in static and dynamic mode, on the engines the export wrote "
     "(bench=soak: one server under load; bench=speculation: full depth with and without self-speculation; "
-<<<<<<< HEAD
     "bench=prefix: multi-turn chats sharing a system prompt, prefix cache off and on; bench.memory_budgets_gb: a memory-budget sweep).",
     {"bench": "the workload: request groups, concurrency, request rate, baselines; soak; speculation; prefix; quantizations; "
-              "memory_budgets_gb (a budget sweep)",
-=======
-    "bench.memory_budgets_gb: a memory-budget sweep).",
-    {"bench": "the workload: request groups, concurrency, request rate, baselines; soak; quantizations; memory_budget* (a budget sweep)",
->>>>>>> budget-gpu
+              "memory_budget* (a budget sweep)",
      **shared("model", "export", "paths", "+preset", "engines_dir"),
      "output_dir": "reports go to <output_dir>/<date>-<device>-<model>-<backend>/",
      "run_name": "the report folder's name instead of that",
@@ -82,12 +77,8 @@ BENCH = Command(
 
 @hydra_command(BENCH)
 def bench(app: BenchApp) -> None:
-<<<<<<< HEAD
-    from bench.budget import run_budgets
-    from bench.prefix import run_prefix
-=======
     from bench.budget import is_sweep, run_budgets
->>>>>>> budget-gpu
+    from bench.prefix import run_prefix
     from bench.run import BenchError, run_bench
     from bench.server import check_launch
     from bench.soak import run_soak

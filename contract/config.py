@@ -185,7 +185,6 @@ class SpeculationBench:
 
 
 @dataclass
-<<<<<<< HEAD
 class PrefixBench:
     """`pipeline bench bench=prefix` (bench/prefix.py): multi-turn chats that share one long system
     prompt, through a server with runtime.prefix_cache off and one with it on, at each concurrency level."""
@@ -198,13 +197,14 @@ class PrefixBench:
     turns: int = 3  # user turns per chat; each request carries the earlier turns and the server's answers to them
     max_tokens: int = 32  # greedy tokens per answer at most
     exit_layer: int | None = None  # every request runs at this depth (runtime.policy.force_exit); null: the full depth
-=======
+
+
+@dataclass
 class BudgetServers:
     """One quantization's servers in the budget sweep (bench.memory_budget_servers); null: the sweep's own setting."""
 
     references: list[str] | None = None  # null: bench.memory_budget_references
     budgets_gb: list[float] | None = None  # null: bench.memory_budgets_gb
->>>>>>> budget-gpu
 
 
 @dataclass
