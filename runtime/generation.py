@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -46,7 +46,7 @@ from runtime.sampling import GREEDY, RowContext, Sampler, TokenHistory, make_gen
 from runtime.speculation import Draft, SpeculationConfigError, accept, draft_exit_depth
 from runtime.speculation import check as check_speculation
 from runtime.step import Row, Stepper
-from runtime.text import TextStream
+from runtime.text import Delta, TextStream
 
 log = logging.getLogger("dyngraph.runtime")
 
@@ -509,7 +509,7 @@ class GenerationEngine:
         delta, stopped = seq.text.add(token)
         # one event per token, empty or not: streams show the real token cadence (a byte-level
         # tokenizer often needs several tokens before any text decodes)
-        seq.handle.push(replace(delta, token=token, logprob=logprob))
+        seq.handle.push(Delta(delta.content, delta.reasoning, token, logprob))
         if stopped:
             self.finish(seq, "stop")
         elif len(seq.token_ids) >= seq.request.max_tokens:
