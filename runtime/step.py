@@ -163,6 +163,9 @@ class Stepper:
         # the next input ids, written on the host through a numpy view (no tensor per step), then one copy to the device
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
         self.token_slots = self.token_host.numpy()
+        # where a step's engines run on a GPU they are queued and run while the host goes on (it waits for the
+        # logits in sampling); on the CPU each runs in the calling thread, without the GIL
+        self.asynchronous = self.head_device.type == "cuda"
         # drafting sequence -> its draft-exit hidden state [1, 1, D] per drafted position (none with a quantized draft)
         self.drafted: dict[Hashable, list[torch.Tensor]] = {}
 
@@ -274,8 +277,10 @@ class Stepper:
 
     # --- decode: one step of every sequence --------------------------------------------------------
 
-    def decode(self, rows: list[Row]) -> tuple[list[Hashable], torch.Tensor]:
-        """One token of every sequence in flight: (their keys in segment 0's row order, logits [n, V] in that order)."""
+    def decode(self, rows: list[Row], meanwhile: Callable[[], None] | None = None) -> tuple[list[Hashable], torch.Tensor]:
+        """One token of every sequence in flight: (their keys in segment 0's row order, logits [n, V] in that order).
+        `meanwhile` is called once, when the engines will keep the device busy without the GIL for a while:
+        on the CPU right before segment 0 runs, on a GPU once every engine of the step is queued."""
         by_key = {r.key: r for r in rows}
         plan = self.plan(by_key)
         keys = plan.members[0]
@@ -294,6 +299,9 @@ class Stepper:
             x = seg.hidden
             if k:  # the rows going on, in this segment's row order
                 torch.index_select(hidden.to(x.device), 0, at.from_previous, out=x[:at.count])
+            if meanwhile is not None and not self.asynchronous:
+                meanwhile()
+                meanwhile = None
             if at.media is not None:
                 media = self.block_media(k, [by_key[m] for m in at.media_keys])
                 x[at.media] = self.cross_attention(k, x[at.media], media["cross_kv"], media["media_mask"]).to(x.device)
@@ -309,6 +317,8 @@ class Stepper:
                     self.drafted.setdefault(key, []).append(kept[i:i + 1])
             hidden = seg.hidden_out
         self.run_head(bufs, engines)
+        if meanwhile is not None:
+            meanwhile()
         return list(keys), bufs.logits[:n0]
 
     def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
