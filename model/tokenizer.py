@@ -68,11 +68,13 @@ class StreamDecoder:
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.emitted = ""
+        self.vocab_size = tokenizer.vocab_size
         stream_type = getattr(decoders, "DecodeStream", None)  # tokenizers >= 0.21
         self.stream = stream_type(skip_special_tokens=skip_special_tokens) if stream_type else None
 
     def step(self, token_id: int) -> str:
-        self.tokenizer.check_ids([token_id])
+        if not 0 <= token_id < self.vocab_size:
+            self.tokenizer.check_ids([token_id])
         if self.stream is not None:
             return self.stream.step(self.tokenizer.tokenizer, token_id) or ""
         # fallback: decode everything so far, hold back an unfinished character (decoded as U+FFFD)

@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -42,12 +42,12 @@ from runtime.ondemand import BudgetTooSmall, OnDemand
 from runtime.placement import Placement
 from runtime.policy import Decision, DepthPolicy, PolicyInput
 from runtime.prefix import media_root
-from runtime.requests import Failed, Finished, GenerationRequest, QueueFull, RequestHandle, Started
+from runtime.requests import Event, Failed, Finished, GenerationRequest, QueueFull, RequestHandle, Started
 from runtime.sampling import GREEDY, RowContext, Sampler, TokenHistory, make_generator
 from runtime.speculation import Draft, SpeculationConfigError, accept, draft_exit_depth
 from runtime.speculation import check as check_speculation
 from runtime.step import Row, Stepper
-from runtime.text import TextStream
+from runtime.text import Delta, TextStream
 
 log = logging.getLogger("dyngraph.runtime")
 
@@ -134,6 +134,9 @@ class GenerationEngine:
                                     f"than {engines.directory}: export both from the same model")
         self.stepper = Stepper(engines, cfg.max_batch_size, self.context_len, cuda_graphs, draft_engines, cfg.prefix_cache,
                                cfg.prefill_padding)
+        # a step's tokens' events wait in the outbox until the next step's engines run (Stepper.decode's
+        # `meanwhile`): the handlers' work per token then takes the GIL while the engines compute without it
+        self.outbox: list[tuple[RequestHandle, Event]] = []
 
         self.cond = threading.Condition()
         self.waiting: deque[Sequence] = deque()
@@ -253,6 +256,8 @@ class GenerationEngine:
             finally:
                 self.captured.set()
             while True:
+                if not self.running:
+                    self.deliver()  # no decode step follows to hand them over in
                 with self.cond:
                     while not self.stopping and not self.running and not self.loaded_ready() \
                             and not (self.waiting and self.active < self.cfg.max_batch_size):
@@ -267,10 +272,14 @@ class GenerationEngine:
                         self.metrics.queue_depth.set(len(self.waiting))
                         self.metrics.running.set(self.active)
                 if seq is not None:
+                    self.deliver()  # not after its prefill
                     self.guarded(partial(self.enter, seq), [seq])
-                for s in [s for s in self.loading if s.loading.done()]:
+                ready = [s for s in self.loading if s.loading.done()]
+                for s in ready:
                     self.loading.remove(s)
                     self.guarded(partial(self.loaded, s), [s])
+                if seq is not None or ready:
+                    self.deliver()  # a first token at once, not after the next step
                 for s in [s for s in self.running + self.loading if s.handle.cancelled]:
                     log.info("%s cancelled after %d tokens: slot freed", s.request.request_id, len(s.token_ids))
                     self.release(s)
@@ -283,6 +292,7 @@ class GenerationEngine:
         with self.cond:
             leftover = list(self.waiting) + self.running + self.loading
             self.waiting.clear()
+        self.deliver()
         for seq in leftover:
             seq.handle.push(Failed("the server shut down before this request finished", 503))
 
@@ -304,6 +314,7 @@ class GenerationEngine:
             work()
         except Exception as e:  # noqa: BLE001 - reported to each client and logged with its traceback
             log.exception("generation failed for %s", ", ".join(s.request.request_id for s in seqs))
+            self.deliver()  # what they made before it, first
             for s in seqs:
                 # an engine file that changed on disk since start-up, or an engine the memory budget cannot
                 # make resident now: this path is unavailable, not broken
@@ -447,7 +458,7 @@ class GenerationEngine:
         if not self.running:
             return
         rows = {s.number: s for s in self.running}
-        keys, logits = self.stepper.decode([s.row for s in self.running])
+        keys, logits = self.stepper.decode([s.row for s in self.running], meanwhile=self.deliver)
         self.decode_steps += 1
         seqs = [rows[k] for k in keys]
         self.metrics.decode_batch.observe(len(seqs))
@@ -520,19 +531,26 @@ class GenerationEngine:
         delta, stopped = seq.text.add(token)
         # one event per token, empty or not: streams show the real token cadence (a byte-level
         # tokenizer often needs several tokens before any text decodes)
-        seq.handle.push(replace(delta, token=token, logprob=logprob))
+        self.outbox.append((seq.handle, Delta(delta.content, delta.reasoning, token, logprob)))
         if stopped:
             self.finish(seq, "stop")
         elif len(seq.token_ids) >= seq.request.max_tokens:
             self.finish(seq, "length")
 
+    def deliver(self) -> None:
+        """Push the outbox's events to their handlers' loops."""
+        outbox, self.outbox = self.outbox, []
+        for handle, event in outbox:
+            handle.push(event)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         tail = seq.text.flush()
         if tail:
-            seq.handle.push(tail)
+            self.outbox.append((seq.handle, tail))
         self.release(seq)  # first: whoever hears of the end finds the rows free
-        seq.handle.push(Finished(reason, len(seq.request.prompt_ids), len(seq.token_ids), seq.reasoning_tokens, tuple(seq.token_ids),
-                                 None if seq.draft is None else dict(seq.draft.counts), seq.request.timeline.cached_tokens))
+        self.outbox.append((seq.handle, Finished(reason, len(seq.request.prompt_ids), len(seq.token_ids), seq.reasoning_tokens,
+                                                 tuple(seq.token_ids), None if seq.draft is None else dict(seq.draft.counts),
+                                                 seq.request.timeline.cached_tokens)))
         if seq.draft is not None and seq.draft.counts:
             c = seq.draft.counts
             log.info("[DYNAMIC GRAPH] %s speculated: %d of %d drafted tokens accepted (%.0f %%), %.2f tokens per verification",

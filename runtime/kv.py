@@ -38,6 +38,7 @@ class SegmentCache:
         self.buffer: torch.Tensor | None = None  # allocated by the first row (or capture), freed by free()
         self.lengths: torch.Tensor | None = None
         self.members: list[Hashable] = []  # row -> the sequence holding it
+        self.views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # feeds() per row range, while the buffer lasts
 
     @property
     def bytes_per_row(self) -> int:
@@ -52,18 +53,24 @@ class SegmentCache:
             # zeroed: spare rows of a captured batch read their (masked) entries, and NaN would survive a zero weight
             self.buffer = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
             self.lengths = torch.zeros(self.rows, dtype=torch.int32, device=self.device)
+            self.views = {}
 
     def free(self) -> bool:
         """Give the buffer back when no row is held; True when it was."""
         if self.buffer is None or self.members:
             return False
         self.buffer = self.lengths = None
+        self.views = {}
         return True
 
     def feeds(self, rows: slice) -> dict[str, torch.Tensor]:
-        """past_key.i / past_value.i of these rows: views into the buffer, bound in place."""
+        """past_key.i / past_value.i of these rows: views into the buffer, bound in place. Made once per
+        row range and kept (a decode step binds the same rows every step; the caller must not change them)."""
         self.allocate()
-        return {past: self.buffer[j, rows] for j, (past, _) in enumerate(self.names)}
+        views = self.views.get((rows.start, rows.stop))
+        if views is None:
+            views = self.views[rows.start, rows.stop] = {past: self.buffer[j, rows] for j, (past, _) in enumerate(self.names)}
+        return views
 
     def row(self, key: Hashable) -> int:
         return self.members.index(key)

@@ -105,6 +105,7 @@ class SegmentRows:
     media_keys: tuple[Hashable, ...]  # their sequences, in that order
     exits: torch.Tensor | None  # its rows that exit here
     head_rows: torch.Tensor | None  # where their hidden states go in the head's input (segment 0's order, on the head's device)
+    all_exit: bool  # every row exits here, in segment 0's order (one sequence always): the head's input is a plain copy
     drafts: torch.Tensor | None  # its drafting rows that exit here: their hidden states are kept for the verification
     draft_keys: tuple[Hashable, ...]  # their sequences, in that order
 
@@ -165,7 +166,12 @@ class Stepper:
         self.decode_total = torch.tensor(capacity, dtype=torch.int32)  # a CPU input of the engine, one address for every replay
         self.step_plan: StepPlan | None = None
         self.media_batches: dict[int, tuple[tuple, dict]] = {}  # block -> (its rows' keys, batched media)
+        # the next input ids, written on the host through a numpy view (no tensor per step), then one copy to the device
         self.token_host = torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.head_device.type == "cuda")
+        self.token_slots = self.token_host.numpy()
+        # where a step's engines run on a GPU they are queued and run while the host goes on (it waits for the
+        # logits in sampling); on the CPU each runs in the calling thread, without the GIL
+        self.asynchronous = self.head_device.type == "cuda"
         # drafting sequence -> its draft-exit hidden state [1, 1, D] per drafted position (none with a quantized draft)
         self.drafted: dict[Hashable, list[torch.Tensor]] = {}
 
@@ -328,8 +334,10 @@ class Stepper:
 
     # --- decode: one step of every sequence --------------------------------------------------------
 
-    def decode(self, rows: list[Row]) -> tuple[list[Hashable], torch.Tensor]:
-        """One token of every sequence in flight: (their keys in segment 0's row order, logits [n, V] in that order)."""
+    def decode(self, rows: list[Row], meanwhile: Callable[[], None] | None = None) -> tuple[list[Hashable], torch.Tensor]:
+        """One token of every sequence in flight: (their keys in segment 0's row order, logits [n, V] in that order).
+        `meanwhile` is called once, when the engines will keep the device busy without the GIL for a while:
+        on the CPU right before segment 0 runs, on a GPU once every engine of the step is queued."""
         by_key = {r.key: r for r in rows}
         plan = self.plan(by_key)
         keys = plan.members[0]
@@ -337,9 +345,9 @@ class Stepper:
         # every sequence drafting: every engine this step runs is some draft's, the quantized one where there is one
         engines = self.draft_engines if self.draft_engines is not None and all(r.draft for r in rows) else self.engines
         bufs = self.decode_buffers(bucket_for(n0, self.buckets))  # the embedding's and the head's
-        host = self.token_host[:n0]
-        host.copy_(torch.tensor([by_key[k].token for k in keys]))
-        bufs.input_ids[:n0, 0].copy_(host, non_blocking=True)
+        for i, key in enumerate(keys):
+            self.token_slots[i] = by_key[key].token
+        bufs.input_ids[:n0, 0].copy_(self.token_host[:n0], non_blocking=True)
         self.run_embed(bufs, engines)
         hidden = bufs.segments[0].hidden
         for k, at in enumerate(plan.segments):
@@ -348,12 +356,17 @@ class Stepper:
             x = seg.hidden
             if k:  # the rows going on, in this segment's row order
                 torch.index_select(hidden.to(x.device), 0, at.from_previous, out=x[:at.count])
+            if meanwhile is not None and not self.asynchronous:
+                meanwhile()
+                meanwhile = None
             if at.media is not None:
                 media = self.block_media(k, [by_key[m] for m in at.media_keys])
                 x[at.media] = self.cross_attention(k, x[at.media], media["cross_kv"], media["media_mask"]).to(x.device)
             self.run_segment(k, b, engines)
-            self.caches[k].lengths[:at.count] += 1 if at.advance is None else at.advance
-            if at.exits is not None:
+            self.caches[k].lengths[:at.count].add_(1 if at.advance is None else at.advance)  # in place: `+=` on a slice writes it back too
+            if at.all_exit:
+                bufs.exit_hidden[:at.count].copy_(seg.exit_hidden[:at.count, 0])
+            elif at.exits is not None:
                 bufs.exit_hidden.index_copy_(0, at.head_rows, seg.exit_hidden[:, 0].index_select(0, at.exits).to(self.head_device))
             if at.drafts is not None and self.draft_engines is None:  # a quantized draft's verification starts from the embedding
                 kept = seg.hidden_out.index_select(0, at.drafts)  # [m, 1, D], out of the buffer the next step overwrites
@@ -361,6 +374,8 @@ class Stepper:
                     self.drafted.setdefault(key, []).append(kept[i:i + 1])
             hidden = seg.hidden_out
         self.run_head(bufs, engines)
+        if meanwhile is not None:
+            meanwhile()
         return list(keys), bufs.logits[:n0]
 
     def run_captured(self, name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
@@ -417,9 +432,11 @@ class Stepper:
             media = [i for i, m in enumerate(here) if runs[i] and rows[m].media is not None]
             exits = [i for i, m in enumerate(here) if rows[m].step_depth == k + 1]
             drafts = [i for i in exits if rows[here[i]].draft]
+            head_rows = [first[here[i]] for i in exits]
             segments.append(SegmentRows(len(here), index([previous[m] for m in here], device) if k else None, advance,
                                         index(media, device), tuple(here[i] for i in media),
-                                        index(exits, device), index([first[here[i]] for i in exits], self.head_device),
+                                        index(exits, device), index(head_rows, self.head_device),
+                                        exits == head_rows == list(range(len(here))),
                                         index(drafts, device), tuple(here[i] for i in drafts)))
         return StepPlan(members, depths, tuple(segments))
 

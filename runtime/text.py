@@ -39,6 +39,8 @@ class TextStream:
         piece = self.decoder.step(token)
         if self.reasoning:
             return Delta(reasoning=piece), False
+        if not self.stop:
+            return Delta(content=piece), False
         text = self.pending + piece
         hits = [i for s in self.stop if (i := text.find(s)) >= 0]
         if hits:

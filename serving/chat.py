@@ -491,18 +491,18 @@ class ChatService:
     async def next_event(self, handle: RequestHandle, disconnected: Callable[[], Awaitable[bool]]) -> Event:
         """The handle's next event, cancelling the request if the client has left: checked at least
         every DISCONNECT_POLL_S, also while tokens keep coming."""
-        pending = asyncio.ensure_future(handle.next())
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
             now = time.monotonic()
-            if not done or now - handle.polled_at >= DISCONNECT_POLL_S:
+            if now - handle.polled_at >= DISCONNECT_POLL_S:
                 handle.polled_at = now
                 if await disconnected():
-                    pending.cancel()
                     self.engine.cancel(handle)
                     raise ClientGone
-            if done:
-                return pending.result()
+            try:
+                async with asyncio.timeout(handle.polled_at + DISCONNECT_POLL_S - now):  # a timer per event, not a task
+                    return await handle.next()
+            except TimeoutError:
+                continue
 
     def reader(self, run: Run) -> ToolCallReader | None:
         return None if run.functions is None else ToolCallReader(run.functions, self.assistant_id)
@@ -569,6 +569,12 @@ class ChatService:
 
     async def events(self, run: Run) -> AsyncIterator[tuple[int, Event]]:
         """Every choice's events as they come, with the choice's index, until each has finished or one failed."""
+        if len(run.handles) == 1:  # one choice: its own queue, without a task copying it into another
+            while True:
+                event = await run.handles[0].next()
+                yield 0, event
+                if isinstance(event, (Finished, Failed)):
+                    return
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
         async def pump(index: int, handle: RequestHandle) -> None:
@@ -594,10 +600,11 @@ class ChatService:
     async def stream(self, run: Run) -> AsyncIterator[str]:
         """SSE data lines; the HTTP layer cancels the generation when the client goes away."""
         include_usage = bool(run.request.stream_options and run.request.stream_options.include_usage)
+        created = int(time.time())  # OpenAI's: every chunk has the completion's timestamp
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None, last: bool = False,
                   finished: list[Finished] | None = None) -> str:
-            c = ChatCompletionChunk(id=run.id, created=int(time.time()), model=self.server.model_id, choices=choices,
+            c = ChatCompletionChunk(id=run.id, created=created, model=self.server.model_id, choices=choices,
                                     usage=usage, dyngraph=self.info(run, finished) if last else None)
             data = c.model_dump()
             for choice in data["choices"]:
@@ -612,8 +619,16 @@ class ChatService:
                 del data["usage"]
             return sse_json(data)
 
+        def text_chunk(index: int, field: str) -> tuple[str, str]:
+            """chunk()'s line for a delta of one text field, cut around the field's JSON string:
+            the two parts a token's text goes between (no models built per token)."""
+            line = chunk([ChunkChoice(index=index, delta=DeltaMessage(**{field: ""}))])
+            cut = line.index(f'"delta": {{"{field}": ""}}') + len(f'"delta": {{"{field}": ')  # quotes outside strings are JSON's own
+            return line[:cut], line[cut + 2:]
+
         n = len(run.handles)
         readers = [self.reader(run) for _ in range(n)]
+        templates: dict[tuple[int, str], tuple[str, str]] = {}
         finished: list[Finished | None] = [None] * n
         yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
         written = False  # the first token's chunk: the timeline's last part ends once it is sent
@@ -621,14 +636,22 @@ class ChatService:
             self.note_first_token(run)
             if isinstance(event, Delta):
                 # a chunk per token, its text possibly empty (incomplete UTF-8, hidden reasoning)
-                logprobs = ChoiceLogprobs(content=[self.token_logprob(event)]) if event.logprob is not None else None
-                if event.reasoning and run.reasoning:
-                    delta = DeltaMessage(reasoning_content=event.reasoning)
-                elif readers[index] is None:
-                    delta = DeltaMessage(content=event.content)
+                if event.logprob is None and readers[index] is None:  # text alone: into its template
+                    reasoning = bool(event.reasoning and run.reasoning)
+                    field, text = ("reasoning_content", event.reasoning) if reasoning else ("content", event.content)
+                    if (index, field) not in templates:
+                        templates[index, field] = text_chunk(index, field)
+                    head, tail = templates[index, field]
+                    yield head + sse_string(text) + tail
                 else:
-                    delta = self.pieces_delta(readers[index].feed(event.content, event.token))
-                yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+                    logprobs = ChoiceLogprobs(content=[self.token_logprob(event)]) if event.logprob is not None else None
+                    if event.reasoning and run.reasoning:
+                        delta = DeltaMessage(reasoning_content=event.reasoning)
+                    elif readers[index] is None:
+                        delta = DeltaMessage(content=event.content)
+                    else:
+                        delta = self.pieces_delta(readers[index].feed(event.content, event.token))
+                    yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
                 if not written:  # resumed: the server sent the chunk
                     written = True
                     run.generation.timeline.mark("write")
@@ -721,12 +744,26 @@ class ChatService:
                             timeline={part: round(seconds * 1e3, 3) for part, seconds in run.generation.timeline.parts().items()})
 
 
+JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False), without an encoder made per call
+
+
 def sse_json(data: dict) -> str:
     """JSON for one SSE data line, UTF-8 as is except for the three characters that JSON leaves raw
     but line splitters treat as line ends (NEL, U+2028, U+2029: httpx's aiter_lines, str.splitlines):
     a sampled token that decodes to one of them would cut the chunk in two."""
-    text = json.dumps(data, ensure_ascii=False)
-    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return line_safe(JSON.encode(data))
+
+
+def sse_string(text: str) -> str:
+    """One string's JSON as sse_json writes it inside a line."""
+    return line_safe(JSON.encode(text))
+
+
+def line_safe(json_text: str) -> str:
+    """JSON text with NEL, U+2028 and U+2029 escaped (they occur in its strings only)."""
+    if json_text.isascii():
+        return json_text
+    return json_text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def not_json(constant: str):

@@ -29,7 +29,7 @@ from runtime.placement import Placement, PlacementError
 from runtime.policy import DepthPolicy, PolicyError, PolicyInput
 from runtime.sampling import Sampler, SamplingParams, make_generator
 from runtime.step import batch_buckets, bucket_for
-from runtime.text import TextStream
+from runtime.text import Delta, TextStream
 
 EXITS = [6, 12, 18, 24]
 GREEDY = SamplingParams(temperature=0.0)
@@ -230,6 +230,24 @@ def test_requests_on_different_paths_share_the_segments_they_have_in_common(runn
         eager = eager_greedy(tiny_model, tok, q.prompt_ids, q.exit_layer, 10, q.pixel_values)  # stops at an EOS
         assert tokens[:len(eager)] == eager
     assert r.steps()[1] > 0, "no decode step ran with batch > 1"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_events_handed_over_while_the_next_step_runs_come_whole_and_in_order(running, tok, asynchronous):
+    """A step's events wait until the next step's engines run (on the CPU right before its segment 0,
+    on a GPU once it is queued: Stepper.asynchronous, forced here on the CPU), so that the handlers
+    take the GIL while the engines compute: requests of different lengths that finish while others
+    decode each get Started, an event per token and Finished, the events they get alone."""
+    reqs = [request(tok, "hi", 5, ignore_eos=True), request(tok, "a longer prompt than the first", 11, ignore_eos=True),
+            request(tok, "mid-size prompt", 8, ignore_eos=True, stop=("zq",))]
+    r = running(**forced(12), max_batch_size=4)
+    r.engine.stepper.asynchronous = asynchronous
+    alone = [r.run(q)[0] for q in reqs]
+    for events, expected in zip(r.run(*reqs), alone, strict=True):
+        assert isinstance(events[0], Started) and isinstance(events[-1], Finished) and events[-1] == expected[-1]
+        assert [e.token for e in events if isinstance(e, Delta) and e.token is not None] == list(events[-1].token_ids)
+        assert [(type(e), getattr(e, "content", None)) for e in events] == [(type(e), getattr(e, "content", None)) for e in expected]
+    assert r.steps()[1] > 0 and not r.engine.outbox
 
 
 def test_a_cancelled_request_frees_its_slot(running, tok, caplog):

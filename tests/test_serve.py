@@ -474,13 +474,23 @@ def test_probe_refuses_a_reference_that_is_not_a_probe(tmp_path):
 
 def test_streaming_sends_a_chunk_per_token(server):
     """Token timing is visible to clients even while bytes do not yet decode to text."""
+    from serving.chat import sse_json
+
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "ignore_eos": True,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
-        chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    chunks = [json.loads(line) for line in lines]
     token_chunks = [c for c in chunks if c["choices"] and "role" not in c["choices"][0]["delta"]
                     and "content" in c["choices"][0]["delta"]]
     assert len(token_chunks) == chunks[-1]["usage"]["completion_tokens"] == 7
+    # a token's chunk (made from a template) is written as the others are (through the protocol models): the
+    # same fields in the same order, the same id and timestamp, the same JSON text for the same content
+    assert all(line == sse_json(c) for line, c in zip(lines, chunks))
+    first = chunks[0]
+    for c in token_chunks:
+        assert list(c) == list(first) and list(c["choices"][0]) == list(first["choices"][0])
+        assert (c["id"], c["created"], c["model"]) == (first["id"], first["created"], first["model"])
 
 
 def test_the_timeline_adds_up_to_the_time_to_first_token_the_client_sees(server):
@@ -673,9 +683,11 @@ def test_stream_chunks_survive_line_splitters_whatever_the_text():
     aiter_lines (like str.splitlines) takes for line ends: found by the soak, two chunks cut in half."""
     from httpx._decoders import LineDecoder
 
-    from serving.chat import sse_json
+    from serving.chat import sse_json, sse_string
 
-    chunk = {"choices": [{"delta": {"content": "a\x85b\u2028c\u2029d\r\ne 打开微信"}}]}
+    text = "a\x85b\u2028c\u2029d\r\ne 打开微信"
+    chunk = {"choices": [{"delta": {"content": text}}]}
     lines = LineDecoder().decode(f"data: {sse_json(chunk)}\n\n")
     assert lines[1:] == [""] and json.loads(lines[0].removeprefix("data: ")) == chunk
     assert "打开微信" in sse_json(chunk)  # still UTF-8, not \\u-escaped throughout
+    assert sse_json(chunk) == '{"choices": [{"delta": {"content": ' + sse_string(text) + '}}]}'  # a token's text in a template
