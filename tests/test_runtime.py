@@ -19,7 +19,7 @@ from model.multimodal.audio import AudioArgs
 from model.tokenizer import ChatTokenizer
 from contract.manifest import Manifest
 from bench.workload import encode_wav, synth_sound
-from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, RuntimeConfig
+from runtime.config import OffloadConfig, PlacementConfig, PolicyConfig, PrefixCacheConfig, RuntimeConfig
 from runtime.engines import EngineMismatch, EngineSet
 from runtime.generation import GenerationEngine
 from runtime.requests import Failed, Finished, GenerationRequest, Started
@@ -240,7 +240,7 @@ def test_events_handed_over_while_the_next_step_runs_come_whole_and_in_order(run
     decode each get Started, an event per token and Finished, the events they get alone."""
     reqs = [request(tok, "hi", 5, ignore_eos=True), request(tok, "a longer prompt than the first", 11, ignore_eos=True),
             request(tok, "mid-size prompt", 8, ignore_eos=True, stop=("zq",))]
-    r = running(**forced(12), max_batch_size=4)
+    r = running(**forced(12), max_batch_size=4, prefix_cache=PrefixCacheConfig(enabled=False))  # the same Finished, cache hits aside
     r.engine.stepper.asynchronous = asynchronous
     alone = [r.run(q)[0] for q in reqs]
     for events, expected in zip(r.run(*reqs), alone, strict=True):
