@@ -135,6 +135,15 @@ def device_stream(device: torch.device) -> "torch.cuda.Stream":
     return _streams[device]
 
 
+def host_values(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A few host values as a tensor on `device`, without waiting for the device: a copy from pageable
+    host memory waits for the whole stream first (CUDA's rule), which would stall the host behind the
+    engines it has queued; from pinned memory it is queued like a kernel (torch keeps the pinned block
+    until the copy has run)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 def backend_class(name: str, side: int):
     """The backend's builder (side 0) or runtime (side 1) class, not yet built: what it can build
     (e.g. the builder's `quantizations`) is known before its library is imported, so that a request

@@ -46,7 +46,7 @@ from runtime.requests import Event, Failed, Finished, GenerationRequest, QueueFu
 from runtime.sampling import GREEDY, RowContext, Sampler, TokenHistory, make_generator
 from runtime.speculation import Draft, SpeculationConfigError, accept, draft_exit_depth
 from runtime.speculation import check as check_speculation
-from runtime.step import Row, Stepper
+from runtime.step import DeviceMarks, Row, Stepper
 from runtime.text import Delta, TextStream
 
 log = logging.getLogger("dyngraph.runtime")
@@ -385,6 +385,7 @@ class GenerationEngine:
         static = self.mode == "static"
         decision = seq.decision or self.decide(req)
         has_media = static or len(req.modalities) > 1
+        marks = DeviceMarks(req.timeline, self.stepper.head_device)  # the timeline's encode, embed, segments and head
         media = None
         if has_media:
             if not self.on_demand:  # on demand, the engine set logs each load as it happens
@@ -392,7 +393,7 @@ class GenerationEngine:
                     if static or modality in req.modalities:
                         log.info("[DYNAMIC GRAPH] Loading %s (%s)", describe(self.manifest.engines[encoder]), req.request_id)
             media = self.stepper.encode(req.pixel_values, req.mel, static)
-            req.timeline.mark("encode")
+            marks.mark("encode", self.engines.device("vision" if req.pixel_values is not None or static else "audio"))
         # a depth left to prefill starts towards full depth and stops at the first exit sure enough of the next token
         depth = self.exits.depth(self.exits.full if decision.left_to_prefill else decision.exit_layer)
         reasons = []
@@ -404,7 +405,8 @@ class GenerationEngine:
 
         stop = confident if decision.left_to_prefill else None
         root = media_root(static, req.pixel_values, req.mel) if self.stepper.prefix else None
-        logits, depth = self.stepper.prefill(seq.number, req.prompt_ids, depth, media, stop, root, req.timeline)
+        logits, depth = self.stepper.prefill(seq.number, req.prompt_ids, depth, media, stop, root, marks)
+        marks.settle()
         cached = req.timeline.cached_tokens
         self.metrics.prefix_tokens.labels("cached").inc(cached)
         self.metrics.prefix_tokens.labels("prefilled").inc(len(req.prompt_ids) - cached)

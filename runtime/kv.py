@@ -26,6 +26,7 @@ from collections.abc import Hashable
 import torch
 
 from contract.engines import cache_names
+from exporters import host_values
 
 
 class SegmentCache:
@@ -121,10 +122,10 @@ class BlockPool:
         """Keep the row's blocks first, first + 1, ... in these slots."""
         if self.buffer is None:
             self.buffer = torch.empty(self.shape, dtype=self.cache.dtype, device=self.cache.device)
-        index = torch.tensor(slots, device=self.cache.device)
+        index = host_values(slots, self.cache.device)
         self.buffer.index_copy_(2, index, self.positions(row, first, len(slots)))
 
     def load(self, row: int, slots: list[int]) -> None:
         """The row's first len(slots) blocks from these slots (the row's length is the caller's to set)."""
-        index = torch.tensor(slots, device=self.cache.device)
+        index = host_values(slots, self.cache.device)
         self.positions(row, 0, len(slots)).copy_(self.buffer.index_select(2, index))

@@ -32,6 +32,7 @@ the embedding, rewriting those entries with the full model's.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import torch
 from contract.engines import EXPORT_DTYPES, cross_attn_engine, cross_kv_engine, segment_engine, total_sequence_length
 from contract.exits import Exits
 from contract.manifest import Manifest
+from exporters import host_values
 from runtime.engines import EngineSet
 from runtime.config import PrefixCacheConfig
 from runtime.kv import BlockPool, SegmentCache
@@ -77,6 +79,39 @@ class Media:
     mask: torch.Tensor  # [1, M] bool
     tokens: torch.Tensor | None = None  # [1, M, D]
     cross_kv: dict[int, torch.Tensor] = field(default_factory=dict)  # block k -> [2, 1, Hkv, M, hd]
+
+
+class DeviceMarks:
+    """A prefill's timeline marks, each taken when the device has finished the part rather than when
+    the host queued it: on a GPU the host runs ahead of the engines, and a mark on its clock would put
+    a part's time into whichever later part first waits for the device. After each part a CUDA event
+    is recorded on `device`'s stream (made to wait for the part's own device first); once the last has
+    completed, each mark is its host time less the device time between them. Elsewhere, the host clock."""
+
+    def __init__(self, timeline: Timeline, device: torch.device):
+        self.timeline, self.device = timeline, torch.device(device)
+        self.events: list[tuple[str, torch.cuda.Event]] = []
+
+    def mark(self, part: str, device: torch.device) -> None:
+        if self.device.type != "cuda":
+            self.timeline.mark(part)
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if torch.device(device) != self.device:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        self.events.append((part, event))
+
+    def settle(self) -> None:
+        """Wait for the last part and put every mark on the timeline."""
+        if not self.events:
+            return
+        last = self.events[-1][1]
+        last.synchronize()
+        now = time.perf_counter()
+        self.timeline.marks += [(part, now - event.elapsed_time(last) / 1e3) for part, event in self.events]
+        self.events = []
 
 
 @dataclass(eq=False)
@@ -209,7 +244,7 @@ class Stepper:
 
     def prefill(self, key: Hashable, prompt_ids: list[int], depth: int, media: Media | None,
                 stop: Callable[[torch.Tensor, int], bool] | None = None, root: Hashable | None = None,
-                timeline: Timeline | None = None) -> tuple[torch.Tensor, int]:
+                marks: DeviceMarks | None = None) -> tuple[torch.Tensor, int]:
         """Fill the sequence's rows with its prompt; logits [1, V] of the last position at the exit, and
         the depth reached: `depth` segments, or fewer where `stop(logits, segments run)` says so.
 
@@ -217,18 +252,18 @@ class Stepper:
         the prompt's cached blocks and prefills the positions after them; the prompt's whole blocks are
         kept for later prompts. Positions are prefilled in chunks that end where an uncached prefill's
         end (multiples of the export's seq), so past the first chunk the engines run the same shapes.
-        The request's `timeline` is marked after the embedding, each segment and the head, and told the
-        prompt tokens taken from the cache."""
+        `marks` (the request's timeline) are taken after the embedding, each segment and the head, and
+        told the prompt tokens taken from the cache."""
         n = len(prompt_ids)
-        timeline = timeline or Timeline()
+        marks = marks or DeviceMarks(Timeline(), self.head_device)
         prefix = self.prefix if root is not None else None
         chain, blocks = prefix.match(root, prompt_ids, depth) if prefix else ([], [0] * depth)
         cached = [c * prefix.block_tokens for c in blocks] if prefix else blocks  # positions, per segment
-        start = timeline.cached_tokens = cached[0] if depth else 0
+        start = marks.timeline.cached_tokens = cached[0] if depth else 0
         device = self.engines.device("embed")
-        prompt = torch.tensor([prompt_ids], device=device)
+        prompt = host_values([prompt_ids], device)
         hidden = join([self.embed(prompt[:, a:b]) for a, b in self.spans(start, n)])
-        timeline.mark("embed")
+        marks.mark("embed", device)
         for k in range(depth):
             cache = self.caches[k]
             row = cache.add(key)
@@ -244,7 +279,7 @@ class Stepper:
             cache.lengths[row] = n
             if prefix:
                 prefix.save(root, prompt_ids, k, row)
-            timeline.mark(f"segment.{k}")
+            marks.mark(f"segment.{k}", cache.device)
             if stop is not None and k + 1 < depth:
                 logits = self.head(outs[-1]["exit_hidden"][:, -1])
                 if stop(logits, k + 1):
@@ -252,7 +287,7 @@ class Stepper:
                     break
         else:
             logits = self.head(outs[-1]["exit_hidden"][:, -1])
-        timeline.mark("head")
+        marks.mark("head", self.head_device)
         if media is not None:
             media.tokens = None  # decode steps need only the keys/values
         return logits, depth
@@ -272,7 +307,7 @@ class Stepper:
             hidden = self.cross_attention(k, hidden, media.cross_kv[k], media.mask)
         seqlens = torch.tensor([past + n - 1], dtype=torch.int32)  # on the host: the total below needs no device sync
         total = torch.tensor(total_sequence_length(n, self.capacity, seqlens), dtype=torch.int32)
-        out = self.engines.run(segment_engine(k), {"hidden": hidden, "seqlens_k": seqlens.to(self.caches[k].device),
+        out = self.engines.run(segment_engine(k), {"hidden": hidden, "seqlens_k": host_values(seqlens.tolist(), self.caches[k].device, torch.int32),
                                                    "total_sequence_length": total, **self.caches[k].feeds(slice(row, row + 1))})
         return {"hidden_out": out["hidden_out"][:, :s], "exit_hidden": out["exit_hidden"][:, :s]}
 
@@ -307,7 +342,7 @@ class Stepper:
         if self.draft_engines is None:
             first, hidden = row.draft, torch.cat(self.drafted.pop(row.key), dim=1)  # [1, m, D]
         else:
-            first, hidden = 0, self.embed(torch.tensor([fed], device=self.engines.device("embed")))
+            first, hidden = 0, self.embed(host_values([fed], self.engines.device("embed")))
         for k in range(first, row.depth):
             out = self.extend(k, self.caches[k].row(row.key), hidden, past, row.media)
             hidden = out["hidden_out"]
@@ -418,7 +453,7 @@ class Stepper:
     def make_plan(self, members: tuple[tuple[Hashable, ...], ...], depths: tuple[tuple[int, bool], ...],
                   rows: dict[Hashable, Row]) -> StepPlan:
         def index(positions: list[int], device: torch.device) -> torch.Tensor | None:
-            return torch.tensor(positions, device=device) if positions else None
+            return host_values(positions, device) if positions else None
 
         first = {m: i for i, m in enumerate(members[0])}
         segments = []
@@ -428,7 +463,7 @@ class Stepper:
                 break
             device = self.caches[k].device
             previous = {m: i for i, m in enumerate(members[k - 1])} if k else {}
-            advance = None if all(runs) else torch.tensor(runs, dtype=torch.int32, device=device)
+            advance = None if all(runs) else host_values(runs, device, torch.int32)
             media = [i for i, m in enumerate(here) if runs[i] and rows[m].media is not None]
             exits = [i for i, m in enumerate(here) if rows[m].step_depth == k + 1]
             drafts = [i for i in exits if rows[here[i]].draft]
