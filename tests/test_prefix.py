@@ -114,3 +114,15 @@ def test_concurrent_requests_sharing_a_prefix_keep_their_tokens(running, tok):
     want = [finished(ev) for ev in plain.run(*[chat(tok, SYSTEM, u, exit_layer=e) for u, e in zip(users, [6, 12, 24, 18, 24])])]
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert sum(g.cached_tokens for g in got) > 0  # admitted one at a time: the later ones find the first's blocks
+
+
+def test_cached_prompts_with_padded_prefill_chunks_give_the_uncached_tokens(running, tok):
+    """The GPU placements' prefill: chunks padded to fixed lengths (runtime.prefill_padding), the cached
+    prefix ending inside a padded chunk."""
+    cached = start(running, prefix_cache=cache(), prefill_padding=True)
+    plain = start(running, prefix_cache=cache(enabled=False), prefill_padding=True)
+    for exit_layer in (6, 24):
+        cached.run(chat(tok, SYSTEM, "打开微信", exit_layer=exit_layer))
+        second = chat(tok, SYSTEM, "Who are you?", exit_layer=exit_layer)
+        hit = finished(cached.run(second)[0])
+        assert hit.cached_tokens > 0 and hit.token_ids == finished(plain.run(second)[0]).token_ids
