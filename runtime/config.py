@@ -89,6 +89,11 @@ class PrefixCacheConfig:
     enabled: bool = True
     block_tokens: int = 16  # tokens per cached block: a prompt's prefix is reused in whole blocks
     memory_gb: float = 1.0  # per device, the blocks of every segment together; least recently used blocks go first
+    # true: positions are reused (and kept) in whole prefill chunks (the export's seq, 512), which the uncached prefill
+    # computes in the same shapes: the same bits on a GPU too. false: in whole blocks, for more reuse; on a GPU in fp16
+    # the positions after the reused blocks then run in other kernel shapes than uncached, which round differently
+    # (on the CPU in fp32 the tokens are the same either way)
+    exact: bool = True
 
     def check(self) -> None:
         if self.block_tokens < 1 or self.memory_gb < 0:

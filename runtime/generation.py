@@ -120,6 +120,10 @@ class GenerationEngine:
         if cfg.max_queue < 0:
             raise EngineConfigError("runtime.max_queue must not be negative")
         self.max_media_tokens = dims["media"]["max"]
+        prefix = cfg.prefix_cache
+        if prefix.enabled and prefix.exact and dims["seq"]["max"] % prefix.block_tokens:
+            raise EngineConfigError(f"runtime.prefix_cache.block_tokens={prefix.block_tokens} must divide the export's prefill chunk "
+                                    f"({dims['seq']['max']} tokens) for an exact prefix cache (runtime.prefix_cache.exact=true)")
         try:
             check_speculation(cfg.speculation, self.exits, dims["seq"]["max"], dims["batch"]["max"])
         except SpeculationConfigError as e:

@@ -196,6 +196,7 @@ class Stepper:
             self.caches.append(SegmentCache(end - first, max_batch, kv_heads, capacity, head_dim, self.dtype,
                                             engines.device(segment_engine(k))))
         self.prefix = make_prefix_cache(self.caches, prefix_cache) if prefix_cache is not None and prefix_cache.enabled else None
+        self.prefix_exact = prefix_cache is not None and prefix_cache.exact
         self.buckets = batch_buckets(max_batch) if cuda_graphs else None
         self.buffers: dict[int, DecodeBuffers] = {}  # batch size -> its buffers
         self.decode_total = torch.tensor(capacity, dtype=torch.int32)  # a CPU input of the engine, one address for every replay
@@ -252,13 +253,16 @@ class Stepper:
         the prompt's cached blocks and prefills the positions after them; the prompt's whole blocks are
         kept for later prompts. Positions are prefilled in chunks that end where an uncached prefill's
         end (multiples of the export's seq), so past the first chunk the engines run the same shapes.
+        Exact (runtime.prefix_cache.exact), positions are reused and kept in whole chunks only: every
+        position is then computed in the shapes the uncached prefill computes it in, and a GPU's kernels,
+        whose rounding depends on the shape, give the same bits.
         `marks` (the request's timeline) are taken after the embedding, each segment and the head, and
         told the prompt tokens taken from the cache."""
         n = len(prompt_ids)
         marks = marks or DeviceMarks(Timeline(), self.head_device)
         prefix = self.prefix if root is not None else None
         chain, blocks = prefix.match(root, prompt_ids, depth) if prefix else ([], [0] * depth)
-        cached = [c * prefix.block_tokens for c in blocks] if prefix else blocks  # positions, per segment
+        cached = [c * prefix.block_tokens // self.prefix_unit * self.prefix_unit for c in blocks] if prefix else blocks  # per segment
         start = marks.timeline.cached_tokens = cached[0] if depth else 0
         device = self.engines.device("embed")
         prompt = host_values([prompt_ids], device)
@@ -269,7 +273,7 @@ class Stepper:
             row = cache.add(key)
             first = cached[k]
             if first:
-                prefix.load(k, row, chain, blocks[k])
+                prefix.load(k, row, chain, first // prefix.block_tokens)
             hidden = hidden[:, first - start:]  # [1, n - first, D]: segment k's new positions
             start = first
             if media is not None:
@@ -278,7 +282,7 @@ class Stepper:
             hidden = join([out["hidden_out"] for out in outs])
             cache.lengths[row] = n
             if prefix:
-                prefix.save(root, prompt_ids, k, row)
+                prefix.save(root, prompt_ids[:n // self.prefix_unit * self.prefix_unit], k, row)
             marks.mark(f"segment.{k}", cache.device)
             if stop is not None and k + 1 < depth:
                 logits = self.head(outs[-1]["exit_hidden"][:, -1])
@@ -291,6 +295,12 @@ class Stepper:
         if media is not None:
             media.tokens = None  # decode steps need only the keys/values
         return logits, depth
+
+    @property
+    def prefix_unit(self) -> int:
+        """The prompt positions the prefix cache reuses and keeps come in multiples of this: whole
+        prefill chunks when exact, else whole blocks (GenerationEngine checks that blocks divide chunks)."""
+        return self.chunk if self.prefix_exact else self.prefix.block_tokens
 
     def spans(self, first: int, end: int) -> list[tuple[int, int]]:
         """Positions first..end in chunks of at most the export's seq, cut at its multiples."""

@@ -17,8 +17,9 @@ BLOCK = 4
 CHUNK = 8  # prefill chunks far shorter than the export's: the cached prefix ends inside a chunk
 
 
-def cache(memory_gb: float = 0.01, enabled: bool = True) -> PrefixCacheConfig:
-    return PrefixCacheConfig(enabled=enabled, block_tokens=BLOCK, memory_gb=memory_gb)
+def cache(memory_gb: float = 0.01, enabled: bool = True, exact: bool = False) -> PrefixCacheConfig:
+    """Reuse in blocks (exact=false) unless asked: on the CPU in fp32 that gives the uncached tokens too."""
+    return PrefixCacheConfig(enabled=enabled, block_tokens=BLOCK, memory_gb=memory_gb, exact=exact)
 
 
 def chat(tok, system: str, user: str, n: int = 8, modalities=("text",), pixels=None, mel=None, exit_layer=None):
@@ -126,3 +127,26 @@ def test_cached_prompts_with_padded_prefill_chunks_give_the_uncached_tokens(runn
         second = chat(tok, SYSTEM, "Who are you?", exit_layer=exit_layer)
         hit = finished(cached.run(second)[0])
         assert hit.cached_tokens > 0 and hit.token_ids == finished(plain.run(second)[0]).token_ids
+
+
+def test_an_exact_cache_reuses_and_keeps_whole_prefill_chunks_only(running, tok):
+    """runtime.prefix_cache.exact: every reused position was computed in a whole chunk, and the rest is
+    prefilled from a chunk boundary, in the shapes of the uncached prefill (the same bits on a GPU)."""
+    cached, plain = start(running, prefix_cache=cache(exact=True)), start(running, prefix_cache=cache(enabled=False))
+    first = chat(tok, SYSTEM, "打开微信", exit_layer=24)
+    assert finished(cached.run(first)[0]).cached_tokens == 0
+    second = chat(tok, SYSTEM, "Who are you?", exit_layer=24)
+    hit = finished(cached.run(second)[0])
+    shared = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, second.prompt_ids)) if a != b)
+    assert hit.cached_tokens == shared // CHUNK * CHUNK > 0
+    assert hit.token_ids == finished(plain.run(second)[0]).token_ids
+    stats = cached.engine.prefix_stats()
+    assert stats["blocks"] % (CHUNK // BLOCK) == 0  # only blocks of whole chunks are kept, in every segment
+
+
+def test_an_exact_cache_needs_blocks_that_divide_the_prefill_chunk(engines, tok):
+    from runtime.generation import EngineConfigError
+    from tests.test_runtime import make_engine
+
+    with pytest.raises(EngineConfigError, match="block_tokens=24 must divide the export's prefill chunk"):
+        make_engine(engines, tok, prefix_cache=PrefixCacheConfig(block_tokens=24, exact=True))

@@ -34,7 +34,7 @@ def engines_dir(tiny_engines_dir) -> Path:
 @pytest.fixture(scope="module")
 def server(engines_dir, tmp_path_factory):
     s = Server(engines_dir, tmp_path_factory.mktemp("logs") / "dynamic.log", *DEPTH_POLICY, "runtime.max_batch_size=4",
-               "runtime.policy.request_override=true",
+               "runtime.policy.request_override=true", "runtime.prefix_cache.exact=false",  # blocks of 16: short prompts share some
                "server.max_image_pixels=1000000", "server.allowed_image_hosts=[127.0.0.1]")
     yield s
     s.stop()
