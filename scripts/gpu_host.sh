@@ -7,10 +7,10 @@
 #     carry .gpuhost/extra in one install call:
 #       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_31_x86_64 -d .gpuhost/extra llguidance==1.9.1
-#   - a call carries at most 64 MiB with the checkout (~19 MB now), so 50 MiB onnxruntime parts no longer
-#     fit: split the wheel again into 44 MiB parts (cat .gpuhost/ort-part? > w; rm .gpuhost/ort-part?;
-#     split -b 44M -d -a 1 w .gpuhost/ort-part; ls .gpuhost/ort-part? | wc -l > .gpuhost/ort.parts),
-#     six calls then, the wheels with the last
+#   - a call carries at most 64 MiB with the checkout (~20 MB now), so 50 MiB onnxruntime parts no longer
+#     fit: split the wheel again into 40 MiB parts (cat .gpuhost/ort-part? > w; rm .gpuhost/ort-part?;
+#     split -b 40M -d -a 1 w .gpuhost/ort-part; ls .gpuhost/ort-part? | wc -l > .gpuhost/ort.parts),
+#     seven calls then, the wheels and the extras (llguidance, onnxruntime-genai-cuda) with the last
 #   scripts/gpu_host.sh export              phone-9b, fp16, CUDA, into $ENGINES (log in $OUT)
 #   scripts/gpu_host.sh gputests            the GPU tests (a tiny fp16 export on CUDA, captured decode steps)
 #   scripts/gpu_host.sh profile [ARGS]      where a decode step's time goes (scripts/decode_profile.py)
