@@ -14,6 +14,12 @@ With self-speculation (runtime/speculation.py), a sequence deeper than the draft
 the shared decode steps (running only its first segments) and is verified right after the step
 that completes its draft; while more sequences decode together than `speculation.max_batch`,
 every sequence decodes plainly (drafts in progress are verified first).
+
+A prefill starts from the prompt's blocks the prefix cache holds (runtime/prefix.py) and keeps its
+own; the request's timeline (runtime.requests.Timeline) is marked as it leaves the queue, after its
+loads, encoders, embedding, each segment and head (on a GPU when the device finished them), and once
+its first token is sampled. A step's token events wait in an outbox until the next step's engines
+run, so that the handlers' work per token overlaps the device's.
 """
 from __future__ import annotations
 
