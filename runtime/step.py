@@ -16,7 +16,9 @@ buffers (exporters.EngineSession); the spare rows of a bucket are cache rows no 
 The cross-attention blocks, whose media length varies per request, run uncaptured. A prompt's
 prefill runs uncaptured too, one sequence at a time (GroupQueryAttention takes several new
 tokens after a past for one row only), in chunks of at most the export's `seq`, segment by
-segment so that the confidence policy can stop at an exit.
+segment so that the confidence policy can stop at an exit; with `prefill_padding` each chunk runs
+padded to one of a few lengths warmed at start (a GPU session's first run at a new length is slow),
+and with the prefix cache each segment's row starts from the prompt's cached blocks.
 
 Self-speculation (runtime/speculation.py) needs two things of the step. A drafting sequence runs
 only its first segments in a decode step (`Row.draft`), though it holds rows in the deeper caches:
