@@ -124,19 +124,22 @@ class PrefixCache:
         return self.free[k].pop()
 
     def evict(self, k: int, block: Block) -> None:
-        stack = [block]
+        stack, seen = [block], []
         while stack:
             b = stack.pop()
+            seen.append(b)
             if k in b.slots:
                 self.free[k].append(b.slots.pop(k))
                 del self.recent[k][b]
                 self.evicted += 1
             stack.extend(b.children.values())
-        self.prune(block)
+        for b in reversed(seen):  # descendants first: a block emptied of entries goes once its children have
+            self.prune(b)
 
     def prune(self, block: Block) -> None:
         """Drop blocks that hold no entries and lead to none, from this one towards the root."""
-        while block.parent is not None and not block.slots and not block.children:
+        while block.parent is not None and not block.slots and not block.children \
+                and block.parent.children.get(block.tokens) is block:
             del block.parent.children[block.tokens]
             block = block.parent
         if block.parent is None and not block.children:

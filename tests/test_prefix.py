@@ -105,6 +105,11 @@ def test_eviction_under_a_small_budget_keeps_answers_exact(running, tok):
         assert got.cached_tokens == 6 * BLOCK  # the first six blocks: a block is of use only after those before it
     stats = small.engine.prefix_stats()
     assert stats["evicted_blocks"] > 0 and stats["blocks"] <= stats["capacity_blocks"] == 6 * segments
+    stack = [child for root in small.engine.stepper.prefix.roots.values() for child in root.children.values()]
+    while stack:  # evicted blocks leave no empty nodes behind: every block holds entries or leads to some
+        block = stack.pop()
+        assert block.slots or block.children
+        stack.extend(block.children.values())
 
 
 def test_concurrent_requests_sharing_a_prefix_keep_their_tokens(running, tok):
