@@ -14,12 +14,13 @@ engine thread into
   take rest   the rest of GenerationEngine.take
   decode rest the rest of GenerationEngine.decode (speculation checks, metrics)
   loop        the engine loop between two decode steps of the same request
-(each exclusive of the others: push counts as push wherever it is called from).
 
-and read the CPU time of the asyncio thread (time.pthread_getcpuclockid) around each request:
-everything the HTTP side does, from an event's arrival to its bytes on the socket. The asyncio
-figure per token is the slope between a short and a long request, so that what a request costs
-once (parsing, tokenising, prefill, the response's start) drops out.
+each exclusive of the others (push counts as push wherever it is called from), on the wall clock
+and on the engine thread's own CPU clock (the wall clock's excess is time spent waiting for the
+GIL or descheduled); and read the CPU time of the asyncio thread (time.pthread_getcpuclockid)
+around each request: everything the HTTP side does, from an event's arrival to its bytes on the
+socket. The asyncio figure per token is the slope between a short and a long request, so that
+what a request costs once (parsing, tokenising, prefill, the response's start) drops out.
 
 Three ways of consuming a request's tokens:
   engine   GenerationEngine.submit with a bare asyncio consumer on another thread: the scheduler alone
