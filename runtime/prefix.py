@@ -151,19 +151,17 @@ class PrefixCache:
 
     def bytes_used(self) -> dict[str, int]:
         """Bytes of kept blocks, per device."""
-        out: dict[str, int] = {}
-        for pool, recent in zip(self.pools, self.recent):
-            device = str(pool.cache.device)
-            out[device] = out.get(device, 0) + len(recent) * pool.bytes_per_block
-        return out
+        return self.per_device([len(recent) * pool.bytes_per_block for pool, recent in zip(self.pools, self.recent)])
 
     def bytes_allocated(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for pool in self.pools:
-            device = str(pool.cache.device)
-            out[device] = out.get(device, 0) + pool.allocated_bytes
-        return out
+        return self.per_device([pool.allocated_bytes for pool in self.pools])
 
+    def per_device(self, values: list[int]) -> dict[str, int]:
+        """One value per segment's pool, summed per device."""
+        out: dict[str, int] = {}
+        for pool, value in zip(self.pools, values):
+            out[str(pool.cache.device)] = out.get(str(pool.cache.device), 0) + value
+        return out
 
 def runs(indices: list[int]) -> list[tuple[int, int]]:
     """Ascending indices as [first, end) runs of consecutive ones."""

@@ -317,9 +317,9 @@ class Stepper:
         hidden = pad_to(hidden, 1, n)
         if media is not None:
             hidden = self.cross_attention(k, hidden, media.cross_kv[k], media.mask)
-        seqlens = torch.tensor([past + n - 1], dtype=torch.int32)  # on the host: the total below needs no device sync
-        total = torch.tensor(total_sequence_length(n, self.capacity, seqlens), dtype=torch.int32)
-        out = self.engines.run(segment_engine(k), {"hidden": hidden, "seqlens_k": host_values(seqlens.tolist(), self.caches[k].device, torch.int32),
+        seqlens = [past + n - 1]  # on the host: the total below needs no device sync
+        total = torch.tensor(total_sequence_length(n, self.capacity, torch.tensor(seqlens)), dtype=torch.int32)
+        out = self.engines.run(segment_engine(k), {"hidden": hidden, "seqlens_k": host_values(seqlens, self.caches[k].device, torch.int32),
                                                    "total_sequence_length": total, **self.caches[k].feeds(slice(row, row + 1))})
         return {"hidden_out": out["hidden_out"][:, :s], "exit_hidden": out["exit_hidden"][:, :s]}
 
@@ -560,9 +560,7 @@ def make_prefix_cache(caches: list[SegmentCache], cfg: PrefixCacheConfig) -> Pre
     layers: Counter[str] = Counter()
     for cache in caches:
         layers[str(cache.device)] += cache.layers
-    pools = []
-    for cache in caches:
-        pools.append(BlockPool(cache, cfg.block_tokens, cfg.memory_gb * 2**30 * cache.layers / layers[str(cache.device)]))
+    pools = [BlockPool(cache, cfg.block_tokens, cfg.memory_gb * 2**30 * cache.layers / layers[str(cache.device)]) for cache in caches]
     return PrefixCache(pools, cfg.block_tokens) if any(p.blocks for p in pools) else None
 
 
